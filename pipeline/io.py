@@ -1,0 +1,187 @@
+"""Files: atomic writes, content hashes, and uint8 array shards with a hashed index.
+
+Every output of every stage is written through :func:`atomic_write` (or one of its wrappers):
+the bytes go to a temporary file in the same directory, are flushed and fsynced, and only then
+renamed over the final name. A stage killed midway therefore never leaves a partial file under a
+final name, and a reader sees either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from .errors import DataError
+
+_CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
+    """Open a temporary sibling of ``path`` for writing; rename it to ``path`` on success.
+
+    On any exception (including KeyboardInterrupt and an exceeded file-size limit) the temporary
+    file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_write(path) as fh:
+        fh.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON (stable bytes, so DVC sees no spurious change)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; run the stage that writes it first (dvc repro)") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); delete it and re-run the stage that writes it") from None
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> str:
+    """Save ``array`` atomically in .npy format (never pickled) and return the file's sha256."""
+    with atomic_write(path) as fh:
+        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+    return sha256_file(path)
+
+
+def load_npy(path: str | os.PathLike, *, sha256: str | None = None, mmap: bool = False) -> np.ndarray:
+    """Load a .npy file without pickle; when ``sha256`` is given, verify it first."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; run the stage that writes it first (dvc repro)")
+    if sha256 is not None:
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise DataError(
+                f"{path}: content hash {actual[:12]}… does not match the recorded {sha256[:12]}…; "
+                "the file is corrupt or was changed by hand. Restore it with `dvc checkout` "
+                "or re-create it with `dvc repro --force <stage>`."
+            )
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except ValueError as exc:
+        raise DataError(f"{path}: not a plain .npy array ({exc})") from None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a fully written ``tmp_dir`` into place as ``final_dir`` (replacing an old one).
+
+    Stages that write a directory build it beside the final name and call this last, so a stage
+    killed midway leaves the old directory (or none), never a half-written one.
+    """
+    final_dir = Path(final_dir)
+    old = final_dir.with_name(f".{final_dir.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final_dir.exists():
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def staged_dir(final_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory that becomes ``final_dir`` when the block succeeds."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".tmp", dir=final_dir.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded uint8 image arrays
+#
+# A split is stored as shards ``<split>_000.npy``, ``<split>_001.npy`` … of uint8 [N, C, H, W],
+# each at most ``shard_bytes`` large, plus ``<split>_labels.npy`` (int64 [N], -1 when unlabeled).
+# The index (file names, shapes, sha256 of every file) lives in the directory's ``meta.json`` so
+# a reader can verify every byte before training uses it.
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
+
+
+def write_split(
+    out_dir: Path, split: str, images: np.ndarray, labels: np.ndarray, *, shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> dict[str, Any]:
+    """Write one split as shards; return its index entry for meta.json."""
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 [N, C, H, W], got {images.dtype} {images.shape}")
+    n = images.shape[0]
+    per_image = max(1, int(np.prod(images.shape[1:])))
+    per_shard = max(1, shard_bytes // per_image)
+    shards = []
+    for i, start in enumerate(range(0, max(n, 1), per_shard)):
+        part = images[start : start + per_shard]
+        name = f"{split}_{i:03d}.npy"
+        shards.append({"file": name, "count": int(part.shape[0]), "sha256": save_npy(out_dir / name, part)})
+    labels_name = f"{split}_labels.npy"
+    labels_hash = save_npy(out_dir / labels_name, labels.astype(np.int64))
+    return {
+        "count": int(n),
+        "shape": [int(s) for s in images.shape[1:]],
+        "shards": shards,
+        "labels": {"file": labels_name, "sha256": labels_hash},
+    }
+
+
+def read_split(in_dir: Path, entry: dict[str, Any], *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Read a split written by :func:`write_split`, verifying every file's sha256 by default."""
+    in_dir = Path(in_dir)
+    parts = [load_npy(in_dir / s["file"], sha256=s["sha256"] if verify else None) for s in entry["shards"]]
+    images = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    labels = load_npy(in_dir / entry["labels"]["file"], sha256=entry["labels"]["sha256"] if verify else None)
+    if images.shape[0] != entry["count"] or labels.shape[0] != entry["count"]:
+        raise DataError(f"{in_dir}: split has {images.shape[0]} images and {labels.shape[0]} labels, meta says {entry['count']}")
+    return images, labels
