@@ -152,28 +152,74 @@ def staged_dir(final_dir: str | os.PathLike) -> Iterator[Path]:
 DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
 
 
+class ShardWriter:
+    """Streams uint8 [n, C, H, W] batches of one split into shards of at most ``shard_bytes``.
+
+    Memory stays bounded by one shard however large the split is.
+    """
+
+    def __init__(self, out_dir: Path, split: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.shard_bytes = shard_bytes
+        self.shape: tuple[int, ...] | None = None
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.shards: list[dict[str, Any]] = []
+        self.labels: list[np.ndarray] = []
+        self.count = 0
+
+    def add(self, images: np.ndarray, labels: np.ndarray) -> None:
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 [N, C, H, W], got {images.dtype} {images.shape}")
+        if self.shape is None:
+            self.shape = tuple(images.shape[1:])
+        elif tuple(images.shape[1:]) != self.shape:
+            raise ValueError(f"image shape {images.shape[1:]} differs from {self.shape}")
+        per_shard = max(1, self.shard_bytes // max(1, int(np.prod(self.shape))))
+        self.labels.append(np.asarray(labels, np.int64))
+        self.count += len(images)
+        while len(images):
+            take = min(len(images), per_shard - self.buffered)
+            self.buffer.append(images[:take])
+            self.buffered += take
+            images = images[take:]
+            if self.buffered == per_shard:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self.buffer:
+            return
+        part = np.concatenate(self.buffer) if len(self.buffer) > 1 else self.buffer[0]
+        name = f"{self.split}_{len(self.shards):03d}.npy"
+        self.shards.append({"file": name, "count": int(len(part)), "sha256": save_npy(self.out_dir / name, part)})
+        self.buffer, self.buffered = [], 0
+
+    def close(self, *, shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+        """Write the last shard and the labels; return the split's index entry for meta.json."""
+        if self.shape is None:
+            if shape is None:
+                raise ValueError(f"split {self.split!r} is empty and no shape was given")
+            self.shape = tuple(shape)
+            self.buffer = [np.zeros((0, *self.shape), np.uint8)]
+        self._flush()
+        labels_name = f"{self.split}_labels.npy"
+        labels = np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64)
+        return {
+            "count": int(self.count),
+            "shape": [int(s) for s in self.shape],
+            "shards": self.shards,
+            "labels": {"file": labels_name, "sha256": save_npy(self.out_dir / labels_name, labels)},
+        }
+
+
 def write_split(
     out_dir: Path, split: str, images: np.ndarray, labels: np.ndarray, *, shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> dict[str, Any]:
-    """Write one split as shards; return its index entry for meta.json."""
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"expected uint8 [N, C, H, W], got {images.dtype} {images.shape}")
-    n = images.shape[0]
-    per_image = max(1, int(np.prod(images.shape[1:])))
-    per_shard = max(1, shard_bytes // per_image)
-    shards = []
-    for i, start in enumerate(range(0, max(n, 1), per_shard)):
-        part = images[start : start + per_shard]
-        name = f"{split}_{i:03d}.npy"
-        shards.append({"file": name, "count": int(part.shape[0]), "sha256": save_npy(out_dir / name, part)})
-    labels_name = f"{split}_labels.npy"
-    labels_hash = save_npy(out_dir / labels_name, labels.astype(np.int64))
-    return {
-        "count": int(n),
-        "shape": [int(s) for s in images.shape[1:]],
-        "shards": shards,
-        "labels": {"file": labels_name, "sha256": labels_hash},
-    }
+    """Write one whole split as shards; return its index entry for meta.json."""
+    writer = ShardWriter(out_dir, split, shard_bytes=shard_bytes)
+    writer.add(images, labels)
+    return writer.close()
 
 
 def read_split(in_dir: Path, entry: dict[str, Any], *, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:

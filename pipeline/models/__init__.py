@@ -1,0 +1,111 @@
+"""Model registry, recipes, and the generator file format.
+
+``train.model`` names a recipe: an architecture plus the loss, normalisation and regularisers it
+is known to train well with. Any of those can be overridden in params (None = the recipe's).
+
+Generator files (``models/generator.pt``) hold only tensors and plain data, so they load with
+``torch.load(weights_only=True)``: no code from a file is ever run.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, UserError
+from ..io import atomic_write
+from .dcgan import DCGANDiscriminator, DCGANGenerator
+from .resnet import ResNetDiscriminator, ResNetGenerator
+from .vae import VAE
+
+GENERATOR_FORMAT = "pipeline.generator/1"
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # Radford et al. 2016: BN in both nets, non-saturating loss, Adam(2e-4, 0.5).
+    "dcgan": {"arch": "dcgan", "loss": "nonsaturating", "d_norm": "batch", "spectral_norm": False, "n_critic": 1,
+              "gp_weight": 0.0},
+    # Miyato et al. 2018: ResNet, spectral norm in D, hinge loss.
+    "sngan": {"arch": "resnet", "loss": "hinge", "d_norm": "none", "spectral_norm": True, "n_critic": 1,
+              "gp_weight": 0.0},
+    # Gulrajani et al. 2017: Wasserstein critic without batch norm, gradient penalty 10, 5 critic steps.
+    "wgan_gp": {"arch": "dcgan", "loss": "wasserstein", "d_norm": "layer", "spectral_norm": False, "n_critic": 5,
+                "gp_weight": 10.0},
+    "vae": {"arch": "vae"},
+}
+
+GENERATORS = {"dcgan": DCGANGenerator, "resnet": ResNetGenerator}
+DISCRIMINATORS = {"dcgan": DCGANDiscriminator, "resnet": ResNetDiscriminator}
+
+
+def recipe(name: str) -> dict[str, Any]:
+    try:
+        return dict(RECIPES[name])
+    except KeyError:
+        raise UserError(f"train.model: unknown model {name!r}; available: {', '.join(RECIPES)}") from None
+
+
+def build_generator(arch: str, **kwargs: Any) -> nn.Module:
+    try:
+        cls = GENERATORS[arch]
+    except KeyError:
+        raise UserError(f"unknown generator architecture {arch!r}; available: {', '.join(GENERATORS)}") from None
+    return cls(**kwargs)
+
+
+def build_discriminator(arch: str, **kwargs: Any) -> nn.Module:
+    try:
+        cls = DISCRIMINATORS[arch]
+    except KeyError:
+        raise UserError(f"unknown discriminator architecture {arch!r}; available: {', '.join(DISCRIMINATORS)}") from None
+    return cls(**kwargs)
+
+
+def build_vae(**kwargs: Any) -> VAE:
+    return VAE(**kwargs)
+
+
+def save_generator(path: str | Path, generator: nn.Module, *, arch: str, kwargs: dict[str, Any],
+                   info: dict[str, Any]) -> None:
+    """Write a self-describing generator file atomically (tensors + plain data only)."""
+    state = {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()}
+    payload = {"format": GENERATOR_FORMAT, "arch": arch, "kwargs": dict(kwargs), "state_dict": state, "info": dict(info)}
+    buf = _io.BytesIO()
+    torch.save(payload, buf)
+    with atomic_write(path) as fh:
+        fh.write(buf.getvalue())
+
+
+def safe_load(path: str | Path, *, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load with weights_only=True; a file that needs code to unpickle is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused: it needs arbitrary code to load ({str(exc).splitlines()[0][:200]}). "
+            "Only files holding tensors and plain data are loaded; use a checkpoint written by this pipeline."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: corrupt or not a torch file ({str(exc)[:200]})") from None
+
+
+def load_generator(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Load a generator file; returns (generator in eval mode on ``device``, info)."""
+    payload = safe_load(path)
+    if not isinstance(payload, dict) or payload.get("format") != GENERATOR_FORMAT:
+        raise CheckpointError(f"{path}: not a generator file of this pipeline (format {payload.get('format')!r}); "
+                              "pass models/generator.pt or models/best.pt")
+    g = build_generator(payload["arch"], **payload["kwargs"])
+    try:
+        g.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the recorded architecture: {str(exc)[:300]}") from None
+    info = dict(payload["info"], arch=payload["arch"], kwargs=payload["kwargs"])
+    return g.to(device).eval(), info

@@ -1,0 +1,101 @@
+"""Building blocks shared by the generators and discriminators."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def start_size(size: int) -> int:
+    """Side length where a generator starts (and a discriminator's trunk ends).
+
+    28-pixel images (MNIST) start at 7x7; powers of two start at 4x4. Any other size would need
+    a crop, so it is refused with a clear message.
+    """
+    for s0 in (4, 7):
+        n = size / s0
+        if n >= 1 and n == 2 ** round(math.log2(n)):
+            return s0
+    raise ValueError(f"image size {size} is not 7 or 4 times a power of two (e.g. 28, 32, 64, 128); "
+                     "set preprocess.size to one of those")
+
+
+def n_up(size: int) -> int:
+    return int(round(math.log2(size / start_size(size))))
+
+
+def maybe_sn(module: nn.Module, spectral_norm: bool) -> nn.Module:
+    return nn.utils.parametrizations.spectral_norm(module) if spectral_norm else module
+
+
+def norm2d(kind: str, channels: int) -> nn.Module:
+    """"batch" (DCGAN), "layer" (GroupNorm with one group: safe under the gradient penalty), "none"."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)
+    return nn.Identity()
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm whose scale and shift come from a class embedding (de Vries et al. 2017)."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, affine=False)
+        self.embed = nn.Embedding(num_classes, 2 * channels)
+        nn.init.ones_(self.embed.weight[:, :channels])
+        nn.init.zeros_(self.embed.weight[:, channels:])
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.embed(y).chunk(2, dim=1)  # [N, C] each
+        return self.bn(x) * gamma[:, :, None, None] + beta[:, :, None, None]
+
+
+class MinibatchStd(nn.Module):
+    """Appends the mean standard deviation over groups of samples as one extra channel.
+
+    Lets D see batch statistics, which discourages mode collapse (Karras et al. 2018).
+    [N, C, H, W] -> [N, C+1, H, W]; N must be divisible by the group size (or smaller than it).
+    """
+
+    def __init__(self, group_size: int = 4) -> None:
+        super().__init__()
+        self.group_size = group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = min(self.group_size, n)
+        if n % g:
+            g = 1
+        y = x.reshape(g, -1, c, h, w).float()
+        y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # [N/g]
+        y = y.repeat(g).reshape(n, 1, 1, 1).expand(n, 1, h, w).to(x.dtype)
+        return torch.cat([x, y], dim=1)
+
+
+def init_weights(module: nn.Module, scheme: str) -> None:
+    """normal: N(0, 0.02) as in DCGAN (BN scales N(1, 0.02)); xavier; he (Kaiming, fan_in, leaky 0.2)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+            if scheme == "normal":
+                nn.init.normal_(w, 0.0, 0.02)
+            elif scheme == "xavier":
+                nn.init.xavier_uniform_(w)
+            elif scheme == "he":
+                nn.init.kaiming_normal_(w, a=0.2, nonlinearity="leaky_relu")
+            else:
+                raise ValueError(f"unknown init scheme {scheme!r}")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d) and m.affine and scheme == "normal":
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+def upsample(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="nearest")

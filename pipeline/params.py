@@ -1,0 +1,369 @@
+"""Typed schema of params.yaml.
+
+Every section of params.yaml is a frozen dataclass below; every field has a type, a default that
+matches params.yaml, a one-line help text and (where it matters) a range or a set of choices.
+:func:`load_params` reads the YAML file and rejects, before any work, an unknown key (listing the
+keys that are allowed), a value of the wrong type, or a value outside its range. Stages receive
+the typed objects, never the raw dict.
+
+The validator is deliberately small and local (no pydantic): the train and evaluate code must run
+on GPU machines where only torch is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ParamsError
+
+
+def spec(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
+         le: float | None = None, lt: float | None = None, default_factory: Any = None) -> Any:
+    """A dataclass field with its help text and numeric bounds (checked by :func:`validate`)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+DeviceName = str  # "auto", "cpu", "cuda" or "cuda:N"; checked in Base.__post_init__
+
+
+@dataclass(frozen=True)
+class Base:
+    seed: int = spec(0, "global seed; every stage derives its own generators from it", ge=0)
+    device: DeviceName = spec("auto", "auto (cuda when present, else cpu), cpu, cuda or cuda:N")
+    deterministic: bool = spec(True, "deterministic kernels (bitwise reproducible on CPU; slower on GPU)")
+
+    def __post_init__(self) -> None:
+        d = self.device
+        if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
+            raise ParamsError(f"base.device: {d!r} is not allowed; use auto, cpu, cuda or cuda:N")
+
+
+Source = Literal["mnist-embedded", "sklearn-digits", "mnist", "fashion-mnist", "cifar10", "svhn",
+                 "celeba", "idx", "folder", "archive", "npz"]
+
+
+@dataclass(frozen=True)
+class Data:
+    source: Source = spec("mnist-embedded", "dataset source (see README: Sources)")
+    path: str | None = spec(None, "input path or URL for idx/folder/archive/npz sources; null otherwise")
+    sha256: str | None = spec(None, "pinned sha256 of data.path when it is a remote archive/npz")
+    mirrors: list[str] = spec(None, "extra mirrors tried first (URLs or local directories)", default_factory=list)
+    allow_http: bool = spec(False, "allow plain http to non-loopback hosts (off: https only)")
+    timeout_s: float = spec(30.0, "network timeout per socket operation, seconds", gt=0)
+    limit: int | None = spec(None, "keep only the first N images of each split (quick runs); null = all", ge=1)
+    channels: Literal["gray", "rgb"] = spec("gray", "decode every image to 1-channel gray or 3-channel RGB")
+    background: list[int] = spec(None, "RGB colour alpha is composited on", default_factory=lambda: [255, 255, 255])
+    min_size: int = spec(8, "reject images smaller than this on either side, pixels", ge=1)
+    max_pixels: int = spec(64_000_000, "reject images with more pixels (decompression bombs)", ge=1)
+    animated: Literal["reject", "first_frame"] = spec("first_frame", "animated images: reject or keep frame 0")
+    dedup: bool = spec(True, "drop exact duplicates (same decoded pixels), keeping the first")
+    near_dup_distance: int = spec(0, "also drop near duplicates within this pHash distance (0 = off)", ge=0, le=32)
+    workers: int = spec(0, "decoding processes for the clean stage (0 = all cores)", ge=0)
+
+    def __post_init__(self) -> None:
+        if len(self.background) != 3 or any(not 0 <= c <= 255 for c in self.background):
+            raise ParamsError(f"data.background: {self.background!r} is not allowed; use three ints in 0..255")
+        needs_path = {"idx", "folder", "archive", "npz"}
+        if self.source in needs_path and not self.path:
+            raise ParamsError(f"data.path: source {self.source!r} needs a path; set data.path")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: int = spec(28, "output side length in pixels (square)", ge=8, le=1024)
+    resize: Literal["crop", "letterbox", "stretch"] = spec("crop", "aspect policy: center-crop, pad (letterbox) or stretch")
+    filter: Literal["lanczos", "bicubic", "bilinear", "area", "box", "nearest"] = spec(
+        "lanczos", "resampling filter (recorded: the filter alone moves FID)")
+    fill: int = spec(0, "letterbox padding value, 0..255", ge=0, le=255)
+    test_fraction: float = spec(0.2, "held-out share when the source has no test split (stratified)", gt=0, lt=1)
+    shard_mb: int = spec(256, "maximum size of one tensor shard file, MiB", ge=1)
+
+
+@dataclass(frozen=True)
+class AugmentOp:
+    name: str = spec("HorizontalFlip", "albumentations transform class name")
+    args: dict[str, Any] = spec(None, "keyword arguments of the transform", default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Augment:
+    copies: int = spec(0, "augmented copies per training image added to the originals (0 = none)", ge=0, le=64)
+    ops: list[AugmentOp] = spec(None, "albumentations transforms applied in order", default_factory=list)
+    workers: int = spec(1, "worker processes (output is identical for any count)", ge=1)
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    epochs: int = spec(4, "training epochs of the offline feature network", ge=1)
+    batch_size: int = spec(128, "batch size", ge=1)
+    lr: float = spec(2e-3, "Adam learning rate", gt=0)
+    width: int = spec(32, "channels of the first conv layer", ge=4)
+    feature_dim: int = spec(128, "dimension of the feature vector used for FID/KID/PR", ge=8)
+
+
+Model = Literal["dcgan", "sngan", "wgan_gp", "vae"]
+Loss = Literal["nonsaturating", "hinge", "lsgan", "wasserstein"]
+DiffAug = Literal["translation", "cutout", "color"]
+
+
+@dataclass(frozen=True)
+class Train:
+    model: Model = spec("dcgan", "recipe: dcgan, sngan (ResNet + spectral norm + hinge), wgan_gp, vae")
+    conditional: bool = spec(False, "class-conditional G (conditional BN) and projection D; needs labels")
+    steps: int = spec(1500, "generator optimizer steps", ge=1)
+    batch_size: int = spec(64, "images per step (per process under DDP)", ge=2)
+    nz: int = spec(64, "latent dimension", ge=1)
+    ngf: int = spec(32, "generator width (channels of its last hidden layer)", ge=4)
+    ndf: int = spec(32, "discriminator/encoder width (channels of its first layer)", ge=4)
+    loss: Loss | None = spec(None, "GAN loss on logits; null = the recipe's (dcgan: nonsaturating)")
+    d_norm: Literal["batch", "layer", "none"] | None = spec(None, "D normalisation; null = the recipe's")
+    spectral_norm: bool | None = spec(None, "spectral normalization in D; null = the recipe's (sngan: true)")
+    mbstd: bool = spec(False, "minibatch standard-deviation channel in D")
+    n_critic: int | None = spec(None, "D steps per G step; null = the recipe's (wgan_gp: 5, else 1)", ge=1)
+    gp_weight: float | None = spec(None, "gradient penalty weight; null = the recipe's (wgan_gp: 10)", ge=0)
+    r1_gamma: float = spec(0.0, "lazy R1 penalty weight on real images (0 = off)", ge=0)
+    r1_every: int = spec(16, "apply R1 every N D steps (lazy regularisation)", ge=1)
+    lr_g: float = spec(2e-4, "generator (or VAE) learning rate", gt=0)
+    lr_d: float = spec(2e-4, "discriminator learning rate (two time-scale rule: may differ from lr_g)", gt=0)
+    beta1: float = spec(0.5, "Adam beta1", ge=0, lt=1)
+    beta2: float = spec(0.999, "Adam beta2", ge=0, lt=1)
+    label_smoothing: float = spec(0.0, "one-sided: real targets become 1 - this (nonsaturating, lsgan)", ge=0, lt=0.5)
+    instance_noise: float = spec(0.0, "std of Gaussian noise added to D inputs at step 0", ge=0)
+    instance_noise_decay_steps: int = spec(1000, "steps over which instance noise decays linearly to 0", ge=1)
+    diffaug: list[DiffAug] = spec(None, "differentiable augmentation of D inputs (translation, cutout, color)",
+                                  default_factory=list)
+    ema_decay: float = spec(0.999, "EMA of generator weights (0 = off); grids and metrics use the EMA", ge=0, lt=1)
+    ema_start: int = spec(0, "step from which the EMA averages (before: it copies the weights)", ge=0)
+    grad_clip: float = spec(0.0, "clip gradient norm of G and D to this (0 = off)", ge=0)
+    init: Literal["normal", "xavier", "he"] = spec("normal", "weight init: N(0, 0.02) as DCGAN, Xavier, He")
+    kl_weight: float = spec(1.0, "VAE: beta, the weight of the KL term", ge=0)
+    kl_warmup_steps: int = spec(500, "VAE: steps over which the KL weight ramps up from 0", ge=0)
+    recon: Literal["bce", "mse"] = spec("bce", "VAE reconstruction likelihood")
+    checkpoint_every: int = spec(500, "steps between checkpoints", ge=1)
+    log_every: int = spec(25, "steps between log lines (the only host syncs of the loop)", ge=1)
+    grid_every: int = spec(250, "steps between fixed-seed sample grids", ge=1)
+    eval_every: int = spec(500, "steps between in-loop evaluator scores (best checkpoint kept)", ge=1)
+    eval_samples: int = spec(1000, "generated images per in-loop score", ge=10)
+    collapse_margin: float = spec(0.5, "collapse: score worse than best by this fraction ...", gt=0)
+    collapse_patience: int = spec(3, "... for this many evaluations in a row", ge=1)
+    stop_on_collapse: bool = spec(False, "stop training when a collapse is detected")
+    resume: bool = spec(True, "continue from the run's last checkpoint when its params match")
+    init_from: str | None = spec(None, "start from another run's checkpoint or generator file (transfer)")
+    freeze_d_layers: int = spec(0, "with init_from: freeze this many first D layers", ge=0)
+    precision: Literal["fp32", "bf16"] = spec("fp32", "autocast precision on CUDA (bf16 is faster)")
+    channels_last: bool = spec(True, "channels_last memory format on CUDA")
+    compile: bool = spec(False, "torch.compile the G and D steps on CUDA")
+    devices: int | Literal["all"] = spec(1, "GPUs: 1, N or all (N > 1 runs DDP through torchrun)")
+    sync_bn: bool = spec(False, "synchronise BatchNorm statistics across DDP processes")
+    num_threads: int = spec(0, "CPU threads for torch (0 = all cores)", ge=0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.devices, int) and self.devices < 1:
+            raise ParamsError(f"train.devices: {self.devices} is not allowed; use 1, N > 1 or 'all'")
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    n_samples: int = spec(2000, "generated images per metric evaluation", ge=10)
+    batch_size: int = spec(250, "batch size for sampling and features", ge=1)
+    kid_subsets: int = spec(50, "KID subsets", ge=1)
+    pr_k: int = spec(3, "k of the k-NN precision/recall", ge=1)
+    dc_k: int = spec(5, "k of density/coverage", ge=1)
+    bootstrap: int = spec(20, "bootstrap resamples for confidence intervals", ge=2)
+    inception_weights: str | None = spec(None, "path or URL of Inception-v3 FID weights (null = not computed)")
+    inception_sha256: str | None = spec(None, "pinned sha256 of the Inception weights file")
+
+
+@dataclass(frozen=True)
+class Report:
+    grid_nrow: int = spec(8, "images per row in sample grids", ge=1)
+    grid_n: int = spec(64, "images in each sample grid", ge=1)
+    interpolation_steps: int = spec(10, "images in the latent interpolation strip", ge=2)
+    neighbours: int = spec(8, "closest generated/train pairs shown (memorisation panel)", ge=1)
+
+
+@dataclass(frozen=True)
+class Params:
+    base: Base = field(default_factory=Base)
+    data: Data = field(default_factory=Data)
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    augment: Augment = field(default_factory=Augment)
+    evaluator: Evaluator = field(default_factory=Evaluator)
+    train: Train = field(default_factory=Train)
+    evaluate: Evaluate = field(default_factory=Evaluate)
+    report: Report = field(default_factory=Report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (with ints widened to float)."""
+    origin = typing.get_origin(tp)
+    bad = ParamsError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool):
+            raise bad
+        return value
+    if origin in (Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except ParamsError:
+                continue
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return validate(tp, value, key)
+    if tp is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # programmer error
+
+
+def _check_bounds(value: Any, f: dataclasses.Field, key: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    m = f.metadata
+    for op, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                         ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        bound = m.get(op)
+        if bound is not None and not ok(value, bound):
+            raise ParamsError(f"{key}: {value!r} is not allowed; it must be {word} {bound} ({m['help']})")
+
+
+def validate(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys, wrong types and bad values."""
+    where = prefix or "params.yaml"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: expected a mapping of keys to values, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            full = f"{prefix}.{key}" if prefix else str(key)
+            raise ParamsError(f"{full}: unknown key{hint}; allowed keys here: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        value = _coerce(raw[name], hints[name], key)
+        _check_bounds(value, f, key)
+        values[name] = value
+    try:
+        return cls(**values)
+    except ParamsError:
+        raise
+    except (TypeError, ValueError) as exc:  # pragma: no cover - a programmer error in the schema
+        raise ParamsError(f"{where}: {exc}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise :class:`ParamsError` naming the first bad key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run from the repository root or pass --params PATH") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return validate(Params, raw)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data view of a params object (for checkpoints, MLflow and JSON)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists are kept as values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def describe() -> str:
+    """Every key with its default and help text (shown by ``python -m pipeline params``)."""
+    lines = []
+    for section in dataclasses.fields(Params):
+        cls = section.default_factory  # type: ignore[misc]
+        lines.append(f"{section.name}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {f.name}: {default!r}  # {f.metadata.get('help', '')} [{_type_name(hints[f.name])}]")
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""What every stage's thin ``main()`` shares: params, logging, signals, tracking, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..params import Params, load_params, to_dict
+
+log = logging.getLogger("pipeline")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # MLflow and alembic are chatty at INFO; their warnings still show.
+    for name in ("alembic", "mlflow", "urllib3", "git", "matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _sigterm_to_interrupt(signum: int, frame: Any) -> None:
+    # SIGTERM (dvc queue kill, a scheduler's preemption) becomes KeyboardInterrupt so that the
+    # same cleanup runs as for Ctrl-C: training saves a checkpoint, the run ends KILLED.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", type=Path, help="params file (default: params.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def device_from(params: Params) -> str:
+    """Resolve base.device ("auto" means cuda when present)."""
+    import torch  # noqa: PLC0415
+
+    d = params.base.device
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"base.device: {d!r} was asked for but no CUDA device is available; use auto or cpu")
+    return d
+
+
+@contextmanager
+def tracked(stage: str, params: Params, sections: list[str]) -> Iterator[Any]:
+    """Open the stage's MLflow run with the params sections it reads."""
+    from ..tracking import StageRun  # noqa: PLC0415
+
+    logged = {s: to_dict(getattr(params, s)) for s in sections}
+    with StageRun(stage, params=logged) as run:
+        yield run
+
+
+def run_stage(stage: str, args: argparse.Namespace, body: Callable[[Params, Any], dict[str, Any] | None],
+              sections: list[str]) -> int:
+    """Load params, run ``body(params, run)`` inside a tracked run, map errors to exit codes."""
+    setup_logging(getattr(args, "verbose", False))
+    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    t0 = time.perf_counter()
+    try:
+        params = load_params(args.params)  # fails before any work on a bad params.yaml
+        with tracked(stage, params, sections) as run:
+            metrics = body(params, run) or {}
+            numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            run.log_metrics({**numeric, "stage_seconds": time.perf_counter() - t0})
+    except UserError as exc:
+        log.error("%s failed: %s", stage, exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("%s interrupted", stage)
+        return 130
+    log.info("%s done in %.1f s", stage, time.perf_counter() - t0)
+    return 0
+
+
+def workers(n: int) -> int:
+    return n if n > 0 else (os.cpu_count() or 1)

@@ -1,0 +1,47 @@
+"""download: materialise ``data.source`` as the raw format in data/raw (see pipeline.data.raw)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..io import staged_dir
+from ..params import Data, Params
+from .common import add_common, run_stage
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ["data"]
+
+
+def run(p: Data, out_dir: Path, cache_dir: Path) -> dict[str, Any]:
+    """Write the raw dataset for ``p.source`` into ``out_dir`` (replaced only on success)."""
+    from ..data.raw import RawWriter  # noqa: PLC0415
+    from ..data.sources import get_source  # noqa: PLC0415
+
+    source = get_source(p.source)  # unknown names fail before anything is written
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with staged_dir(out_dir) as tmp:
+        writer = RawWriter(tmp)
+        class_names, provenance = source(p, writer, cache_dir)
+        info = writer.finish(name=p.source, class_names=class_names, provenance=provenance)
+    log.info("download: %s -> %s: %d items %s", p.source, out_dir, info["items"], info["splits"])
+    return {"items": info["items"], **{f"items_{k or 'unsplit'}": v for k, v in info["splits"].items()}}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common(parser)
+    parser.add_argument("--out", type=Path, default=Path("data/raw"), help="raw dataset directory (default: data/raw)")
+    parser.add_argument("--cache", type=Path, default=Path("data/downloads"),
+                        help="download cache, reused across runs, not a DVC output (default: data/downloads)")
+
+
+def main(args: argparse.Namespace) -> int:
+    def body(params: Params, tracker: Any) -> dict[str, Any]:
+        metrics = run(params.data, args.out, args.cache)
+        tracker.log_artifact(args.out / "source.json", "download")
+        return metrics
+
+    return run_stage("download", args, body, SECTIONS)

@@ -1,0 +1,60 @@
+"""preprocess: accepted images -> resized uint8 NCHW shards, train/test split, meta.json."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..io import read_json, staged_dir, write_json
+from ..params import Params
+from .common import add_common, run_stage, workers
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ["preprocess", "base"]
+
+
+def run(params: Params, clean_dir: Path, raw_dir: Path, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    import pandas as pd  # noqa: PLC0415
+
+    from ..data.clean import CleanOptions  # noqa: PLC0415
+    from ..data.preprocess import build_tensors  # noqa: PLC0415
+    from ..errors import DataError  # noqa: PLC0415
+
+    p = params.preprocess
+    manifest = clean_dir / "manifest.parquet"
+    if not manifest.is_file():
+        raise DataError(f"{manifest}: not found; run the clean stage first (dvc repro clean)")
+    clean = pd.read_parquet(manifest)
+    source = read_json(clean_dir / "source.json")
+    co = source["clean_options"]
+    opts = CleanOptions(**{**co, "background": tuple(co["background"])})
+    with staged_dir(out_dir) as tmp:
+        meta = build_tensors(clean, raw_dir, tmp, opts, size=p.size, policy=p.resize, filter=p.filter, fill=p.fill,
+                             test_fraction=p.test_fraction, seed=params.base.seed, shard_bytes=p.shard_mb << 20,
+                             workers=workers(0), progress=progress)
+        labels_known = bool((clean.loc[clean["status"] == "accepted", "label"] >= 0).all())
+        class_names = source.get("class_names") or []
+        if labels_known and not class_names:
+            n = int(clean.loc[clean["status"] == "accepted", "label"].max()) + 1
+            class_names = [str(i) for i in range(n)]
+        meta.update(source=source["source"], class_names=class_names if labels_known else [],
+                    num_classes=len(class_names) if labels_known else 0, labeled=labels_known,
+                    channels_policy=opts.channels)
+        write_json(tmp / "meta.json", meta)
+    counts = {s: e["count"] for s, e in meta["splits"].items()}
+    log.info("preprocess: %s at %dx%d (%s, %s): %s", meta["source"], p.size, p.size, p.resize, p.filter, counts)
+    return {f"images_{s}": n for s, n in counts.items()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common(parser)
+    parser.add_argument("--clean", type=Path, default=Path("data/clean"), help="clean manifest (default: data/clean)")
+    parser.add_argument("--raw", type=Path, default=Path("data/raw"), help="raw dataset (default: data/raw)")
+    parser.add_argument("--out", type=Path, default=Path("data/tensors"), help="tensor directory (default: data/tensors)")
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_stage("preprocess", args, lambda params, tracker: run(params, args.clean, args.raw, args.out), SECTIONS)

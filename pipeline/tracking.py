@@ -1,0 +1,469 @@
+"""MLflow tracking, local first.
+
+One :class:`StageRun` per stage execution. Every call (params, metrics, artifacts, tags, the end
+status) is first appended to a local journal (``.pipeline/tracking/<id>/journal.jsonl`` under the
+project root) and then handed to a background thread that sends it to MLflow. The stage never
+waits on the network on its hot path, and a tracking failure never fails a stage:
+
+* MLflow not installed, or the server down at start: the run is journaled locally only.
+* The server goes away midway: the sender notes how far it got, copies the artifacts into the
+  journal, and stops trying (so training goes on at full speed).
+* ``python -m pipeline mlflow-sync`` later replays every journal that is not fully sent.
+
+Runs are grouped: every stage run of one ``dvc repro`` (or ``dvc exp run``) is a child of one
+parent run, found through a group key (``PIPELINE_RUN_GROUP`` if set, else the pid and start time
+of the dvc process that started the stage). The default store is a SQLite database at the project
+root (``mlruns.db``), whatever directory DVC runs the stage in, with artifacts in
+``mlartifacts/``; ``MLFLOW_TRACKING_URI`` overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_DEFAULT = "pipeline"
+GROUP_TAG = "pipeline.group"
+_FLUSH_TIMEOUT_S = 60.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Where things live
+# ---------------------------------------------------------------------------------------------
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project root: the nearest directory upwards holding dvc.yaml (or .dvc/).
+
+    A queued ``dvc exp run`` executes in a temporary copy under ``<root>/.dvc/tmp/exps/``; runs from
+    there belong to the real root, so that parallel experiments log to one store.
+    """
+    here = (start or Path.cwd()).resolve()
+    for p in (here, *here.parents):
+        if (p / "dvc.yaml").is_file() or (p / ".dvc").is_dir():
+            parts = p.parts
+            for i in range(len(parts) - 3):
+                if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+                    return Path(*parts[:i])
+            return p
+    return here
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{(root or project_root()) / 'mlruns.db'}"
+
+
+def journal_dir(root: Path | None = None) -> Path:
+    return (root or project_root()) / ".pipeline" / "tracking"
+
+
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time in clock ticks) from /proc, or None off Linux."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name is in parentheses and may contain spaces: split after the last ')'.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return int(fields[1]), fields[19]
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def group_key() -> str | None:
+    """A key shared by all stages of one dvc invocation (None when run by hand)."""
+    env = os.environ.get("PIPELINE_RUN_GROUP")
+    if env:
+        return env
+    pid = os.getppid()
+    for _ in range(8):
+        if pid <= 1:
+            break
+        stat = _proc_stat(pid)
+        if stat is None:
+            break
+        args = _cmdline(pid)
+        if any(Path(a).name == "dvc" or a.endswith("/dvc") for a in args[:3]) or (
+            len(args) > 2 and args[1:3] == ["-m", "dvc"]
+        ):
+            return f"dvc-{pid}-{stat[1]}"
+        pid = stat[0]
+    return None
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _bounded_http_env() -> None:
+    """Keep MLflow's client from retrying for minutes when the server is down (user values win)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def _import_mlflow() -> Any:
+    try:
+        import mlflow  # noqa: PLC0415 - optional, heavy, and absent on GPU machines
+    except ImportError:
+        return None
+    return mlflow
+
+
+# ---------------------------------------------------------------------------------------------
+# The MLflow side: applies journal events to a run (used live and by mlflow-sync)
+# ---------------------------------------------------------------------------------------------
+
+
+class _MlflowWriter:
+    """Applies journal events to one MLflow run through the low-level client."""
+
+    def __init__(self, mlflow: Any, uri: str, root: Path) -> None:
+        self.mlflow = mlflow
+        self.uri = uri
+        self.root = root
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.run_id: str | None = None
+
+    def _experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:") or "://" not in self.uri:
+            location = (self.root / "mlartifacts").as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except self.mlflow.exceptions.MlflowException:
+            exp = self.client.get_experiment_by_name(name)  # created by a parallel stage
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def _parent(self, experiment_id: str, group: str, title: str, start_ms: int) -> str:
+        found = self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`pipeline.kind` = 'pipeline'",
+            max_results=1,
+        )
+        if found:
+            return found[0].info.run_id
+        run = self.client.create_run(experiment_id, start_time=start_ms, run_name=title,
+                                     tags={GROUP_TAG: group, "pipeline.kind": "pipeline"})
+        return run.info.run_id
+
+    def apply(self, event: Mapping[str, Any], artifacts_dir: Path | None) -> None:
+        kind = event["type"]
+        c = self.client
+        if kind == "start":
+            exp_id = self._experiment_id(event["experiment"])
+            tags = dict(event["tags"])
+            if event.get("group"):
+                tags["mlflow.parentRunId"] = self._parent(exp_id, event["group"], event["group_title"], event["time_ms"])
+                self.parent_id = tags["mlflow.parentRunId"]
+            if event.get("run_id"):
+                self.run_id = event["run_id"]
+            else:
+                run = c.create_run(exp_id, start_time=event["time_ms"], run_name=event["run_name"], tags=tags)
+                self.run_id = run.info.run_id
+        elif kind == "params":
+            from mlflow.entities import Param  # noqa: PLC0415
+
+            items = [Param(k, str(v)[:6000]) for k, v in event["params"].items()]
+            for i in range(0, len(items), 100):
+                c.log_batch(self.run_id, params=items[i : i + 100])
+        elif kind == "metrics":
+            from mlflow.entities import Metric  # noqa: PLC0415
+
+            items = [Metric(k, float(v), event["time_ms"], event.get("step") or 0)
+                     for k, v in event["metrics"].items()]
+            for i in range(0, len(items), 500):
+                c.log_batch(self.run_id, metrics=items[i : i + 500])
+        elif kind == "tags":
+            for k, v in event["tags"].items():
+                c.set_tag(self.run_id, k, str(v))
+        elif kind == "artifact":
+            src = Path(event["path"])
+            if artifacts_dir is not None and (artifacts_dir / event["copy"]).exists():
+                src = artifacts_dir / event["copy"]
+            if src.is_dir():
+                c.log_artifacts(self.run_id, str(src), event.get("artifact_path"))
+            else:
+                c.log_artifact(self.run_id, str(src), event.get("artifact_path"))
+        elif kind == "model":
+            self._log_model(event, artifacts_dir)
+        elif kind == "end":
+            c.set_terminated(self.run_id, status=event["status"], end_time=event["time_ms"])
+            parent = getattr(self, "parent_id", None)
+            if parent:
+                # The parent reads FINISHED after each stage (FAILED if a stage failed), so a
+                # pipeline is never left RUNNING; the next stage does not reopen it.
+                c.set_terminated(parent, status="FAILED" if event["status"] == "FAILED" else "FINISHED",
+                                 end_time=event["time_ms"])
+        else:  # pragma: no cover - journal written by this module
+            raise ValueError(f"unknown journal event {kind!r}")
+
+    def _log_model(self, event: Mapping[str, Any], artifacts_dir: Path | None) -> None:
+        """Log a generator as an MLflow pytorch model (loadable with mlflow.pytorch.load_model)."""
+        from .models import load_generator  # noqa: PLC0415
+
+        src = Path(event["path"])
+        if artifacts_dir is not None and (artifacts_dir / event["copy"]).exists():
+            src = artifacts_dir / event["copy"]
+        generator, info = load_generator(src, device="cpu")
+        from mlflow.models import infer_signature  # noqa: PLC0415
+        import numpy as np  # noqa: PLC0415
+        import torch  # noqa: PLC0415
+
+        z = torch.randn(2, info["nz"], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = generator(z).numpy()
+        signature = infer_signature(z.numpy().astype(np.float32), out)
+        mlflow = self.mlflow
+        # log_model needs an active run in the fluent API; attach to ours without changing it.
+        with mlflow.start_run(run_id=self.run_id, nested=True) as _:
+            mlflow.pytorch.log_model(generator, name=event.get("artifact_path", "generator"),
+                                     signature=signature, input_example=z.numpy()[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage side
+# ---------------------------------------------------------------------------------------------
+
+
+class StageRun:
+    """One tracked stage execution. Use as a context manager::
+
+        with StageRun("train", params=to_dict(p.train)) as run:
+            run.log_metrics({"loss": 0.3}, step=10)
+            run.log_artifact("reports/grid.png", "grids")
+
+    On leaving the block the run ends FINISHED, FAILED (an exception) or KILLED (KeyboardInterrupt
+    or SIGTERM, which ``python -m pipeline`` turns into KeyboardInterrupt).
+    """
+
+    def __init__(self, stage: str, *, params: Mapping[str, Any] | None = None, root: Path | None = None,
+                 experiment: str | None = None, enabled: bool | None = None) -> None:
+        self.stage = stage
+        self.root = root or project_root()
+        self.local_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{stage}-{uuid.uuid4().hex[:8]}"
+        self.dir = journal_dir(self.root) / self.local_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._journal = open(self.dir / "journal.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._lock = threading.Lock()
+        self._n_events = 0
+        self._queue: queue.Queue[tuple[int, dict[str, Any]] | None] = queue.Queue()
+        self._sender: threading.Thread | None = None
+        self._state = {"uri": None, "sent": 0, "run_id": None, "error": None}
+        if enabled is None:
+            enabled = os.environ.get("PIPELINE_TRACKING", "1") != "0"
+        self._enabled = enabled
+        self._experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT_DEFAULT
+        self._params = dict(params or {})
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def __enter__(self) -> StageRun:
+        mlflow = _import_mlflow() if self._enabled else None
+        if mlflow is not None:
+            _bounded_http_env()
+            self._state["uri"] = tracking_uri(self.root)
+            self._sender = threading.Thread(target=self._send_loop, args=(mlflow,), name="mlflow-sender", daemon=True)
+            self._sender.start()
+        elif self._enabled:
+            self._state["error"] = "mlflow is not installed; journaled locally (replay: python -m pipeline mlflow-sync)"
+        group = group_key()
+        commit = git_commit(self.root)
+        tags = {"pipeline.stage": self.stage, "pipeline.kind": "stage", "pipeline.local_id": self.local_id}
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
+            if os.environ.get(env):
+                tags[tag] = os.environ[env]
+        title = f"dvc repro {commit[:7] if commit else ''} {time.strftime('%Y-%m-%d %H:%M:%S')}".replace("  ", " ")
+        if os.environ.get("DVC_EXP_NAME"):
+            title = f"dvc exp {os.environ['DVC_EXP_NAME']}"
+        self._emit({"type": "start", "experiment": self._experiment, "run_name": self.stage, "tags": tags,
+                    "group": group, "group_title": title})
+        if self._params:
+            self.log_params(self._params)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = "KILLED"
+        else:
+            status = "FAILED"
+            self.set_tags({"pipeline.error": f"{exc_type.__name__}: {exc}"[:5000]})
+        self._emit({"type": "end", "status": status})
+        self.close()
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._queue.put(None)
+            self._sender.join(timeout=_FLUSH_TIMEOUT_S)
+            if self._sender.is_alive():
+                self._state["error"] = f"MLflow did not answer within {_FLUSH_TIMEOUT_S:.0f} s"
+        with self._lock:
+            self._journal.close()
+        self._write_state()
+        if self._state["error"]:
+            log.warning("MLflow tracking incomplete for %s (%s); the local journal %s has everything; "
+                        "replay it with `python -m pipeline mlflow-sync`", self.stage, self._state["error"], self.dir)
+
+    # -- public logging API (cheap: a journal line and a queue put) ------------------------------
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from .params import flatten  # noqa: PLC0415
+
+        self._emit({"type": "params", "params": flatten(dict(params))})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        if clean:
+            self._emit({"type": "metrics", "metrics": clean, "step": step})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._emit({"type": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        path = Path(path).resolve()
+        if not path.exists():
+            log.warning("not logging missing artifact %s", path)
+            return
+        self._emit({"type": "artifact", "path": str(path), "artifact_path": artifact_path,
+                    "copy": f"{self._n_events:05d}-{path.name}"})
+
+    def log_generator(self, path: str | os.PathLike, artifact_path: str = "generator") -> None:
+        """Log a generator file (see :func:`pipeline.models.save_generator`) as an MLflow model."""
+        path = Path(path).resolve()
+        self._emit({"type": "model", "path": str(path), "artifact_path": artifact_path,
+                    "copy": f"{self._n_events:05d}-{path.name}"})
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        event.setdefault("time_ms", int(time.time() * 1000))
+        with self._lock:
+            index = self._n_events
+            self._n_events += 1
+            self._journal.write(json.dumps(event, default=str) + "\n")
+            self._journal.flush()
+        if self._sender is not None and self._sender.is_alive():
+            self._queue.put((index, event))
+
+    def _write_state(self) -> None:
+        state = dict(self._state, events=self._n_events, complete=self._state["sent"] >= self._n_events)
+        (self.dir / "state.json").write_text(json.dumps(state, indent=2))
+
+    def _send_loop(self, mlflow: Any) -> None:
+        writer = None
+        failed = False
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            index, event = item
+            if failed:
+                self._preserve_artifact(event)
+                continue
+            try:
+                if writer is None:
+                    writer = _MlflowWriter(mlflow, self._state["uri"], self.root)
+                writer.apply(event, None)
+                self._state["sent"] = index + 1
+                self._state["run_id"] = writer.run_id
+            except Exception as exc:  # noqa: BLE001 - any tracking failure must not fail the stage
+                failed = True
+                self._state["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+                log.warning("MLflow unavailable (%s); continuing with the local journal only", self._state["error"])
+                self._preserve_artifact(event)
+            self._write_state()
+
+    def _preserve_artifact(self, event: Mapping[str, Any]) -> None:
+        """Copy an unsent artifact into the journal so a later replay logs what this run made."""
+        if event["type"] not in ("artifact", "model"):
+            return
+        src = Path(event["path"])
+        dst = self.dir / "artifacts" / event["copy"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        elif src.exists():
+            shutil.copy2(src, dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay
+# ---------------------------------------------------------------------------------------------
+
+
+def pending_journals(root: Path | None = None) -> list[Path]:
+    """Journal directories whose events were not all sent to MLflow."""
+    base = journal_dir(root)
+    out = []
+    for d in sorted(base.glob("*/")) if base.exists() else []:
+        state_file = d / "state.json"
+        if not (d / "journal.jsonl").exists():
+            continue
+        state = json.loads(state_file.read_text()) if state_file.exists() else {"complete": False}
+        if not state.get("complete"):
+            out.append(d)
+    return out
+
+
+def sync(root: Path | None = None, *, uri: str | None = None) -> list[tuple[str, str]]:
+    """Replay every incomplete journal into MLflow; return (journal, outcome) pairs."""
+    root = root or project_root()
+    mlflow = _import_mlflow()
+    if mlflow is None:
+        raise RuntimeError("mlflow is not installed here; run mlflow-sync where it is")
+    _bounded_http_env()
+    uri = uri or tracking_uri(root)
+    results = []
+    for d in pending_journals(root):
+        state_file = d / "state.json"
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        events = [json.loads(line) for line in (d / "journal.jsonl").read_text().splitlines() if line.strip()]
+        sent = int(state.get("sent", 0)) if state.get("uri") == uri else 0
+        writer = _MlflowWriter(mlflow, uri, root)
+        if sent and state.get("run_id"):
+            # Continue the run that the outage interrupted instead of making a second one.
+            start = dict(events[0], run_id=state["run_id"])
+            writer.apply(start, d / "artifacts")
+        for i, event in enumerate(events):
+            if i < sent:
+                continue
+            writer.apply(event, d / "artifacts")
+        if events and events[-1]["type"] != "end":
+            # The stage process died without ending its run (kill -9): record that honestly.
+            writer.apply({"type": "end", "status": "KILLED", "time_ms": int(time.time() * 1000)}, None)
+        state.update(uri=uri, sent=len(events), run_id=writer.run_id, error=None, complete=True, events=len(events))
+        state_file.write_text(json.dumps(state, indent=2))
+        results.append((d.name, writer.run_id or "?"))
+    return results

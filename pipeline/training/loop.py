@@ -1,0 +1,576 @@
+"""The training loop for every model family: GANs (any recipe) and the VAE.
+
+The loop knows no files of the pipeline's layout and no tracker: the stage gives it a work
+directory (checkpoint, step log, grids, best generator), a ``log_fn(metrics, step)`` callback and
+an ``eval_fn(generator) -> score`` callback (lower is better), and wires them to MLflow and the
+offline evaluator.
+
+Performance habits: the dataset lives on the device as uint8 and is converted per batch; random
+numbers come from one device generator (saved in checkpoints); losses are accumulated on the
+device and read only at log steps; on CUDA, bf16 autocast and channels_last are available.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import CheckpointError, TrainingDiverged, UserError
+from ..imaging import save_grid
+from ..losses import get_loss, gradient_penalty, r1_penalty
+from ..models import build_discriminator, build_generator, build_vae, recipe, save_generator
+from ..models.layers import init_weights
+from ..models.vae import vae_terms
+from . import distributed as dist_utils
+from .checkpoint import capture_rng, config_key, load_checkpoint, restore_rng, save_checkpoint
+from .diffaug import diff_augment
+from .distributed import DistInfo
+from .ema import EMA
+
+log = logging.getLogger(__name__)
+
+# Keys of a train config that do not change what is computed, so a checkpoint stays resumable
+# when only they change (the step budget, how often things are logged or saved, the run mode).
+NON_SEMANTIC_KEYS = ("steps", "log_every", "checkpoint_every", "grid_every", "eval_every", "eval_samples",
+                     "collapse_margin", "collapse_patience", "stop_on_collapse", "resume", "num_threads",
+                     "devices", "compile")
+
+
+def resolve_config(train: dict[str, Any], *, seed: int, image_shape: tuple[int, int, int], num_classes: int) -> dict[str, Any]:
+    """params.train + the recipe's defaults + what the data dictates -> the plain config of a run."""
+    cfg = dict(train)
+    rec = recipe(cfg["model"])
+    for key, value in rec.items():
+        if key != "arch" and cfg.get(key) is None:
+            cfg[key] = value
+    cfg["arch"] = rec["arch"]
+    if cfg["conditional"] and num_classes < 2:
+        raise UserError("train.conditional: the dataset has no labels (or one class); "
+                        "set train.conditional: false or use a labeled source")
+    cfg.update(seed=seed, image_shape=list(image_shape), num_classes=num_classes if cfg["conditional"] else 0)
+    return cfg
+
+
+@dataclass
+class TrainResult:
+    step: int
+    best_score: float | None
+    best_step: int | None
+    collapsed: bool
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    transfer: dict[str, Any] | None = None
+
+
+class Trainer:
+    def __init__(self, cfg: dict[str, Any], images: torch.Tensor, labels: torch.Tensor, *, device: str,
+                 workdir: Path, info: DistInfo | None = None,
+                 log_fn: Callable[[dict[str, float], int], None] | None = None,
+                 eval_fn: Callable[[nn.Module], float] | None = None, progress: bool = True) -> None:
+        """images: uint8 [N, C, H, W] (CPU or device); labels: int64 [N] (-1 when unlabeled);
+        workdir: where checkpoint.pt, log.jsonl, grids/ and best.pt of this run live."""
+        self.cfg, self.device, self.workdir = cfg, torch.device(device), Path(workdir)
+        self.info = info or DistInfo()
+        self.log_fn, self.eval_fn, self.progress = log_fn, eval_fn, progress
+        self.is_vae = cfg["arch"] == "vae"
+        self.cuda = self.device.type == "cuda"
+        self.autocast_dtype = torch.bfloat16 if (self.cuda and cfg["precision"] == "bf16") else None
+        self.channels_last = self.cuda and cfg["channels_last"]
+        c, h, w = cfg["image_shape"]
+        if (h, w) != (images.shape[2], images.shape[3]) or c != images.shape[1]:
+            raise UserError(f"training images are {tuple(images.shape[1:])}, the config says {(c, h, w)}")
+
+        # Models are initialised from the seed (identical on every rank) and broadcast anyway.
+        torch.manual_seed(cfg["seed"])
+        self._build_models()
+        # Data: the whole set on the device as uint8 when it fits; this rank's shard only.
+        shard = slice(self.info.rank, None, self.info.world_size)
+        self.images = images[shard].to(self.device)
+        self.labels = labels[shard].to(self.device)
+        if len(self.images) < cfg["batch_size"]:
+            raise UserError(f"train.batch_size={cfg['batch_size']} is larger than the {len(self.images)} training images "
+                            "(per process); lower it")
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(cfg["seed"] * 7919 + 1 + self.info.rank)
+        self.perm = torch.empty(0, dtype=torch.long, device=self.device)
+        self.pos = 0
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.best: tuple[float, int] | None = None
+        self.bad_streak = 0
+        self.collapsed = False
+        # Fixed latents (and labels) for grids: the same images at every step and in every run.
+        g = torch.Generator().manual_seed(cfg["seed"])
+        self.z_fixed = torch.randn(64, cfg["nz"], generator=g).to(self.device)
+        self.y_fixed = (torch.arange(64) % max(1, cfg["num_classes"])).to(self.device) if cfg["num_classes"] else None
+        self._acc: dict[str, torch.Tensor] = {}
+        self._acc_steps = 0
+        self._bad: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.transfer: dict[str, Any] | None = None
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def _build_models(self) -> None:
+        cfg = self.cfg
+        c, h, _ = cfg["image_shape"]
+        common = {"channels": c, "size": h, "num_classes": cfg["num_classes"]}
+        if self.is_vae:
+            self.vae = build_vae(nz=cfg["nz"], ngf=cfg["ngf"], ndf=cfg["ndf"], **common)
+            init_weights(self.vae, cfg["init"])
+            self.g = self.vae.decoder
+            self.g_arch, self.g_kwargs = "dcgan", {"nz": cfg["nz"], "ngf": cfg["ngf"], **common}
+            self.d = None
+            modules: list[nn.Module] = [self.vae]
+        else:
+            self.g_arch = cfg["arch"]
+            self.g_kwargs = {"nz": cfg["nz"], "ngf": cfg["ngf"], **common}
+            self.g = build_generator(self.g_arch, **self.g_kwargs)
+            self.d = build_discriminator(cfg["arch"], ndf=cfg["ndf"], norm=cfg["d_norm"],
+                                         spectral_norm=cfg["spectral_norm"], mbstd=cfg["mbstd"], **common)
+            init_weights(self.g, cfg["init"])
+            init_weights(self.d, cfg["init"])
+            modules = [self.g, self.d]
+        if self.info.enabled and cfg["sync_bn"]:
+            modules = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in modules]
+            if self.is_vae:
+                self.vae = modules[0]
+                self.g = self.vae.decoder
+            else:
+                self.g, self.d = modules
+        for m in modules:
+            m.to(self.device)
+            if self.channels_last:
+                m.to(memory_format=torch.channels_last)
+            dist_utils.broadcast_module(m, self.info)
+        self.ema = EMA(self.g, decay=cfg["ema_decay"], start_step=cfg["ema_start"])
+        fused = {"fused": True} if self.cuda else {}
+        betas = (cfg["beta1"], cfg["beta2"])
+        if self.is_vae:
+            self.opt_g = torch.optim.Adam(self.vae.parameters(), lr=cfg["lr_g"], betas=betas, **fused)
+            self.opt_d = None
+        else:
+            self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg["lr_g"], betas=betas, **fused)
+            self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg["lr_d"], betas=betas, **fused)
+        self.loss = None if self.is_vae else get_loss(cfg["loss"])
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def key(self) -> str:
+        return config_key(self.cfg, ignore=NON_SEMANTIC_KEYS)
+
+    def state(self) -> dict[str, Any]:
+        models = {"vae": self.vae.state_dict()} if self.is_vae else {"g": self.g.state_dict(), "d": self.d.state_dict()}
+        optim = {"g": self.opt_g.state_dict()}
+        if self.opt_d is not None:
+            optim["d"] = self.opt_d.state_dict()
+        return {
+            "step": self.step, "key": self.key, "config": json.dumps(self.cfg, sort_keys=True),
+            "models": models, "ema": self.ema.shadow.state_dict(), "optim": optim, "scaler": None,
+            "sampler": {"perm": self.perm.cpu(), "pos": self.pos, "generator": self.gen.get_state()},
+            "rng": capture_rng(),
+            "eval": {"history": self.history, "best": list(self.best) if self.best else None,
+                     "bad_streak": self.bad_streak, "collapsed": self.collapsed},
+            "world_size": self.info.world_size,
+        }
+
+    def load_state(self, ckpt: dict[str, Any]) -> None:
+        if self.is_vae:
+            self.vae.load_state_dict(ckpt["models"]["vae"])
+        else:
+            self.g.load_state_dict(ckpt["models"]["g"])
+            self.d.load_state_dict(ckpt["models"]["d"])
+        self.ema.shadow.load_state_dict(ckpt["ema"])
+        self.opt_g.load_state_dict(ckpt["optim"]["g"])
+        if self.opt_d is not None:
+            self.opt_d.load_state_dict(ckpt["optim"]["d"])
+        self.step = int(ckpt["step"])
+        self.perm = ckpt["sampler"]["perm"].to(self.device)
+        self.pos = int(ckpt["sampler"]["pos"])
+        self.gen.set_state(ckpt["sampler"]["generator"])
+        restore_rng(ckpt["rng"])
+        ev = ckpt["eval"]
+        self.history = list(ev["history"])
+        self.best = tuple(ev["best"]) if ev["best"] else None  # type: ignore[assignment]
+        self.bad_streak, self.collapsed = int(ev["bad_streak"]), bool(ev["collapsed"])
+
+    @property
+    def ckpt_path(self) -> Path:
+        name = "checkpoint.pt" if self.info.world_size == 1 else f"checkpoint-rank{self.info.rank}.pt"
+        return self.workdir / name
+
+    def try_resume(self) -> bool:
+        """Continue from the work directory's checkpoint if it belongs to this config."""
+        path = self.ckpt_path
+        if not (self.cfg["resume"] and path.exists()):
+            return False
+        try:
+            ckpt = load_checkpoint(path, map_location="cpu")
+        except CheckpointError as exc:
+            log.warning("not resuming: %s", exc)
+            return False
+        if ckpt.get("key") != self.key or int(ckpt.get("world_size", 1)) != self.info.world_size:
+            log.info("not resuming: %s belongs to another config", path)
+            return False
+        if int(ckpt["step"]) > self.cfg["steps"]:
+            log.info("not resuming: checkpoint is at step %d, past train.steps=%d", ckpt["step"], self.cfg["steps"])
+            return False
+        self.load_state(ckpt)
+        self._truncate_log(self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def init_from(self, path: Path, *, freeze_d_layers: int = 0) -> dict[str, Any]:
+        """Transfer: copy every tensor whose name and shape match from another run's file."""
+        from ..models import safe_load  # noqa: PLC0415
+
+        payload = safe_load(path)
+        sources: dict[str, dict[str, torch.Tensor]] = {}
+        if isinstance(payload, dict) and payload.get("format") == "pipeline.checkpoint/1":
+            models = payload["models"]
+            if "vae" in models:
+                sources["vae"] = models["vae"]
+            else:
+                sources["g"], sources["d"] = models["g"], models["d"]
+        elif isinstance(payload, dict) and payload.get("format") == "pipeline.generator/1":
+            sources["g"] = payload["state_dict"]
+        else:
+            raise CheckpointError(f"train.init_from: {path} is neither a checkpoint nor a generator file of this pipeline")
+        targets = {"vae": self.vae} if self.is_vae else {"g": self.g, "d": self.d}
+        report: dict[str, Any] = {"source": str(path), "matched": [], "new": [], "frozen": []}
+        for name, module in targets.items():
+            src = sources.get(name) or (sources.get("g") if self.is_vae else None)
+            own = module.state_dict()
+            for key, tensor in own.items():
+                if src is not None and key in src and src[key].shape == tensor.shape:
+                    tensor.copy_(src[key])
+                    report["matched"].append(f"{name}.{key}")
+                else:
+                    report["new"].append(f"{name}.{key}")
+        self.ema.shadow.load_state_dict(self.g.state_dict())
+        if freeze_d_layers and self.d is not None:
+            layers = [m for m in self.d.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+            for m in layers[:freeze_d_layers]:
+                for pname, p in m.named_parameters():
+                    p.requires_grad_(False)
+                    report["frozen"].append(pname)
+        log.info("init_from %s: %d tensors matched, %d newly initialised, %d D layers frozen", path,
+                 len(report["matched"]), len(report["new"]), freeze_d_layers)
+        self.transfer = report
+        return report
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b = self.cfg["batch_size"]
+        if self.pos + b > len(self.perm):
+            self.perm = torch.randperm(len(self.images), device=self.device, generator=self.gen)
+            self.pos = 0
+        idx = self.perm[self.pos : self.pos + b]
+        self.pos += b
+        x = self.images.index_select(0, idx).float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = self.labels.index_select(0, idx) if self.cfg["num_classes"] else None
+        return x, y
+
+    def _latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = torch.randn(n, self.cfg["nz"], device=self.device, generator=self.gen)
+        y = None
+        if self.cfg["num_classes"]:
+            y = torch.randint(0, self.cfg["num_classes"], (n,), device=self.device, generator=self.gen)
+        return z, y
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _autocast(self) -> Any:
+        return torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None) \
+            if self.cuda else torch.autocast("cpu", enabled=False)
+
+    def _d_input(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        if self.cfg["diffaug"]:
+            x = diff_augment(x, self.cfg["diffaug"], self.gen)
+        if sigma > 0:
+            x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=self.gen)
+        return x
+
+    def _noise_sigma(self) -> float:
+        s0 = self.cfg["instance_noise"]
+        return s0 * max(0.0, 1.0 - self.step / self.cfg["instance_noise_decay_steps"]) if s0 > 0 else 0.0
+
+    def _clip(self, params: Any) -> torch.Tensor | None:
+        if self.cfg["grad_clip"] > 0:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg["grad_clip"])
+        return None
+
+    def _grad_norm(self, module: nn.Module) -> torch.Tensor:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
+            else torch.zeros((), device=self.device)
+
+    def _d_step(self, d_iter: int, want_norm: bool) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        x, y = self._batch()
+        z, yz = self._latents(x.shape[0]) if not cfg["num_classes"] else (self._latents(x.shape[0])[0], y)
+        sigma = self._noise_sigma()
+        with torch.no_grad(), self._autocast():
+            fake = self.g(z, yz)
+        with self._autocast():
+            real_logits = self.d(self._d_input(x, sigma), y).float()
+            fake_logits = self.d(self._d_input(fake.to(x.dtype), sigma), yz).float()
+            loss = self.loss.d(real_logits, fake_logits, cfg["label_smoothing"])
+        out = {"loss_d": loss.detach(), "d_real": real_logits.mean().detach(), "d_fake": fake_logits.mean().detach(),
+               "p_real": torch.sigmoid(real_logits).mean().detach(), "p_fake": torch.sigmoid(fake_logits).mean().detach()}
+        total = loss
+        if cfg["gp_weight"] > 0:
+            gp = gradient_penalty(self.d, x, fake.to(x.dtype), y, generator=self.gen)
+            total = total + cfg["gp_weight"] * gp
+            out["gp"] = gp.detach()
+        if cfg["r1_gamma"] > 0 and d_iter % cfg["r1_every"] == 0:
+            r1 = r1_penalty(self.d, x, y)
+            total = total + (cfg["r1_gamma"] / 2) * r1 * cfg["r1_every"]  # lazy: scaled by the interval
+            out["r1"] = r1.detach()
+        self.opt_d.zero_grad(set_to_none=True)
+        total.backward()
+        dist_utils.allreduce_grads([p for p in self.d.parameters() if p.requires_grad], self.info)
+        clipped = self._clip(self.d.parameters())
+        if want_norm:
+            out["grad_norm_d"] = clipped if clipped is not None else self._grad_norm(self.d)
+        self.opt_d.step()
+        return out
+
+    def _g_step(self, want_norm: bool) -> dict[str, torch.Tensor]:
+        z, y = self._latents(self.cfg["batch_size"])
+        sigma = self._noise_sigma()
+        self.d.requires_grad_(False)  # no D parameter gradients in the G step
+        with self._autocast():
+            fake = self.g(z, y)
+            if self.channels_last:
+                fake = fake.contiguous(memory_format=torch.channels_last)
+            loss = self.loss.g(self.d(self._d_input(fake, sigma), y).float())
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.d.requires_grad_(True)
+        self._refreeze()
+        dist_utils.allreduce_grads(list(self.g.parameters()), self.info)
+        clipped = self._clip(self.g.parameters())
+        out = {"loss_g": loss.detach()}
+        if want_norm:
+            out["grad_norm_g"] = clipped if clipped is not None else self._grad_norm(self.g)
+        self.opt_g.step()
+        return out
+
+    def _refreeze(self) -> None:
+        if self.transfer and self.transfer["frozen"] and self.d is not None:
+            layers = [m for m in self.d.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+            for m in layers[: self.cfg["freeze_d_layers"]]:
+                m.requires_grad_(False)
+
+    def _vae_step(self, want_norm: bool) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        x, y = self._batch()
+        warm = cfg["kl_warmup_steps"]
+        beta = cfg["kl_weight"] * (min(1.0, self.step / warm) if warm else 1.0)
+        with self._autocast():
+            logits, mu, logvar = self.vae(x, y)
+        nll, kl = vae_terms(x.float(), logits.float(), mu.float(), logvar.float(), recon=cfg["recon"])
+        loss = (nll + beta * kl).mean()
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        dist_utils.allreduce_grads(list(self.vae.parameters()), self.info)
+        clipped = self._clip(self.vae.parameters())
+        out = {"loss": loss.detach(), "recon": nll.mean().detach(), "kl": kl.mean().detach(),
+               "elbo": -(nll + kl).mean().detach(), "kl_weight": torch.tensor(beta)}
+        if want_norm:
+            out["grad_norm"] = clipped if clipped is not None else self._grad_norm(self.vae)
+        self.opt_g.step()
+        return out
+
+    def train_step(self, want_norm: bool = False) -> dict[str, torch.Tensor]:
+        """One generator step (after n_critic D steps for GANs); returns device scalars."""
+        if self.is_vae:
+            self.vae.train()
+            out = self._vae_step(want_norm)
+        else:
+            self.g.train()
+            self.d.train()
+            out = {}
+            for i in range(self.cfg["n_critic"]):
+                out.update(self._d_step(self.step * self.cfg["n_critic"] + i, want_norm))
+            out.update(self._g_step(want_norm))
+        self.step += 1
+        self.ema.update(self.g, self.step)
+        return out
+
+    # -- NaN/Inf guard, logging -------------------------------------------------------------------
+
+    def _guard(self, out: dict[str, torch.Tensor]) -> None:
+        """Record the first step whose losses are not finite (device-side, no sync)."""
+        names = [k for k in ("loss_d", "loss_g", "loss", "gp", "r1") if k in out]
+        vals = torch.stack([out[k].float() for k in names])
+        bad_now = ~torch.isfinite(vals).all()
+        if self._bad is None:
+            self._bad = (torch.full((), -1, device=self.device, dtype=torch.long), torch.zeros_like(vals))
+        first, first_vals = self._bad
+        take = bad_now & (first < 0)
+        self._bad = (torch.where(take, torch.tensor(self.step, device=self.device), first),
+                     torch.where(take, vals, first_vals))
+        self._guard_names = names
+        if not self.cuda:
+            self._check_guard()  # free on CPU: caught within the step
+
+    def _check_guard(self) -> None:
+        if self._bad is None:
+            return
+        first = int(self._bad[0].item())
+        if first >= 0:
+            vals = ", ".join(f"{n} = {v:.4g}" for n, v in zip(self._guard_names, self._bad[1].tolist(), strict=True))
+            raise TrainingDiverged(
+                f"training diverged at step {first}: {vals}. The last good checkpoint ({self.ckpt_path}) is intact. "
+                "Lower the learning rates, add a gradient penalty or spectral norm, or enable grad_clip.")
+
+    def _accumulate(self, out: dict[str, torch.Tensor]) -> None:
+        for k, v in out.items():
+            v = v.detach().float().to(self.device)
+            self._acc[k] = self._acc[k] + v if k in self._acc else v.clone()
+        self._acc_steps += 1
+
+    def _flush_log(self, t_interval: float) -> dict[str, float]:
+        n = max(1, self._acc_steps)
+        values = {k: float(v.item()) / n for k, v in self._acc.items()}
+        imgs = self._acc_steps * self.cfg["batch_size"] * self.info.world_size * (1 if self.is_vae else self.cfg["n_critic"])
+        values.update(step=self.step, images_per_s=imgs / max(t_interval, 1e-9), lr_g=self.opt_g.param_groups[0]["lr"],
+                      instance_noise=self._noise_sigma())
+        if self.opt_d is not None:
+            values["lr_d"] = self.opt_d.param_groups[0]["lr"]
+        self._acc, self._acc_steps = {}, 0
+        return values
+
+    def _write_log(self, record: dict[str, Any]) -> None:
+        with open(self.workdir / "log.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def _truncate_log(self, step: int) -> None:
+        """After a resume, drop log lines a killed run wrote past its last checkpoint."""
+        path = self.workdir / "log.jsonl"
+        if not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+    # -- periodic work ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_fixed(self, n: int = 64) -> torch.Tensor:
+        g = self.ema.shadow.eval()
+        with self._autocast():
+            return g(self.z_fixed[:n], None if self.y_fixed is None else self.y_fixed[:n]).float()
+
+    def save_grid(self) -> None:
+        save_grid(self.sample_fixed(), self.workdir / "grids" / f"step_{self.step:06d}.png", nrow=8)
+
+    def save_generator(self, path: Path) -> None:
+        info = {"model": self.cfg["model"], "nz": self.cfg["nz"], "num_classes": self.cfg["num_classes"],
+                "image_shape": self.cfg["image_shape"], "step": self.step, "ema": self.cfg["ema_decay"] > 0,
+                "config": json.dumps(self.cfg, sort_keys=True)}
+        save_generator(path, self.ema.shadow, arch=self.g_arch, kwargs=self.g_kwargs, info=info)
+
+    def evaluate(self) -> float | None:
+        if self.eval_fn is None:
+            return None
+        score = float(self.eval_fn(self.ema.shadow.eval()))
+        self.history.append({"step": self.step, "score": score})
+        if not math.isfinite(score):
+            return score
+        if self.best is None or score < self.best[0]:
+            self.best = (score, self.step)
+            self.bad_streak = 0
+            self.save_generator(self.workdir / "best.pt")
+        elif score > self.best[0] * (1 + self.cfg["collapse_margin"]):
+            self.bad_streak += 1
+            if self.bad_streak >= self.cfg["collapse_patience"] and not self.collapsed:
+                self.collapsed = True
+                log.warning("collapse: score %.3f at step %d is worse than the best %.3f (step %d) by more than "
+                            "%.0f%% for %d evaluations", score, self.step, self.best[0], self.best[1],
+                            100 * self.cfg["collapse_margin"], self.bad_streak)
+        else:
+            self.bad_streak = 0
+        return score
+
+    def checkpoint(self) -> None:
+        if self.cuda or self.info.enabled:
+            self._check_guard()  # never save weights a diverged step produced
+        save_checkpoint(self.ckpt_path, self.state())
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        main = self.info.is_main
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        stopped_early = False
+        bar = tqdm(total=cfg["steps"], initial=self.step, desc="train", unit="step",
+                   disable=not (self.progress and main), mininterval=1.0)
+        if self.step == 0 and main:
+            self.save_grid()
+        t_last = time.perf_counter()
+        try:
+            while self.step < cfg["steps"]:
+                want_norm = (self.step + 1) % cfg["log_every"] == 0
+                out = self.train_step(want_norm)
+                self._guard(out)
+                self._accumulate(out)
+                bar.update(1)
+                s = self.step
+                if s % cfg["log_every"] == 0 or s == cfg["steps"]:
+                    if self.cuda:
+                        torch.cuda.synchronize()
+                    self._check_guard()
+                    now = time.perf_counter()
+                    values = self._flush_log(now - t_last)
+                    t_last = now
+                    if main:
+                        self._write_log(values)
+                        if self.log_fn:
+                            self.log_fn({k: v for k, v in values.items() if k != "step"}, s)
+                        bar.set_postfix({k: f"{values[k]:.3g}" for k in ("loss_d", "loss_g", "loss") if k in values})
+                if main and (s % cfg["grid_every"] == 0 or s == cfg["steps"]):
+                    self.save_grid()
+                if main and (s % cfg["eval_every"] == 0 or s == cfg["steps"]):
+                    score = self.evaluate()
+                    if score is not None:
+                        self._write_log({"step": s, "score": score})
+                        if self.log_fn:
+                            self.log_fn({"score": score}, s)
+                        t_last = time.perf_counter()  # evaluation time is not training throughput
+                if s % cfg["checkpoint_every"] == 0 or s == cfg["steps"]:
+                    self.checkpoint()
+                if self.collapsed and cfg["stop_on_collapse"]:
+                    log.warning("stopping at step %d: collapse detected (train.stop_on_collapse)", s)
+                    stopped_early = True
+                    self.checkpoint()
+                    break
+        except KeyboardInterrupt:
+            # SIGTERM / Ctrl-C: keep the work, unless the weights are already bad.
+            if self.step > 0:
+                self._check_guard()
+                self.checkpoint()
+                log.warning("interrupted at step %d; checkpoint saved to %s (re-run to resume)", self.step, self.ckpt_path)
+            raise
+        finally:
+            bar.close()
+        if main and self.best is None:
+            self.save_generator(self.workdir / "best.pt")  # no evaluator: the final EMA is the best we know
+        return TrainResult(step=self.step, best_score=self.best[0] if self.best else None,
+                           best_step=self.best[1] if self.best else None, collapsed=self.collapsed,
+                           stopped_early=stopped_early, history=list(self.history), transfer=self.transfer)
