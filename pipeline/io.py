@@ -25,6 +25,14 @@ from .errors import DataError
 _CHUNK = 1 << 20
 
 
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it straight back (single-threaded at call sites
+    # that matter, and the value is the same either way).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
     """Open a temporary sibling of ``path`` for writing; rename it to ``path`` on success.
@@ -39,6 +47,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
+            # mkstemp creates 0600; give the file the mode a plain open() would (team-readable
+            # under a group umask), since outputs end up in a shared DVC cache.
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -132,12 +143,37 @@ def staged_dir(final_dir: str | os.PathLike) -> Iterator[Path]:
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".tmp", dir=final_dir.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
         replace_dir(tmp, final_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project root: the nearest directory upwards holding dvc.yaml (or .dvc/).
+
+    A queued ``dvc exp run`` executes in a temporary copy under ``<root>/.dvc/tmp/exps/``; runs from
+    there belong to the real root, so that parallel experiments log to one store.
+    """
+    here = (start or Path.cwd()).resolve()
+    for p in (here, *here.parents):
+        if (p / "dvc.yaml").is_file() or (p / ".dvc").is_dir():
+            parts = p.parts
+            for i in range(len(parts) - 3):
+                if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+                    return Path(*parts[:i])
+            return p
+    return here
+
+
+def work_dir(*parts: str) -> Path:
+    """A private working directory under <project root>/.pipeline (not a DVC output, git-ignored)."""
+    d = project_root().joinpath(".pipeline", *parts)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 # --------------------------------------------------------------------------------------------

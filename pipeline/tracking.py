@@ -32,6 +32,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .io import project_root
+
 log = logging.getLogger(__name__)
 
 EXPERIMENT_DEFAULT = "pipeline"
@@ -42,23 +44,6 @@ _FLUSH_TIMEOUT_S = 60.0
 # ---------------------------------------------------------------------------------------------
 # Where things live
 # ---------------------------------------------------------------------------------------------
-
-
-def project_root(start: Path | None = None) -> Path:
-    """The project root: the nearest directory upwards holding dvc.yaml (or .dvc/).
-
-    A queued ``dvc exp run`` executes in a temporary copy under ``<root>/.dvc/tmp/exps/``; runs from
-    there belong to the real root, so that parallel experiments log to one store.
-    """
-    here = (start or Path.cwd()).resolve()
-    for p in (here, *here.parents):
-        if (p / "dvc.yaml").is_file() or (p / ".dvc").is_dir():
-            parts = p.parts
-            for i in range(len(parts) - 3):
-                if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-                    return Path(*parts[:i])
-            return p
-    return here
 
 
 def tracking_uri(root: Path | None = None) -> str:

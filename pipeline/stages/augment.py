@@ -41,8 +41,8 @@ def run(params: Params, tensors_dir: Path, out_dir: Path, *, progress: bool = Tr
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
-    parser.add_argument("--tensors", type=Path, default=Path("data/tensors"), help="input tensors (default: data/tensors)")
-    parser.add_argument("--out", type=Path, default=Path("data/augmented"), help="output (default: data/augmented)")
+    parser.add_argument("--tensors", type=Path, default=Path("data/tensors"), help="input tensors")
+    parser.add_argument("--out", type=Path, default=Path("data/augmented"), help="output")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -53,10 +53,10 @@ def run(p: Data, raw_dir: Path, out_dir: Path, report_path: Path, *, progress: b
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
-    parser.add_argument("--raw", type=Path, default=Path("data/raw"), help="raw dataset (default: data/raw)")
-    parser.add_argument("--out", type=Path, default=Path("data/clean"), help="clean manifest directory (default: data/clean)")
+    parser.add_argument("--raw", type=Path, default=Path("data/raw"), help="raw dataset")
+    parser.add_argument("--out", type=Path, default=Path("data/clean"), help="clean manifest directory")
     parser.add_argument("--report", type=Path, default=Path("reports/clean_report.json"),
-                        help="counts per reason with sample paths (default: reports/clean_report.json)")
+                        help="counts per reason with sample paths")
 
 
 def main(args: argparse.Namespace) -> int:

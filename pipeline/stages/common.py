@@ -38,7 +38,7 @@ def _sigterm_to_interrupt(signum: int, frame: Any) -> None:
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="params.yaml", type=Path, help="params file (default: params.yaml)")
+    parser.add_argument("--params", default="params.yaml", type=Path, help="params file")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -84,6 +84,27 @@ def run_stage(stage: str, args: argparse.Namespace, body: Callable[[Params, Any]
         return 130
     log.info("%s done in %.1f s", stage, time.perf_counter() - t0)
     return 0
+
+
+def set_threads(n: int) -> None:
+    """torch CPU threads: n, or every core when 0."""
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(n if n > 0 else (os.cpu_count() or 1))
+
+
+def set_determinism(params: Params) -> None:
+    """base.deterministic: deterministic kernels (bitwise reproducible on CPU); must run before CUDA init."""
+    import torch  # noqa: PLC0415
+
+    if params.base.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def workers(n: int) -> int:

@@ -33,9 +33,9 @@ def run(p: Data, out_dir: Path, cache_dir: Path) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
-    parser.add_argument("--out", type=Path, default=Path("data/raw"), help="raw dataset directory (default: data/raw)")
+    parser.add_argument("--out", type=Path, default=Path("data/raw"), help="raw dataset directory")
     parser.add_argument("--cache", type=Path, default=Path("data/downloads"),
-                        help="download cache, reused across runs, not a DVC output (default: data/downloads)")
+                        help="download cache, reused across runs, not a DVC output")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -51,9 +51,9 @@ def run(params: Params, clean_dir: Path, raw_dir: Path, out_dir: Path, *, progre
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
-    parser.add_argument("--clean", type=Path, default=Path("data/clean"), help="clean manifest (default: data/clean)")
-    parser.add_argument("--raw", type=Path, default=Path("data/raw"), help="raw dataset (default: data/raw)")
-    parser.add_argument("--out", type=Path, default=Path("data/tensors"), help="tensor directory (default: data/tensors)")
+    parser.add_argument("--clean", type=Path, default=Path("data/clean"), help="clean manifest")
+    parser.add_argument("--raw", type=Path, default=Path("data/raw"), help="raw dataset")
+    parser.add_argument("--out", type=Path, default=Path("data/tensors"), help="tensor directory")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,0 +1,169 @@
+"""Command line: ``python -m pipeline <command> [options]``; each DVC stage is one command.
+
+Stage commands read params.yaml (``--params``) and take their input and output paths as options
+whose defaults match dvc.yaml, so ``python -m pipeline train`` by hand does what ``dvc repro``
+does. ``--help`` on any command lists its options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+STAGES = {
+    "download": "fetch the dataset named by data.source into data/raw",
+    "clean": "decode, repair, quarantine and dedupe every raw image (data/clean, reports/clean_report.json)",
+    "preprocess": "resize and split accepted images into uint8 tensors (data/tensors)",
+    "augment": "add albumentations copies of the training split (data/augmented)",
+    "evaluator": "train the offline feature network used by the metrics (models/evaluator.pt)",
+    "train": "train the generator: GAN recipes or the VAE (models/, reports/train/)",
+    "evaluate": "FID/KID/IS/precision/recall and more (reports/metrics.json)",
+    "report": "figures and the HTML report (reports/figures/, reports/index.html)",
+}
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from .errors import UserError  # noqa: PLC0415
+    from .imaging import save_grid  # noqa: PLC0415
+    from .io import atomic_write  # noqa: PLC0415
+    from .metrics.compute import sample  # noqa: PLC0415
+    from .models import load_generator  # noqa: PLC0415
+    from .stages.common import setup_logging  # noqa: PLC0415
+
+    setup_logging(False)
+    try:
+        if args.out.suffix not in (".npz", ".png"):
+            raise UserError(f"--out {args.out}: use a .npz (uint8 array 'images' [N, C, H, W]) or a .png (a grid)")
+        if args.n < 1:
+            raise UserError(f"--n {args.n}: must be at least 1")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        g, info = load_generator(args.checkpoint, device=device)
+        k = info["num_classes"]
+        labels = None
+        if args.label is not None:
+            if not k or not 0 <= args.label < k:
+                raise UserError(f"--label {args.label}: this generator has {k or 'no'} classes")
+            labels = torch.full((args.n,), args.label, dtype=torch.long)
+        images, y = sample(g, args.n, nz=info["nz"], num_classes=k, seed=args.seed, device=device, labels=labels)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.out.suffix == ".png":
+        save_grid(images.numpy(), args.out, nrow=args.nrow, scale=args.scale)
+    else:
+        arrays = {"images": images.numpy()}
+        if y is not None:
+            arrays["labels"] = y.numpy()
+        with atomic_write(args.out) as fh:
+            np.savez(fh, **arrays)
+    print(f"wrote {args.n} samples {tuple(images.shape[1:])} to {args.out}")
+    return 0
+
+
+def _mlflow_sync(args: argparse.Namespace) -> int:
+    from .stages.common import setup_logging  # noqa: PLC0415
+    from .tracking import pending_journals, sync  # noqa: PLC0415
+
+    setup_logging(False)
+    pending = pending_journals()
+    if not pending:
+        print("nothing to sync: every local run journal has reached MLflow")
+        return 0
+    print(f"replaying {len(pending)} run journal(s) into MLflow ...")
+    try:
+        results = sync(uri=args.tracking_uri)
+    except Exception as exc:  # noqa: BLE001 - report the server's error plainly and keep the journals
+        print(f"error: MLflow is still unreachable ({type(exc).__name__}: {exc}); the journals are kept, try again later",
+              file=sys.stderr)
+        return 1
+    for name, run_id in results:
+        print(f"  {name} -> run {run_id}")
+    return 0
+
+
+def _params(args: argparse.Namespace) -> int:
+    from .errors import UserError  # noqa: PLC0415
+    from .params import describe, load_params  # noqa: PLC0415
+
+    if args.check:
+        try:
+            load_params(args.params)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.params}: valid")
+        return 0
+    print(describe())
+    return 0
+
+
+def _audit_imports() -> None:
+    """PIPELINE_IMPORT_AUDIT=FILE: on exit, write the pipeline modules this process imported.
+
+    The test suite uses it to check that every stage in dvc.yaml declares each module it imports.
+    """
+    import atexit  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    path = os.environ.get("PIPELINE_IMPORT_AUDIT")
+    if not path:
+        return
+
+    def write() -> None:
+        files = sorted({m.__file__ for name, m in list(sys.modules.items())
+                        if (name == "pipeline" or name.startswith("pipeline.")) and getattr(m, "__file__", None)})
+        Path(path).write_text("\n".join(files) + "\n")
+
+    atexit.register(write)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI; only the chosen stage's module is imported (so a stage imports no other stage)."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in STAGES.items():
+        if name != command:
+            sub.add_parser(name, help=help_text)
+            continue
+        module = importlib.import_module(f"pipeline.stages.{name}")
+        p = sub.add_parser(name, help=help_text, description=module.__doc__.strip(),
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(func=module.main)
+    s = sub.add_parser("sample", help="write N samples of a trained generator to .npz or .png",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--checkpoint", type=Path, default=Path("models/best.pt"), help="generator file (models/best.pt or generator.pt)")
+    s.add_argument("--n", type=int, default=64, help="number of samples")
+    s.add_argument("--out", type=Path, required=True, help=".npz (uint8 'images' [N, C, H, W]) or .png (grid)")
+    s.add_argument("--seed", type=int, default=0, help="latent seed (same seed, same images)")
+    s.add_argument("--label", type=int, default=None, help="class to sample (conditional generators)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
+    s.add_argument("--nrow", type=int, default=8, help="grid: images per row")
+    s.add_argument("--scale", type=int, default=2, help="grid: pixel enlargement")
+    s.set_defaults(func=_sample)
+    m = sub.add_parser("mlflow-sync", help="replay run journals that did not reach MLflow (after an outage)")
+    m.add_argument("--tracking-uri", default=None, help="target (default: MLFLOW_TRACKING_URI or the project's mlruns.db)")
+    m.set_defaults(func=_mlflow_sync)
+    pr = sub.add_parser("params", help="list every params.yaml key with its default and meaning; --check validates")
+    pr.add_argument("--params", type=Path, default=Path("params.yaml"))
+    pr.add_argument("--check", action="store_true", help="validate the params file and exit")
+    pr.set_defaults(func=_params)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _audit_imports()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Pictures of a trained generator: fixed-seed grids, latent interpolations, nearest pairs, curves."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..imaging import make_grid, png_bytes, to_uint8
+from ..io import write_bytes
+
+
+def latents(n: int, nz: int, seed: int) -> torch.Tensor:
+    """The latents :func:`pipeline.metrics.compute.sample` draws for ``seed`` (same generator, same order)."""
+    return torch.randn(n, nz, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def generate(generator: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None, *, device: str = "cpu") -> np.ndarray:
+    generator.eval()
+    return to_uint8(generator(z.to(device), None if y is None else y.to(device)).float().cpu())
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between latents a and b [nz] at fractions t [T] -> [T, nz]."""
+    an, bn = a / a.norm(), b / b.norm()
+    omega = torch.arccos((an * bn).sum().clamp(-1 + 1e-7, 1 - 1e-7))
+    so = torch.sin(omega)
+    return (torch.sin((1 - t) * omega)[:, None] * a + torch.sin(t * omega)[:, None] * b) / so
+
+
+def interpolation_strip(generator: nn.Module, *, nz: int, num_classes: int, steps: int, rows: int, seed: int,
+                        device: str) -> np.ndarray:
+    """uint8 [rows * steps, C, H, W]: each row walks the latent sphere between two fixed latents."""
+    z = latents(2 * rows, nz, seed + 100)
+    t = torch.linspace(0, 1, steps)
+    path = torch.cat([slerp(z[2 * r], z[2 * r + 1], t) for r in range(rows)])
+    y = (torch.arange(rows).repeat_interleave(steps) % num_classes) if num_classes else None
+    return generate(generator, path, y, device=device)
+
+
+def save_png(images: np.ndarray, path: Path, *, nrow: int, scale: int = 2) -> None:
+    write_bytes(path, png_bytes(make_grid(images, nrow=nrow), scale=scale))
+
+
+def pairs_figure(fake: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """Two rows per block: generated on top, its nearest training image below. [2K, C, H, W] in grid order."""
+    k = len(fake)
+    out = np.empty((2 * k, *fake.shape[1:]), np.uint8)
+    ncol = min(8, k)
+    for i in range(k):
+        block, col = divmod(i, ncol)
+        out[block * 2 * ncol + col] = fake[i]
+        out[block * 2 * ncol + ncol + col] = real[i]
+    return out
+
+
+def read_csv(path: Path) -> dict[str, list[float]]:
+    if not path.exists():
+        return {}
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    cols: dict[str, list[float]] = {}
+    for r in rows:
+        for k, v in r.items():
+            cols.setdefault(k, []).append(float(v) if v not in ("", None) else float("nan"))
+    return cols
+
+
+def plot_curves(losses_csv: Path, scores_csv: Path, path: Path) -> bool:
+    """Loss, D(x)/D(G(z)) and score-over-steps panels as one PNG; False when there is nothing to draw."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    losses, scores = read_csv(losses_csv), read_csv(scores_csv)
+    if not losses:
+        return False
+    panels: list[tuple[str, list[str], dict[str, list[float]]]] = [
+        ("losses", [k for k in ("loss_d", "loss_g", "loss", "recon", "kl") if k in losses], losses),
+        ("discriminator", [k for k in ("p_real", "p_fake") if k in losses], losses),
+        ("evaluator FID (in-loop, lower is better)", ["score"] if "score" in scores else [], scores),
+    ]
+    panels = [p for p in panels if p[1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False)
+    for ax, (title, keys, data) in zip(axes[0], panels, strict=True):
+        for k in keys:
+            ax.plot(data["step"], data[k], label=k, marker="o" if title.startswith("evaluator") else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    import io  # noqa: PLC0415
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+    return True
+
+
+def grid_timeline(grid_dir: Path, *, max_frames: int = 6) -> list[tuple[int, Path]]:
+    """Up to ``max_frames`` training grids, evenly spaced in step, first and last included."""
+    frames = sorted((int(p.stem.split("_")[1]), p) for p in grid_dir.glob("step_*.png")) if grid_dir.exists() else []
+    if len(frames) <= max_frames:
+        return frames
+    idx = np.linspace(0, len(frames) - 1, max_frames).round().astype(int)
+    return [frames[i] for i in sorted(set(idx))]
+
+
+def metric_rows(metrics: dict[str, Any], previous: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Headline metrics with their uncertainty and the change against the previous commit."""
+    spec = [
+        ("FID (offline evaluator)", "fid", "lower", ("fid_ci_low", "fid_ci_high")),
+        ("KID", "kid", "lower", "kid_std"),
+        ("Inception Score (offline classifier)", "IS", "higher", "IS_std"),
+        ("Precision", "precision", "higher", None),
+        ("Recall", "recall", "higher", None),
+        ("Density", "density", "higher", None),
+        ("Coverage", "coverage", "higher", None),
+        ("Intra-class FID", "intra_fid", "lower", None),
+        ("Classification accuracy score", "cas", "higher", None),
+        ("VAE ELBO (nats/image)", "vae_elbo", "higher", None),
+        ("VAE reconstruction NLL", "vae_recon_nll", "lower", None),
+        ("VAE KL", "vae_kl", "lower", None),
+        ("Memorisation ratio (nn-train / nn-test)", "memorisation_ratio", "higher", None),
+        ("Floor: FID of real train vs test", "fid_train_vs_test", "lower", None),
+    ]
+    rows = []
+    for label, key, better, unc in spec:
+        if key not in metrics:
+            continue
+        v = metrics[key]
+        if isinstance(unc, tuple):
+            u = f"95% CI [{metrics[unc[0]]:.4g}, {metrics[unc[1]]:.4g}]"
+        elif unc:
+            u = f"± {metrics[unc]:.3g}"
+        else:
+            u = ""
+        delta = None
+        if previous and isinstance(previous.get(key), (int, float)):
+            delta = v - previous[key]
+        rows.append({"label": label, "value": v, "uncertainty": u, "delta": delta, "better": better})
+    return rows

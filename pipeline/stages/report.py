@@ -1,0 +1,155 @@
+"""report: figures (grids, interpolation, nearest pairs, curves) and reports/index.html."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ..io import read_json, staged_dir, write_text
+from ..params import Params
+from .common import add_common, device_from, run_stage, set_threads
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ["report", "base"]
+
+
+def previous_metrics(metrics_path: Path) -> dict[str, Any] | None:
+    """metrics.json as committed at HEAD (it is git-tracked: cache: false), or None."""
+    try:
+        rel = metrics_path.resolve().relative_to(Path.cwd().resolve())
+        out = subprocess.run(["git", "show", f"HEAD:{rel.as_posix()}"], capture_output=True, text=True, timeout=20)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    try:
+        return json.loads(out.stdout)
+    except json.JSONDecodeError:
+        return None
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=20)
+        return (out.stdout.strip() or "none") + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path, metrics_path: Path,
+        details_path: Path, clean_report: Path, figures_dir: Path, html_path: Path) -> dict[str, Any]:
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from ..data.tensors import load_split  # noqa: PLC0415
+    from ..models import load_generator  # noqa: PLC0415
+    from ..report import figures as F  # noqa: PLC0415
+    from ..report.html import render  # noqa: PLC0415
+
+    r = params.report
+    seed = params.base.seed
+    set_threads(0)
+    device = device_from(params)
+    metrics = read_json(metrics_path)
+    details = read_json(details_path)
+    cleaning = read_json(clean_report)
+    generator, info = load_generator(models_dir / "best.pt", device=device)
+    test = load_split(tensors_dir, "test")
+    train = load_split(tensors_dir, "train")
+    nz, k = info["nz"], info["num_classes"]
+    figs: dict[str, Path] = {}
+    with staged_dir(figures_dir) as tmp:
+        # Fixed-seed grid: the first grid_n latents of the evaluation seed (the same images every run).
+        y = (torch.arange(r.grid_n) % k) if k else None
+        samples = F.generate(generator, F.latents(r.grid_n, nz, seed), y, device=device)
+        F.save_png(samples, tmp / "samples.png", nrow=r.grid_nrow, scale=3)
+        idx = np.linspace(0, len(test.images) - 1, min(r.grid_n, len(test.images))).round().astype(int)
+        F.save_png(test.images[idx], tmp / "real.png", nrow=r.grid_nrow, scale=3)
+        strip = F.interpolation_strip(generator, nz=nz, num_classes=k, steps=r.interpolation_steps, rows=4, seed=seed,
+                                      device=device)
+        F.save_png(strip, tmp / "interpolation.png", nrow=r.interpolation_steps, scale=3)
+        closest = details["memorisation"]["closest"][: r.neighbours]
+        if closest:
+            z_all = F.latents(metrics["protocol"]["generated_samples"], nz, seed)
+            fake_idx = [c[0] for c in closest]
+            yk = (torch.tensor(fake_idx) % k) if k else None
+            fake = F.generate(generator, z_all[fake_idx], yk, device=device)
+            real = train.images[[c[1] for c in closest]]
+            F.save_png(F.pairs_figure(fake, real), tmp / "nearest.png", nrow=min(8, len(closest)), scale=3)
+        if info["model"] == "vae":
+            from ..models import build_vae, safe_load  # noqa: PLC0415
+
+            ckpt = safe_load(models_dir / "checkpoint.pt")
+            cfg = json.loads(ckpt["config"])
+            c, h, _ = cfg["image_shape"]
+            vae = build_vae(nz=nz, ngf=cfg["ngf"], ndf=cfg["ndf"], channels=c, size=h, num_classes=cfg["num_classes"])
+            vae.load_state_dict(ckpt["models"]["vae"])
+            vae.eval()
+            x = torch.from_numpy(test.images[idx[:16]]).float() / 127.5 - 1
+            with torch.no_grad():
+                mu, _ = vae.encode(x)
+                rec = torch.tanh(vae.decoder.logits(mu))
+            from ..imaging import to_uint8  # noqa: PLC0415
+
+            F.save_png(F.pairs_figure(test.images[idx[:16]], to_uint8(rec)), tmp / "reconstructions.png", nrow=8, scale=3)
+        F.plot_curves(train_reports / "losses.csv", train_reports / "scores.csv", tmp / "curves.png")
+    for name in ("samples", "real", "interpolation", "nearest", "reconstructions", "curves"):
+        if (figures_dir / f"{name}.png").exists():
+            figs[name] = figures_dir / f"{name}.png"
+    previous = previous_metrics(metrics_path)
+    prot = metrics["protocol"]
+    mem = details["memorisation"]
+    inception = metrics.get("inception", {})
+    ctx = {
+        "title": f"{info['model'].upper()} on {read_json(tensors_dir / 'meta.json').get('source', '?')}",
+        "subtitle": f"{len(train.images)} training / {len(test.images)} test images of {list(test.images.shape[1:])}; "
+                    f"generator step {info['step']}",
+        "metric_rows": F.metric_rows(metrics, previous),
+        "have_previous": previous is not None,
+        "inception_note": None if inception.get("computed") else f"Inception-v3 metrics were not computed: {inception.get('reason', '')}",
+        "protocol": [(k2, v) for k2, v in prot.items()],
+        "figures": figs,
+        "timeline": F.grid_timeline(train_reports / "grids"),
+        "memorisation": [("median distance to nearest training image", mem["nn_train_median"]),
+                         ("median distance to nearest test image", mem["nn_test_median"]),
+                         ("ratio (well below 1 suggests copying)", mem["ratio"])],
+        "cleaning": [("inputs", cleaning["total"]), ("accepted", cleaning["accepted"]),
+                     ("rejected", cleaning["rejected"]), ("duplicates removed", cleaning["duplicates"]),
+                     ("skipped (links, hidden, special files)", cleaning["skipped"]),
+                     *[(f"rejected: {k2}", v) for k2, v in cleaning["rejected_by_reason"].items()],
+                     *[(f"repaired: {k2}", v) for k2, v in cleaning["repaired"].items()]],
+        "commit": _commit(),
+    }
+    write_text(html_path, render(ctx))
+    log.info("report: %s (%d figures)", html_path, len(figs))
+    return {"figures": len(figs)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common(parser)
+    parser.add_argument("--models", type=Path, default=Path("models"))
+    parser.add_argument("--tensors", type=Path, default=Path("data/tensors"))
+    parser.add_argument("--train-reports", type=Path, default=Path("reports/train"))
+    parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
+    parser.add_argument("--details", type=Path, default=Path("reports/eval_details.json"))
+    parser.add_argument("--clean-report", type=Path, default=Path("reports/clean_report.json"))
+    parser.add_argument("--figures", type=Path, default=Path("reports/figures"), help=None)
+    parser.add_argument("--out", type=Path, default=Path("reports/index.html"), help=None)
+
+
+def main(args: argparse.Namespace) -> int:
+    def body(params: Params, tracker: Any) -> dict[str, Any]:
+        out = run(params, args.models, args.tensors, args.train_reports, args.metrics, args.details,
+                  args.clean_report, args.figures, args.out)
+        tracker.log_artifact(args.figures, "report/figures")
+        tracker.log_artifact(args.out, "report")
+        return out
+
+    return run_stage("report", args, body, SECTIONS)

@@ -1,0 +1,186 @@
+"""train: fit the generator (GAN recipe or VAE) on data/augmented; write models/ and reports/train/.
+
+Work in progress lives in ``.pipeline/train/<key>/`` (checkpoint, step log, grids), keyed by the
+resolved config and the data and evaluator hashes. It is not a DVC output, so an interrupted
+``dvc repro`` (Ctrl-C, SIGTERM, kill -9) resumes there on the next run; a changed param gives a
+new key and a fresh start. On success the final files are copied to the declared outputs.
+
+With ``train.devices`` > 1 the stage re-launches itself through torchrun, one process per GPU
+(DDP); rank 0 logs, evaluates and writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..io import read_json, staged_dir, work_dir, write_json
+from ..params import Params, to_dict
+from .common import add_common, device_from, run_stage, set_determinism, set_threads
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ["train", "base"]
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_curves(log_path: Path, out_dir: Path) -> None:
+    """log.jsonl -> losses.csv (every logged step) and scores.csv (in-loop evaluator scores) for DVC plots."""
+    rows = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()] if log_path.exists() else []
+    losses = [r for r in rows if "score" not in r]
+    scores = [{"step": r["step"], "score": r["score"]} for r in rows if "score" in r]
+    for name, data in (("losses.csv", losses), ("scores.csv", scores)):
+        cols = sorted({k for r in data for k in r} - {"step"})
+        with open(out_dir / name, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["step", *cols])
+            for r in data:
+                w.writerow([r["step"], *(f"{r[c]:.6g}" if isinstance(r.get(c), float) else r.get(c, "") for c in cols)])
+
+
+def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | None, models_dir: Path,
+        reports_dir: Path, *, tracker: Any = None, progress: bool = True) -> dict[str, Any]:
+    import torch  # noqa: PLC0415
+
+    from ..data.tensors import load_split  # noqa: PLC0415
+    from ..metrics.compute import fid_only, sample  # noqa: PLC0415
+    from ..metrics.evaluator import extract, load_evaluator  # noqa: PLC0415
+    from ..metrics.math import gaussian_stats  # noqa: PLC0415
+    from ..training import distributed as dist_utils  # noqa: PLC0415
+    from ..training.loop import Trainer, resolve_config  # noqa: PLC0415
+
+    info = dist_utils.from_env()
+    set_determinism(params)
+    set_threads(params.train.num_threads)
+    device = device_from(params)
+    if info.enabled and device.startswith("cuda"):
+        device = f"cuda:{info.local_rank}"
+    dist_utils.init(info, device)
+    try:
+        data = load_split(augmented, "train")
+        cfg = resolve_config(to_dict(params.train), seed=params.base.seed, image_shape=data.shape,
+                             num_classes=data.num_classes)
+        eval_fn = None
+        eval_hash = None
+        if evaluator_path is not None and evaluator_path.exists() and info.is_main:
+            net, ev_info = load_evaluator(evaluator_path, device=device)
+            eval_hash = ev_info["sha256"]
+            test = load_split(tensors, "test")
+            real_stats = gaussian_stats(extract(net, test.images, device=device)[0])
+
+            def eval_fn(g: torch.nn.Module) -> float:
+                imgs, _ = sample(g, cfg["eval_samples"], nz=cfg["nz"], num_classes=cfg["num_classes"],
+                                 seed=params.base.seed + 1, device=device)
+                return fid_only(real_stats, extract(net, imgs, device=device)[0])
+
+        data_hash = _digest(data.meta["splits"]["train"])
+        from ..training.loop import NON_SEMANTIC_KEYS  # noqa: PLC0415
+
+        key = _digest({k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}, data_hash, eval_hash,
+                      info.world_size)
+        workdir = work_dir("train", key)
+
+        def log_fn(values: dict[str, float], step: int) -> None:
+            if tracker is not None:
+                tracker.log_metrics(values, step=step)
+
+        trainer = Trainer(cfg, torch.from_numpy(data.images), torch.from_numpy(data.labels), device=device,
+                          workdir=workdir, info=info, log_fn=log_fn, eval_fn=eval_fn, progress=progress)
+        resumed = trainer.try_resume()
+        if not resumed:
+            for stale in ("log.jsonl", "best.pt"):
+                (workdir / stale).unlink(missing_ok=True)
+            shutil.rmtree(workdir / "grids", ignore_errors=True)
+            if cfg["init_from"]:
+                trainer.init_from(Path(cfg["init_from"]), freeze_d_layers=cfg["freeze_d_layers"])
+        result = trainer.run()
+        if not info.is_main:
+            return {}
+        # Publish: every declared output is written beside its final name and renamed last.
+        models_dir.mkdir(parents=True, exist_ok=True)
+        trainer.save_generator(models_dir / "generator.pt")
+        shutil.copyfile(workdir / "best.pt", models_dir / ".best.pt.tmp")
+        os.replace(models_dir / ".best.pt.tmp", models_dir / "best.pt")
+        shutil.copyfile(trainer.ckpt_path, models_dir / ".checkpoint.pt.tmp")
+        os.replace(models_dir / ".checkpoint.pt.tmp", models_dir / "checkpoint.pt")
+        with staged_dir(reports_dir) as tmp:
+            shutil.copyfile(workdir / "log.jsonl", tmp / "log.jsonl")
+            write_curves(workdir / "log.jsonl", tmp)
+            shutil.copytree(workdir / "grids", tmp / "grids")
+            summary = {"steps": result.step, "best_score": result.best_score, "best_step": result.best_step,
+                       "collapsed": result.collapsed, "stopped_early": result.stopped_early, "resumed": resumed,
+                       "history": result.history, "config": cfg, "device": device, "world_size": info.world_size,
+                       "transfer": result.transfer, "evaluator_sha256": eval_hash}
+            write_json(tmp / "summary.json", summary)
+        if tracker is not None:
+            tracker.log_artifact(reports_dir / "summary.json", "train")
+            tracker.log_artifact(reports_dir / "grids", "train/grids")
+            tracker.log_generator(models_dir / "best.pt", "generator")
+            if result.transfer:
+                tracker.set_tags({"transfer.matched": len(result.transfer["matched"]),
+                                  "transfer.new": len(result.transfer["new"])})
+        out = {"final_step": result.step, "collapsed": float(result.collapsed)}
+        if result.best_score is not None:
+            out.update(best_score=result.best_score, best_step=result.best_step)
+        return out
+    finally:
+        dist_utils.shutdown(info)
+
+
+def _launch_torchrun(args: argparse.Namespace, n: int) -> int:
+    """Re-run this stage under torchrun with n processes; they see WORLD_SIZE and train with DDP."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", "pipeline", "train", *sys.argv[sys.argv.index("train") + 1 :]]
+    log.info("train.devices=%d: launching %s", n, " ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common(parser)
+    parser.add_argument("--data", type=Path, default=Path("data/augmented"), help="training images")
+    parser.add_argument("--tensors", type=Path, default=Path("data/tensors"), help="reference split")
+    parser.add_argument("--evaluator", type=Path, default=Path("models/evaluator.pt"),
+                        help="offline evaluator for in-loop scores")
+    parser.add_argument("--models", type=Path, default=Path("models"), help="output directory")
+    parser.add_argument("--reports", type=Path, default=Path("reports/train"), help="curves and grids")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..params import load_params  # noqa: PLC0415
+
+    if "WORLD_SIZE" not in os.environ:
+        try:
+            devices = load_params(args.params).train.devices
+        except UserError:
+            devices = 1  # run_stage reports the params error
+        if devices != 1:
+            import torch  # noqa: PLC0415
+
+            n = torch.cuda.device_count() if devices == "all" else int(devices)
+            if devices == "all" and n < 1:
+                raise SystemExit("train.devices: 'all' but no CUDA device is visible")
+            if n > 1:
+                return _launch_torchrun(args, n)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        # Other ranks train but do not track; rank 0 owns the MLflow run and the outputs.
+        from .common import setup_logging  # noqa: PLC0415
+
+        setup_logging(args.verbose)
+        run(load_params(args.params), args.data, args.tensors, args.evaluator, args.models, args.reports, progress=False)
+        return 0
+    return run_stage("train", args, lambda params, tracker: run(
+        params, args.data, args.tensors, args.evaluator, args.models, args.reports, tracker=tracker), SECTIONS)
