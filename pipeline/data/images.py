@@ -63,6 +63,7 @@ import contextlib
 import hashlib
 import io
 import math
+import numbers
 import os
 import stat
 import struct
@@ -203,7 +204,7 @@ def decode_image(
       ones (signed TIFF) at 0. 16-bit RGB/RGBA PNGs are reduced by Pillow itself while reading,
       with the same high-byte mapping; they are recorded as "16bit_scaled" too;
     * floating-point samples ("F": TIFF float, PFM) are taken as nominal [0, 1]:
-      ``v8 = round(clip(v, 0, 1) * 255)``, NaN -> 0;
+      ``v8 = round(clip(v, 0, 1) * 255)`` (ties to even, so 0.5 -> 128), NaN -> 0;
     * alpha (LA, RGBA): if every pixel is fully opaque the alpha channel is dropped and nothing
       is recorded; otherwise every pixel becomes ``round((c*a + bg*(255 - a)) / 255)`` per
       channel ("alpha_composited"). For a gray image kept gray, ``bg`` is the luma of
@@ -227,7 +228,8 @@ def decode_image(
             try:
                 repairs, source_mode = _load_frame0(im, min_size=min_size, max_pixels=max_pixels, animated=animated)
                 _exif_transpose_in_place(im, repairs)
-                pixels = _normalise(im.image, channels, background, repairs)
+                bg = (int(background[0]), int(background[1]), int(background[2]))
+                pixels = _normalise(im.image, channels, bg, repairs)
             finally:
                 im.close()
         warn_texts = _format_warnings(recorded)
@@ -251,11 +253,11 @@ def _check_arguments(
     if animated not in ("reject", "first_frame"):
         raise ValueError(f"animated must be 'reject' or 'first_frame', not {animated!r}")
     if (
-        not isinstance(background, tuple)
+        not isinstance(background, (tuple, list))
         or len(background) != 3
-        or not all(isinstance(v, int) and 0 <= v <= 255 for v in background)
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= 255 for v in background)
     ):
-        raise ValueError(f"background must be a tuple of three ints in 0..255, not {background!r}")
+        raise ValueError(f"background must be three ints in 0..255, not {background!r}")
     if min_size < 1:
         raise ValueError(f"min_size must be >= 1, not {min_size}")
     if max_pixels < 1:
@@ -470,7 +472,9 @@ def _exif_transpose_in_place(im: _Opened, repairs: list[str]) -> None:
     except (SyntaxError, ValueError, TypeError, struct.error, OSError, KeyError, IndexError) as exc:
         # Unreadable EXIF must not cost us an otherwise good picture: keep it unrotated and say
         # so in the returned warnings.
-        warnings.warn(f"EXIF could not be read, orientation not applied ({type(exc).__name__}: {exc})", UserWarning)
+        warnings.warn(
+            f"EXIF could not be read, orientation not applied ({type(exc).__name__}: {exc})", UserWarning, stacklevel=2
+        )
         return
     if orientation in (2, 3, 4, 5, 6, 7, 8):
         transposed = ImageOps.exif_transpose(im.image)
@@ -644,7 +648,10 @@ def perceptual_hash(pixels: np.ndarray, *, hash_size: int = 8) -> int:
 
 def hamming(a: int, b: int) -> int:
     """Number of differing bits between two non-negative hashes."""
-    return (int(a) ^ int(b)).bit_count()
+    a, b = int(a), int(b)
+    if a < 0 or b < 0:
+        raise ValueError("hashes must be non-negative integers")
+    return (a ^ b).bit_count()
 
 
 def near_duplicate_groups(hashes: Sequence[int], *, max_distance: int) -> list[int]:
