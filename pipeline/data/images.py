@@ -406,7 +406,9 @@ def _recognised_format(prefix: bytes) -> str | None:
     No plugin's parser (let alone Ghostscript) sees the file.
     """
     Image.init()
-    for fmt in Image.ID:
+    # Allowed formats first: a broken PNG must read as "looks like PNG", even if some other
+    # plugin's looser signature check would also accept its first bytes.
+    for fmt in sorted(Image.ID, key=lambda f: f not in ALLOWED_FORMATS):
         accept = Image.OPEN[fmt][1]
         if accept is None:
             # Plugins with no signature check (TGA, SPIDER, ...) would claim any bytes at all.
