@@ -69,7 +69,10 @@ def metric_set(real_feats: torch.Tensor, real_probs: torch.Tensor | None, fake_f
         is_mean, is_std = M.inception_score(fake_probs, splits=10)
         out.update(IS=is_mean, IS_std=is_std)
         if real_probs is not None:
-            out["IS_real"] = M.inception_score(real_probs, splits=10)[0]
+            # IS splits assume i.i.d. order; real splits are stored class-sorted for some sources,
+            # and a split holding one class scores ~1. Shuffle (seeded) first.
+            order = torch.randperm(len(real_probs), generator=torch.Generator().manual_seed(seed))
+            out["IS_real"] = M.inception_score(real_probs[order], splits=10)[0]
     return out
 
 
