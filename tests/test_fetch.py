@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from PIL import Image
 
+from pipeline.data.archive import safe_extract
 from pipeline.data.fetch import FileSpec, fetch, is_loopback_url
 from pipeline.errors import ChecksumError, DownloadError
 from pipeline.io import sha256_bytes
@@ -307,6 +308,21 @@ def test_progress_bar_goes_to_stderr_only_when_asked(
     assert IDX_NAME in out.err and out.out == ""
     _fetch([server.url("files")], tmp_path / "b" / IDX_NAME, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_fetched_archives_extract_to_real_files(server: Server, tmp_path: Path) -> None:
+    tgz, zp = server.files["cifar-10-binary.tar.gz"], server.files["jpegs.zip"]
+    got_tgz = _fetch([server.url("files", "cifar-10-binary.tar.gz")], tmp_path / "c.tar.gz", sha256=sha256_bytes(tgz))
+    got_zip = _fetch([server.url("files", "jpegs.zip")], tmp_path / "j.zip", sha256=sha256_bytes(zp))
+    cifar = safe_extract(got_tgz, tmp_path / "cifar")
+    assert [p.name for p in cifar] == ["batches.meta.txt", "data_batch_1.bin", "test_batch.bin"]
+    assert (tmp_path / "cifar/cifar-10-batches-bin/data_batch_1.bin").stat().st_size == 20 * 3073
+    jpegs = safe_extract(got_zip, tmp_path / "jpegs")
+    assert len(jpegs) == 3
+    for p in jpegs:
+        with Image.open(p) as im:
+            im.load()
+            assert im.format == "JPEG" and im.size == (32, 32)
 
 
 # --------------------------------------------------------------------------------------------
