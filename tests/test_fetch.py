@@ -110,6 +110,7 @@ class Server:
 
 
 SLOW_SLEEP_S = 3.0
+CAP = 20_000  # bytes per answer of the "capped" path
 
 
 def _make_handler(srv: Server) -> type[BaseHTTPRequestHandler]:
@@ -137,6 +138,8 @@ def _make_handler(srv: Server) -> type[BaseHTTPRequestHandler]:
             elif kind == "slow":
                 srv.stop.wait(SLOW_SLEEP_S)  # stalls past the client's timeout; teardown wakes it
                 self._plain(200, body)
+            elif kind == "capped":  # answers a Range with at most CAP bytes, like some CDNs
+                self._ranged(body, rng, cap=CAP)
             elif kind == "norange":
                 self._plain(200, body)
             elif kind == "redirect":
@@ -171,7 +174,7 @@ def _make_handler(srv: Server) -> type[BaseHTTPRequestHandler]:
             self.wfile.flush()
             self.close_connection = True
 
-        def _ranged(self, body: bytes, rng: str | None) -> None:
+        def _ranged(self, body: bytes, rng: str | None, cap: int | None = None) -> None:
             if rng is None:
                 self._plain(200, body)
                 return
@@ -182,11 +185,12 @@ def _make_handler(srv: Server) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            end = len(body) if cap is None else min(len(body), start + cap)
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-            self.send_header("Content-Length", str(len(body) - start))
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(body)}")
+            self.send_header("Content-Length", str(end - start))
             self.end_headers()
-            self.wfile.write(body[start:])
+            self.wfile.write(body[start:end])
 
     return Handler
 
@@ -417,6 +421,24 @@ def test_complete_part_from_an_interrupted_run_is_used_without_network(server: S
     _part(dest).write_bytes(IDX)
     _fetch([server.url("files")], dest)
     assert dest.read_bytes() == IDX and server.requests == []
+
+
+def test_part_longer_than_the_file_is_dropped_on_416(server: Server, tmp_path: Path) -> None:
+    dest = tmp_path / IDX_NAME
+    _part(dest).write_bytes(b"\x00" * (len(IDX) + 10))
+    _fetch([server.url("files")], dest, retries_per_mirror=0)  # recovers within a single try
+    assert dest.read_bytes() == IDX
+    assert server.hits("files") == [f"bytes={len(IDX) + 10}-", None]
+
+
+def test_range_answers_shorter_than_asked_are_continued(server: Server, tmp_path: Path) -> None:
+    dest = tmp_path / IDX_NAME
+    _part(dest).write_bytes(IDX[:1000])
+    _fetch([server.url("capped")], dest, retries_per_mirror=0)  # all within one try
+    assert dest.read_bytes() == IDX
+    starts = list(range(1000, len(IDX), CAP))
+    assert len(starts) >= 3
+    assert server.hits("capped") == [f"bytes={s}-" for s in starts]
 
 
 def test_server_ignoring_range_restarts_from_zero(server: Server, tmp_path: Path) -> None:

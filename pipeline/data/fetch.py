@@ -363,7 +363,7 @@ def _download_http(
     (a capped 206); each pass must make progress or it is a network error.
     """
     opener = _opener(url, allow_http)
-    resumed_from: int | None = None  # offset of the first request (None until one succeeded)
+    resumed_from: int | None = None  # where the bytes now in the .part began to be appended
     while True:
         offset = part.stat().st_size if part.exists() else 0
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
@@ -375,9 +375,10 @@ def _download_http(
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code == 416 and offset:
-                # The .part is not a prefix the server recognises (too long, stale): start over.
+                # The .part is no prefix the server can continue (longer than the file): start
+                # over from byte 0 within this try; without a Range header 416 cannot recur.
                 part.unlink()
-                raise _MirrorFailed(f"HTTP 416 for a resume from byte {offset}; partial file discarded") from None
+                continue
             raise _MirrorFailed(f"HTTP {exc.code} {exc.reason}") from None
         except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets, TLS errors
             raise _MirrorFailed(_describe(exc)) from None
@@ -390,18 +391,20 @@ def _download_http(
             if status == 206 and offset:
                 start, end, total = _parse_content_range(resp.headers.get("Content-Range"))
                 if start != offset:
+                    # Not the range asked for: drop the .part and ask for the whole file instead.
                     part.unlink()
-                    raise _MirrorFailed(f"asked to resume at byte {offset}, server sent a range from byte {start}")
+                    continue
                 expected_len: int | None = end - start + 1
                 mode = "ab"
             elif 200 <= status < 300 and status != 206:
                 # A full body: the server ignored Range (or none was sent). Start from byte 0.
-                offset, mode, total = 0, "wb", None
-                expected_len = _content_length(resp)
-                total = expected_len
+                offset, mode = 0, "wb"
+                expected_len = total = _content_length(resp)
+            elif status == 206:
+                raise _MirrorFailed("HTTP 206 (a partial body) to a request without Range")
             else:
-                raise _MirrorFailed(f"unexpected HTTP {status} (a range answer to a request without Range)")
-            if resumed_from is None:
+                raise _MirrorFailed(f"unexpected HTTP {status} {resp.reason}")
+            if mode == "wb" or resumed_from is None:
                 resumed_from = offset
             received = _stream(resp, part, mode, total, offset, progress, desc, chunk_bytes)
 
