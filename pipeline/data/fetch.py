@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import hashlib
 import os
 import re
 import sys
@@ -45,6 +46,7 @@ USER_AGENT = "pipeline-fetch/0.1 (reproducible GAN/VAE pipeline; python-urllib)"
 _BACKOFF_FIRST_S = 0.2
 _BACKOFF_MAX_S = 2.0
 
+_MD5_RE = re.compile(r"[0-9a-f]{32}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 
@@ -100,7 +102,8 @@ def fetch(
     mirrors: Sequence[str],
     dest: Path,
     *,
-    sha256: str,
+    sha256: str | None = None,
+    md5: str | None = None,
     timeout_s: float = 30.0,
     allow_http: bool = False,
     retries_per_mirror: int = 2,
@@ -115,6 +118,8 @@ def fetch(
     dest: final path of the file. If it already holds the right bytes, nothing is fetched. If it
         holds other bytes it is kept until a verified replacement is renamed over it.
     sha256: pinned hex digest of the file (64 hex digits, any case).
+    md5: instead of sha256, an md5 pin (32 hex digits) -- only for files whose only published pin
+        is an md5 (torchvision's dataset definitions); prefer sha256 everywhere else.
     timeout_s: seconds allowed for each socket operation (connect, each read), so a stalled
         server fails in bounded time; not a limit on the whole download.
     allow_http: accept plain-http mirrors on non-loopback hosts (``data.allow_http``). The sha256
@@ -131,9 +136,15 @@ def fetch(
         # A single URL would be iterated character by character.
         raise TypeError("mirrors must be a sequence of URLs or paths, not a single string")
     dest = Path(dest)
-    expected = sha256.strip().lower() if isinstance(sha256, str) else ""
-    if not _SHA256_RE.fullmatch(expected):
-        raise DownloadError(f"{dest.name}: sha256 {sha256!r} is not 64 hex digits; pin the file's real sha256")
+    if (sha256 is None) == (md5 is None):
+        raise DownloadError(f"{dest.name}: pin exactly one checksum (sha256, or md5 where only that is published)")
+    algo = "sha256" if sha256 is not None else "md5"
+    pin = sha256 if sha256 is not None else md5
+    expected = pin.strip().lower() if isinstance(pin, str) else ""
+    if not (_SHA256_RE if algo == "sha256" else _MD5_RE).fullmatch(expected):
+        raise DownloadError(f"{dest.name}: {algo} {pin!r} is not {64 if algo == 'sha256' else 32} hex digits; "
+                            f"pin the file's real {algo}")
+    digest = _hasher(algo)
     if timeout_s <= 0:
         raise DownloadError(f"timeout_s must be > 0 seconds, got {timeout_s}")
     if retries_per_mirror < 0:
@@ -151,11 +162,11 @@ def fetch(
 
     if dest.is_dir():
         raise DownloadError(f"{dest} is a folder; fetch() needs the path of the file to create")
-    if dest.is_file() and sha256_file(dest) == expected:
+    if dest.is_file() and digest(dest) == expected:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    if part.is_file() and sha256_file(part) == expected:
+    if part.is_file() and digest(part) == expected:
         # A previous run finished the body but died before the rename.
         os.replace(part, dest)
         return dest
@@ -167,7 +178,7 @@ def fetch(
             if attempt:
                 time.sleep(min(_BACKOFF_FIRST_S * 2 ** (attempt - 1), _BACKOFF_MAX_S))
             try:
-                _fetch_verified(src, part, expected, timeout_s=timeout_s, allow_http=allow_http,
+                _fetch_verified(src, part, expected, digest=digest, algo=algo, timeout_s=timeout_s, allow_http=allow_http,
                                 progress=progress, chunk_bytes=chunk_bytes, desc=dest.name)
             except _MirrorFailed as exc:
                 tries.append(f"try {attempt + 1}: {exc}")
@@ -259,7 +270,22 @@ def _parse_mirror(mirror: str | os.PathLike, dest_name: str, allow_http: bool) -
 # --------------------------------------------------------------------------------------------
 
 
-def _fetch_verified(src: _Source, part: Path, expected: str, *, desc: str, **kw) -> None:
+def _hasher(algo: str):  # noqa: ANN202
+    if algo == "sha256":
+        return sha256_file
+
+    def md5_file(path: Path) -> str:
+        h = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+
+    return md5_file
+
+
+def _fetch_verified(src: _Source, part: Path, expected: str, *, desc: str, digest=sha256_file,  # noqa: ANN001
+                    algo: str = "sha256", **kw) -> None:
     """Bring ``part`` to the verified file from ``src``, or raise.
 
     A mismatch on bytes this mirror served from byte 0 is fatal. A mismatch on a *resumed* file
@@ -267,21 +293,21 @@ def _fetch_verified(src: _Source, part: Path, expected: str, *, desc: str, **kw)
     so the ``.part`` is discarded and the file fetched once more from byte 0 before judging.
     """
     resumed_from = _transfer(src, part, desc=desc, **kw)
-    actual = sha256_file(part)
+    actual = digest(part)
     if actual == expected:
         return
     part.unlink()
     if resumed_from:
         _transfer(src, part, desc=desc, **kw)
-        actual = sha256_file(part)
+        actual = digest(part)
         if actual == expected:
             return
         part.unlink()
     raise ChecksumError(
-        f"{desc}: the bytes from mirror {src.label} have sha256 {actual}, expected {expected}. "
+        f"{desc}: the bytes from mirror {src.label} have {algo} {actual}, expected {expected}. "
         "The download was deleted and no other mirror was tried: a mismatch means the mirror serves "
         "other content (or the pinned hash is wrong), which another mirror cannot fix. Check the pin; "
-        "if the file changed upstream on purpose, update the pinned sha256."
+        "if the file changed upstream on purpose, update the pinned checksum."
     )
 
 

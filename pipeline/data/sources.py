@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DataError, UserError
+from ..errors import DataError, DownloadError, UserError
 from ..io import sha256_file
 from .raw import RawWriter
 
@@ -193,9 +194,7 @@ def _to_uint8_nhwc(a: np.ndarray, origin: str) -> np.ndarray:
 @register("npz")
 def npz_file(p: Data, w: RawWriter, cache: Path) -> tuple[list[str], dict[str, Any]]:
     """An .npz with ``images`` (+ ``labels``) or ``x_train``/``y_train``/``x_test``/``y_test``; or a bare .npy."""
-    path = Path(p.path).expanduser()  # type: ignore[arg-type]
-    if not path.is_file():
-        raise DataError(f"data.path: {path} is not a file")
+    path = _local_or_fetched(p, cache)
     try:
         data = np.load(path, allow_pickle=False)  # never unpickle a user's file
     except ValueError as exc:
@@ -231,7 +230,7 @@ def npz_file(p: Data, w: RawWriter, cache: Path) -> tuple[list[str], dict[str, A
 _SPLIT_DIRS = {"train": "train", "test": "test", "val": "test", "valid": "test", "validation": "test"}
 
 
-def add_folder(root: Path, p: Data, w: RawWriter, skipped: list[dict[str, str]]) -> list[str]:
+def add_folder(root: Path, p: Data, w: RawWriter, skipped: list[dict[str, str]], *, move: bool = False) -> list[str]:
     """Add every regular file under ``root``.
 
     Layouts: ``root/<class>/*`` (labels from the sub-folder names, sorted), a flat ``root/*``
@@ -269,7 +268,7 @@ def add_folder(root: Path, p: Data, w: RawWriter, skipped: list[dict[str, str]])
                 if p.limit is not None and per_split_count.get(split, 0) >= p.limit:
                     continue
                 per_split_count[split] = per_split_count.get(split, 0) + 1
-                w.add_file(full, rel, label, split, origin=rel)
+                w.add_file(full, rel, label, split, origin=rel, move=move)
     return class_names
 
 
@@ -282,3 +281,185 @@ def folder(p: Data, w: RawWriter, cache: Path) -> tuple[list[str], dict[str, Any
     skipped: list[dict[str, str]] = []
     names = add_folder(root, p, w, skipped)
     return names, {"directory": str(root.resolve()), "skipped": skipped}
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloads: standard datasets (torchvision's definitions: mirrors and pinned checksums) and
+# user archives/arrays by URL. data.mirrors (a team's internal mirror URL or a local directory)
+# are tried first, then the official mirrors.
+# ---------------------------------------------------------------------------------------------
+
+
+def _mirrors(p: Data, official: list[str], filename: str) -> list[str]:
+    """data.mirrors first (each a base URL or a directory holding ``filename``), then the official ones."""
+    out = []
+    for m in [*p.mirrors, *official]:
+        if "://" in m and not m.startswith("file://"):
+            out.append(m.rstrip("/") + "/" + filename)
+        else:
+            out.append(m)  # a local directory (or file://) mirror: fetch looks for filename inside
+    return out
+
+
+def _download(p: Data, cache: Path, filename: str, official: list[str], *, md5: str | None = None,
+              sha256: str | None = None) -> Path:
+    from .fetch import fetch  # noqa: PLC0415
+
+    return fetch(_mirrors(p, official, filename), cache / filename, md5=md5, sha256=sha256, timeout_s=p.timeout_s,
+                 allow_http=p.allow_http)
+
+
+def _torchvision_idx(p: Data, w: RawWriter, cache: Path, cls_name: str) -> tuple[list[str], dict[str, Any]]:
+    try:
+        import torchvision.datasets as tvd  # noqa: PLC0415
+    except ImportError:
+        raise UserError(f"data.source {p.source!r} reads torchvision's dataset definition: pip install torchvision") from None
+    cls = getattr(tvd, cls_name)
+    folder = cache / cls_name
+    for filename, md5 in cls.resources:
+        _download(p, folder, filename, list(cls.mirrors), md5=md5)
+    prov = add_idx_dir(folder, p, w)
+    prov.update(definition=f"torchvision.datasets.{cls_name}", mirrors=list(cls.mirrors),
+                md5={f: m for f, m in cls.resources})
+    return list(cls.classes), prov
+
+
+@register("mnist")
+def mnist(p: Data, w: RawWriter, cache: Path) -> tuple[list[str], dict[str, Any]]:
+    """MNIST (70k 28x28 digits) from torchvision's mirrors, md5-verified."""
+    names, prov = _torchvision_idx(p, w, cache, "MNIST")
+    return [n.split(" - ")[0] for n in names], prov
+
+
+@register("fashion-mnist")
+def fashion_mnist(p: Data, w: RawWriter, cache: Path) -> tuple[list[str], dict[str, Any]]:
+    """Fashion-MNIST (70k 28x28 garments) from torchvision's mirror, md5-verified.
+
+    Its official mirror is plain http: set data.allow_http, or add an https/local mirror to
+    data.mirrors, or use ``source: idx`` with Debian's /usr/share/datasets/fashion-mnist (whose
+    re-compressed .gz files have other md5s than the originals).
+    """
+    return _torchvision_idx(p, w, cache, "FashionMNIST")
+
+
+# CIFAR-10's python batches are pickles, which this pipeline never loads from a download. The
+# binary version of the same data (one label byte + 3072 RGB bytes per record) is used instead.
+CIFAR10_BINARY = ("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530", ["https://www.cs.toronto.edu/~kriz/"])
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def read_cifar_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.frombuffer(path.read_bytes(), np.uint8)
+    if raw.size % 3073:
+        raise DataError(f"{path}: {raw.size} bytes is not a whole number of CIFAR records (3073 bytes each)")
+    rec = raw.reshape(-1, 3073)
+    return np.ascontiguousarray(rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), rec[:, 0].astype(np.int64)
+
+
+@register("cifar10")
+def cifar10(p: Data, w: RawWriter, cache: Path) -> tuple[list[str], dict[str, Any]]:
+    """CIFAR-10 (60k 32x32 RGB), binary version, md5-verified, extracted with the archive checks."""
+    from .archive import safe_extract  # noqa: PLC0415
+
+    filename, md5, official = CIFAR10_BINARY
+    archive = _download(p, cache, filename, official, md5=md5)
+    out = cache / "cifar-10-extracted"
+    files = safe_extract(archive, out, max_members=64, max_total_bytes=1 << 30)
+    by_name = {f.name: f for f in files}
+    for split, names in (("train", [f"data_batch_{i}.bin" for i in range(1, 6)]), ("test", ["test_batch.bin"])):
+        parts = []
+        for n in names:
+            if n not in by_name:
+                raise DataError(f"{archive}: member {n} missing; the archive is not CIFAR-10's binary version")
+            parts.append(read_cifar_binary(by_name[n]))
+        images = np.concatenate([a for a, _ in parts])
+        labels = np.concatenate([b for _, b in parts])
+        images, labels = _limit(images, labels, p.limit)
+        w.add_array(split, images, labels, origin=f"{filename}:{split}")
+    return CIFAR10_CLASSES, {"file": filename, "md5": md5, "mirrors": official}
+
+
+@register("svhn")
+def svhn(p: Data, w: RawWriter, cache: Path) -> tuple[list[str], dict[str, Any]]:
+    """SVHN cropped digits (32x32 RGB; train 73k, test 26k) as torchvision defines them (.mat, md5)."""
+    try:
+        import torchvision.datasets as tvd  # noqa: PLC0415
+        from scipy.io import loadmat  # noqa: PLC0415
+    except ImportError:
+        raise UserError("data.source 'svhn' needs torchvision and scipy") from None
+    prov = {}
+    for split in ("train", "test"):
+        url, filename, md5 = tvd.SVHN.split_list[split]
+        base = url.rsplit("/", 1)[0]
+        path = _download(p, cache / "svhn", filename, [base], md5=md5)
+        mat = loadmat(path)  # MATLAB v5 arrays: no code, no pickle
+        images = np.ascontiguousarray(mat["X"].transpose(3, 0, 1, 2))  # [H, W, C, N] -> [N, H, W, C]
+        labels = mat["y"].astype(np.int64).reshape(-1) % 10  # SVHN stores digit 0 as 10
+        images, labels = _limit(images, labels, p.limit)
+        w.add_array(split, images, labels, origin=filename)
+        prov[filename] = md5
+    return [str(i) for i in range(10)], {"definition": "torchvision.datasets.SVHN", "md5": prov}
+
+
+@register("celeba")
+def celeba(p: Data, w: RawWriter, cache: Path) -> tuple[list[str], dict[str, Any]]:
+    """CelebA aligned faces (202,599 JPEGs of 178x218), unlabeled, with its official train/test partition.
+
+    The official files live on Google Drive, which serves them through an interactive page; put
+    img_align_celeba.zip and list_eval_partition.txt on a team mirror (URL or directory) and list
+    it in data.mirrors. Both are md5-verified against torchvision's definition.
+    """
+    import torchvision.datasets as tvd  # noqa: PLC0415
+
+    from .archive import safe_extract  # noqa: PLC0415
+
+    md5s = {name: md5 for _, md5, name in tvd.CelebA.file_list}
+    if not p.mirrors:
+        raise DownloadError("data.source 'celeba': its files are on Google Drive, which cannot be fetched "
+                            "unattended; copy img_align_celeba.zip and list_eval_partition.txt to a folder or "
+                            "web server and list it in data.mirrors")
+    archive = _download(p, cache / "celeba", "img_align_celeba.zip", [], md5=md5s["img_align_celeba.zip"])
+    part_file = _download(p, cache / "celeba", "list_eval_partition.txt", [], md5=md5s["list_eval_partition.txt"])
+    partition = dict(line.split() for line in part_file.read_text().splitlines() if line.strip())
+    files = safe_extract(archive, cache / "celeba" / "extracted", max_members=300_000, max_total_bytes=4 << 30)
+    for n, f in enumerate(sorted(files)):
+        if p.limit is not None and n >= 2 * p.limit:
+            break
+        split = {"0": "train", "1": "train", "2": "test"}.get(partition.get(f.name, "0"), "train")
+        w.add_file(f, f"celeba/{f.name}", -1, split, origin=f.name)
+    return [], {"definition": "torchvision.datasets.CelebA", "md5": md5s}
+
+
+def _local_or_fetched(p: Data, cache: Path) -> Path:
+    """data.path as a local file, or an URL fetched into the cache (data.sha256 required)."""
+    assert p.path is not None
+    if "://" in p.path and not p.path.startswith("file://"):
+        if not p.sha256:
+            raise UserError(f"data.sha256: data.path {p.path!r} is a URL, so its sha256 must be pinned in data.sha256")
+        name = p.path.rstrip("/").rsplit("/", 1)[-1] or "download"
+        from .fetch import fetch  # noqa: PLC0415
+
+        return fetch([*[m.rstrip('/') + '/' + name if '://' in m else m for m in p.mirrors], p.path], cache / name,
+                     sha256=p.sha256, timeout_s=p.timeout_s, allow_http=p.allow_http)
+    path = Path(p.path.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.path: {path} is not a file")
+    return path
+
+
+@register("archive")
+def archive(p: Data, w: RawWriter, cache: Path) -> tuple[list[str], dict[str, Any]]:
+    """A .zip or .tar(.gz/.bz2/.xz) of images, local or by URL: checked whole, then read as a folder."""
+    from .archive import safe_extract  # noqa: PLC0415
+
+    path = _local_or_fetched(p, cache)
+    out = cache / f"extracted-{sha256_file(path)[:16]}"
+    safe_extract(path, out)
+    skipped: list[dict[str, str]] = []
+    # An archive holding a single top folder is read as that folder.
+    entries = [e for e in out.iterdir() if not e.name.startswith(".")]
+    root = entries[0] if len(entries) == 1 and entries[0].is_dir() else out
+    names = add_folder(root, p, w, skipped, move=True)  # the extraction is scratch: move, don't copy
+    digest = sha256_file(path)
+    shutil.rmtree(out, ignore_errors=True)
+    return names, {"archive": p.path, "sha256": digest, "skipped": skipped}

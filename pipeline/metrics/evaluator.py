@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError
 from ..io import atomic_write, sha256_file
-from ..models import safe_load
+from ..safeload import safe_load
 
 log = logging.getLogger(__name__)
 

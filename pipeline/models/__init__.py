@@ -10,7 +10,6 @@ Generator files (``models/generator.pt``) hold only tensors and plain data, so t
 from __future__ import annotations
 
 import io as _io
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch import nn
 
 from ..errors import CheckpointError, UserError
 from ..io import atomic_write
+from ..safeload import safe_load
 from .dcgan import DCGANDiscriminator, DCGANGenerator
 from .resnet import ResNetDiscriminator, ResNetGenerator
 from .vae import VAE
@@ -78,22 +78,6 @@ def save_generator(path: str | Path, generator: nn.Module, *, arch: str, kwargs:
     torch.save(payload, buf)
     with atomic_write(path) as fh:
         fh.write(buf.getvalue())
-
-
-def safe_load(path: str | Path, *, map_location: str | torch.device = "cpu") -> Any:
-    """torch.load with weights_only=True; a file that needs code to unpickle is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused: it needs arbitrary code to load ({str(exc).splitlines()[0][:200]}). "
-            "Only files holding tensors and plain data are loaded; use a checkpoint written by this pipeline."
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: corrupt or not a torch file ({str(exc)[:200]})") from None
 
 
 def load_generator(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -22,7 +22,8 @@ def _vae_metrics(checkpoint: Path, test_images: Any, *, device: str, batch_size:
 
     import torch  # noqa: PLC0415
 
-    from ..models import build_vae, safe_load  # noqa: PLC0415
+    from ..models import build_vae  # noqa: PLC0415
+    from ..safeload import safe_load  # noqa: PLC0415
     from ..models.vae import vae_terms  # noqa: PLC0415
 
     ckpt = safe_load(checkpoint)

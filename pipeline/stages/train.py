@@ -40,7 +40,9 @@ def _digest(*parts: Any) -> str:
 def write_curves(log_path: Path, out_dir: Path) -> None:
     """log.jsonl -> losses.csv (every logged step) and scores.csv (in-loop evaluator scores) for DVC plots."""
     rows = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()] if log_path.exists() else []
-    losses = [r for r in rows if "score" not in r]
+    # The VAE's objective is its "generator objective": one column name for every model, so
+    # `dvc plots diff` can compare a VAE run with a GAN run.
+    losses = [dict(r, loss_g=r["loss"]) if "loss" in r and "loss_g" not in r else r for r in rows if "score" not in r]
     scores = [{"step": r["step"], "score": r["score"]} for r in rows if "score" in r]
     for name, data in (("losses.csv", losses), ("scores.csv", scores)):
         cols = sorted({k for r in data for k in r} - {"step"})

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..io import atomic_write
-from ..models import safe_load
+from ..safeload import safe_load
 
 CHECKPOINT_FORMAT = "pipeline.checkpoint/1"
 

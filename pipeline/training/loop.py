@@ -232,7 +232,7 @@ class Trainer:
 
     def init_from(self, path: Path, *, freeze_d_layers: int = 0) -> dict[str, Any]:
         """Transfer: copy every tensor whose name and shape match from another run's file."""
-        from ..models import safe_load  # noqa: PLC0415
+        from ..safeload import safe_load  # noqa: PLC0415
 
         payload = safe_load(path)
         sources: dict[str, dict[str, torch.Tensor]] = {}
