@@ -228,8 +228,9 @@ class _MlflowWriter:
             out = generator(z).numpy()
         signature = infer_signature(z.numpy().astype(np.float32), out)
         mlflow = self.mlflow
-        # log_model needs an active run in the fluent API; attach to ours without changing it.
-        with mlflow.start_run(run_id=self.run_id, nested=True) as _:
+        # log_model works through the fluent API: point it at our store and attach it to our run.
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=self.run_id, nested=True):
             mlflow.pytorch.log_model(generator, name=event.get("artifact_path", "generator"),
                                      signature=signature, input_example=z.numpy()[:1])
 

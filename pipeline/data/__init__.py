@@ -1,0 +1,1 @@
+"""Data: sources, safe download and extraction, image decoding and cleaning, resizing, augmentation."""

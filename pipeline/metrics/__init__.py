@@ -1,0 +1,1 @@
+"""Generative metrics: the offline evaluator, metric math, and their composition."""

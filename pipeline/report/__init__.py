@@ -1,0 +1,1 @@
+"""Report: figures and the self-contained HTML page."""

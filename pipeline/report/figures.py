@@ -93,6 +93,8 @@ def plot_curves(losses_csv: Path, scores_csv: Path, path: Path) -> bool:
             ax.plot(data["step"], data[k], label=k, marker="o" if title.startswith("evaluator") else None)
         ax.set_title(title)
         ax.set_xlabel("step")
+        if title.startswith("evaluator") and min(data["score"]) > 0:
+            ax.set_yscale("log")  # scores fall by orders of magnitude early on
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

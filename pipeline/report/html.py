@@ -21,7 +21,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .row { display: flex; gap: 24px; flex-wrap: wrap; align-items: flex-start; }
 figure { margin: 0; background: white; border: 1px solid #dde2ea; padding: 8px; }
 figcaption { font-size: 13px; color: #5b6475; margin-top: 6px; max-width: 520px; }
-img.px { image-rendering: pixelated; }
+img { max-width: 100%; height: auto; } img.px { image-rendering: pixelated; }
 .note { background: #fff7e0; border: 1px solid #f0d890; padding: 8px 12px; font-size: 14px; }
 code { background: #eef1f6; padding: 1px 4px; }
 """

@@ -85,7 +85,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
             F.save_png(F.pairs_figure(fake, real), tmp / "nearest.png", nrow=min(8, len(closest)), scale=3)
         if info["model"] == "vae":
             from ..models import build_vae  # noqa: PLC0415
-    from ..safeload import safe_load  # noqa: PLC0415
+            from ..safeload import safe_load  # noqa: PLC0415
 
             ckpt = safe_load(models_dir / "checkpoint.pt")
             cfg = json.loads(ckpt["config"])
