@@ -102,8 +102,9 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_imports() -> None:
-    """PIPELINE_IMPORT_AUDIT=FILE: on exit, write the pipeline modules this process imported.
+def _audit_imports(command: str | None) -> None:
+    """PIPELINE_IMPORT_AUDIT=DIR: on exit, write DIR/<command>.txt listing the pipeline modules
+    this process imported (a file path instead of a directory is written as is).
 
     The test suite uses it to check that every stage in dvc.yaml declares each module it imports.
     """
@@ -113,6 +114,8 @@ def _audit_imports() -> None:
     path = os.environ.get("PIPELINE_IMPORT_AUDIT")
     if not path:
         return
+    if Path(path).is_dir():
+        path = str(Path(path) / f"{command}.txt")
 
     def write() -> None:
         files = sorted({m.__file__ for name, m in list(sys.modules.items())
@@ -159,8 +162,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _audit_imports()
     command = next((a for a in argv if not a.startswith("-")), None)
+    _audit_imports(command)
     args = build_parser(command).parse_args(argv)
     return int(args.func(args) or 0)
 

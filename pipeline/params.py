@@ -125,7 +125,7 @@ DiffAug = Literal["translation", "cutout", "color"]
 class Train:
     model: Model = spec("dcgan", "recipe: dcgan, sngan (ResNet + spectral norm + hinge), wgan_gp, vae")
     conditional: bool = spec(False, "class-conditional G (conditional BN) and projection D; needs labels")
-    steps: int = spec(1500, "generator optimizer steps", ge=1)
+    steps: int = spec(3000, "generator optimizer steps", ge=1)
     batch_size: int = spec(64, "images per step (per process under DDP)", ge=2)
     nz: int = spec(64, "latent dimension", ge=1)
     ngf: int = spec(32, "generator width (channels of its last hidden layer)", ge=4)
