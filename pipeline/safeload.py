@@ -9,6 +9,7 @@ refused before anything in it executes.
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,11 @@ def safe_load(path: str | Path, *, map_location: str | torch.device = "cpu") -> 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: not found")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive; anything else (a bare pickle, a truncated or foreign
+        # file) is refused without being handed to an unpickler at all.
+        raise CheckpointError(f"{path}: corrupt or not a torch file (torch.save writes zip archives); "
+                              "nothing in it was loaded")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -55,13 +55,16 @@ class DCGANDiscriminator(nn.Module):
         self.num_classes = num_classes
         s0, n = start_size(size), n_up(size)
         widths = [ndf * 2**i for i in range(n)]  # e.g. 64x64: [64, 128, 256, 512]
-        layers: list[nn.Module] = [maybe_sn(nn.Conv2d(channels, widths[0], 4, 2, 1), spectral_norm), nn.LeakyReLU(0.2)]
+        # No biases where DCGAN has none (first layer, normalised layers, head): at 64x64 with
+        # ndf=64 this is the classic discriminator minus its Sigmoid.
+        layers: list[nn.Module] = [maybe_sn(nn.Conv2d(channels, widths[0], 4, 2, 1, bias=False), spectral_norm),
+                                   nn.LeakyReLU(0.2)]
         for i in range(1, n):
             layers += [maybe_sn(nn.Conv2d(widths[i - 1], widths[i], 4, 2, 1, bias=norm == "none"), spectral_norm),
                        norm2d(norm, widths[i]), nn.LeakyReLU(0.2)]
         self.trunk = nn.Sequential(*layers)
         self.mbstd = MinibatchStd() if mbstd else None
-        self.head = maybe_sn(nn.Conv2d(widths[-1] + int(mbstd), 1, s0, 1, 0), spectral_norm)
+        self.head = maybe_sn(nn.Conv2d(widths[-1] + int(mbstd), 1, s0, 1, 0, bias=False), spectral_norm)
         if num_classes:
             self.embed = maybe_sn(nn.Embedding(num_classes, widths[-1]), spectral_norm)
 

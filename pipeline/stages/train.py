@@ -162,7 +162,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..params import load_params  # noqa: PLC0415
+    from .common import setup_logging  # noqa: PLC0415
 
+    setup_logging(args.verbose)
     if "WORLD_SIZE" not in os.environ:
         try:
             devices = load_params(args.params).train.devices
@@ -179,9 +181,6 @@ def main(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         # Other ranks train but do not track; rank 0 owns the MLflow run and the outputs.
-        from .common import setup_logging  # noqa: PLC0415
-
-        setup_logging(args.verbose)
         run(load_params(args.params), args.data, args.tensors, args.evaluator, args.models, args.reports, progress=False)
         return 0
     return run_stage("train", args, lambda params, tracker: run(

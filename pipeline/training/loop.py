@@ -141,6 +141,9 @@ class Trainer:
             init_weights(self.d, cfg["init"])
             modules = [self.g, self.d]
         if self.info.enabled and cfg["sync_bn"]:
+            if not self.cuda:
+                raise UserError("train.sync_bn: synchronised BatchNorm needs CUDA devices (PyTorch's SyncBatchNorm "
+                                "has no CPU kernel); set it to false for CPU processes")
             modules = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in modules]
             if self.is_vae:
                 self.vae = modules[0]
@@ -414,18 +417,25 @@ class Trainer:
 
     # -- NaN/Inf guard, logging -------------------------------------------------------------------
 
+    _GUARDED = ("loss_d", "loss_g", "loss", "gp", "r1")
+
     def _guard(self, out: dict[str, torch.Tensor]) -> None:
-        """Record the first step whose losses are not finite (device-side, no sync)."""
-        names = [k for k in ("loss_d", "loss_g", "loss", "gp", "r1") if k in out]
-        vals = torch.stack([out[k].float() for k in names])
+        """Record the first step whose losses are not finite (device-side, no sync).
+
+        The values of the first bad step are kept on the device; on CPU they are checked at once
+        (free), on CUDA at the next log, checkpoint or interrupt, before any weights are saved.
+        """
+        zero = torch.zeros((), device=self.device)
+        present = torch.tensor([k in out for k in self._GUARDED], device=self.device)
+        vals = torch.stack([out[k].float() if k in out else zero for k in self._GUARDED])
         bad_now = ~torch.isfinite(vals).all()
         if self._bad is None:
-            self._bad = (torch.full((), -1, device=self.device, dtype=torch.long), torch.zeros_like(vals))
-        first, first_vals = self._bad
+            self._bad = (torch.full((), -1, device=self.device, dtype=torch.long), torch.zeros_like(vals),
+                         torch.zeros_like(present))
+        first, first_vals, first_present = self._bad
         take = bad_now & (first < 0)
         self._bad = (torch.where(take, torch.tensor(self.step, device=self.device), first),
-                     torch.where(take, vals, first_vals))
-        self._guard_names = names
+                     torch.where(take, vals, first_vals), torch.where(take, present, first_present))
         if not self.cuda:
             self._check_guard()  # free on CPU: caught within the step
 
@@ -434,7 +444,8 @@ class Trainer:
             return
         first = int(self._bad[0].item())
         if first >= 0:
-            vals = ", ".join(f"{n} = {v:.4g}" for n, v in zip(self._guard_names, self._bad[1].tolist(), strict=True))
+            vals = ", ".join(f"{n} = {v:.4g}" for n, v, here in zip(self._GUARDED, self._bad[1].tolist(),
+                                                                      self._bad[2].tolist(), strict=True) if here)
             raise TrainingDiverged(
                 f"training diverged at step {first}: {vals}. The last good checkpoint ({self.ckpt_path}) is intact. "
                 "Lower the learning rates, add a gradient penalty or spectral norm, or enable grad_clip.")

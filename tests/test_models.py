@@ -1,0 +1,180 @@
+"""Models, losses and the generator file format."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.errors import CheckpointError, UserError
+from pipeline.losses import get_loss, gradient_penalty, r1_penalty
+from pipeline.models import build_discriminator, build_generator, build_vae, load_generator, recipe, save_generator
+from pipeline.models.layers import MinibatchStd, start_size
+from pipeline.models.vae import vae_terms
+from pipeline.training.ema import EMA
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+@pytest.mark.parametrize(("size", "channels"), [(28, 1), (32, 3), (64, 3)])
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_generator_and_discriminator_shapes(arch: str, size: int, channels: int, num_classes: int) -> None:
+    torch.manual_seed(0)
+    g = build_generator(arch, nz=16, ngf=8, channels=channels, size=size, num_classes=num_classes)
+    d = build_discriminator(arch, ndf=8, channels=channels, size=size, num_classes=num_classes, norm="none",
+                            spectral_norm=True, mbstd=True)
+    z = torch.randn(4, 16)
+    y = torch.tensor([0, 1, 2, 3]) if num_classes else None
+    x = g(z, y)
+    assert x.shape == (4, channels, size, size)
+    assert x.min() >= -1 and x.max() <= 1
+    assert d(x, y).shape == (4,)
+
+
+def test_sizes_that_cannot_be_built_are_refused() -> None:
+    assert start_size(28) == 7 and start_size(64) == 4 and start_size(128) == 4
+    with pytest.raises(ValueError, match="preprocess.size"):
+        start_size(48)
+
+
+def test_dcgan64_is_the_classic_architecture() -> None:
+    """nz=100, ngf=ndf=64 at 64x64 has exactly pytorch/examples' layer shapes (D without Sigmoid)."""
+    nz, ngf, ndf, nc = 100, 64, 64, 3
+    ref_g = nn.Sequential(
+        nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf), nn.ReLU(True),
+        nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh())
+    ref_d = nn.Sequential(
+        nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 2), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 4), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 8), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False))
+    g = build_generator("dcgan", nz=nz, ngf=ngf, channels=nc, size=64)
+    d = build_discriminator("dcgan", ndf=ndf, channels=nc, size=64, norm="batch")
+
+    def shapes(m: nn.Module) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in m.parameters()]
+
+    assert sorted(shapes(g)) == sorted(shapes(ref_g))
+    assert sorted(shapes(d)) == sorted(shapes(ref_d))
+    assert sum(p.numel() for p in g.parameters()) == sum(p.numel() for p in ref_g.parameters()) == 3_576_704
+    assert sum(p.numel() for p in d.parameters()) == sum(p.numel() for p in ref_d.parameters()) == 2_765_568
+
+
+def test_losses_on_known_logits() -> None:
+    zero = torch.zeros(8)
+    ns = get_loss("nonsaturating")
+    assert ns.d(zero, zero, 0.0).item() == pytest.approx(2 * math.log(2))
+    assert ns.g(zero).item() == pytest.approx(math.log(2))
+    # One-sided label smoothing: real target 0.9 -> 0.9*softplus(-r) + 0.1*softplus(r).
+    r = torch.full((4,), 2.0)
+    expected = 0.9 * math.log1p(math.exp(-2)) + 0.1 * math.log1p(math.exp(2)) + math.log(2)
+    assert ns.d(r, torch.zeros(4), 0.1).item() == pytest.approx(expected, rel=1e-6)
+    # Logits, not probabilities: a hugely confident wrong D still has a finite, correct loss.
+    assert ns.g(torch.full((2,), -200.0)).item() == pytest.approx(200.0)
+    hinge = get_loss("hinge")
+    assert hinge.d(torch.full((2,), 2.0), torch.full((2,), -2.0), 0.0).item() == 0.0
+    assert hinge.d(zero, zero, 0.0).item() == pytest.approx(2.0)
+    w = get_loss("wasserstein")
+    assert w.d(torch.ones(3), -torch.ones(3), 0.0).item() == pytest.approx(-2.0)
+    assert w.g(torch.ones(3)).item() == pytest.approx(-1.0)
+    ls = get_loss("lsgan")
+    assert ls.d(torch.ones(3), torch.zeros(3), 0.0).item() == pytest.approx(0.0)
+    with pytest.raises(UserError, match="available: nonsaturating"):
+        get_loss("minimax")
+
+
+def test_gradient_penalties_of_a_linear_critic() -> None:
+    """D(x) = <w, x> has gradient w everywhere: GP = (|w| - 1)^2 and R1 = |w|^2."""
+    w = torch.randn(1, 3, 4, 4)
+
+    def d(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return (x * w).flatten(1).sum(1)
+
+    real, fake = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    assert gradient_penalty(d, real, fake, None).item() == pytest.approx((w.norm().item() - 1) ** 2, rel=1e-5)
+    assert r1_penalty(d, real, None).item() == pytest.approx(w.norm().item() ** 2, rel=1e-5)
+
+
+def test_vae_shapes_and_terms() -> None:
+    vae = build_vae(nz=6, ngf=8, ndf=8, channels=1, size=28)
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    logits, mu, logvar = vae(x)
+    assert logits.shape == x.shape and mu.shape == (3, 6) and logvar.shape == (3, 6)
+    nll, kl = vae_terms(x, logits, torch.zeros(3, 6), torch.zeros(3, 6))
+    assert nll.shape == (3,) and torch.all(kl == 0)
+    _, kl2 = vae_terms(x, logits, torch.ones(3, 6), torch.zeros(3, 6))
+    assert torch.allclose(kl2, torch.full((3,), 3.0))  # 0.5 * sum(mu^2) with mu = 1 over 6 dims
+
+
+def test_minibatch_std_adds_one_channel_of_the_group_std() -> None:
+    x = torch.randn(8, 3, 4, 4)
+    y = MinibatchStd(4)(x)
+    assert y.shape == (8, 4, 4, 4)
+    expected = x.reshape(4, 2, 3, 4, 4).var(0, unbiased=False).add(1e-8).sqrt().mean(dim=(1, 2, 3))
+    assert torch.allclose(y[:2, 3, 0, 0], expected)
+
+
+def test_ema_is_an_exponential_average_and_copies_buffers() -> None:
+    m = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = EMA(m, decay=0.9)
+    old = [p.clone() for p in ema.shadow.parameters()]
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+        m[1].running_mean.fill_(3.0)
+    ema.update(m, step=1)
+    for o, s, p in zip(old, ema.shadow.parameters(), m.parameters(), strict=True):
+        assert torch.allclose(s, 0.9 * o + 0.1 * p)
+    assert torch.all(ema.shadow[1].running_mean == 3.0)
+    EMA(m, decay=0.9, start_step=10).update(m, step=1)  # before start: a plain copy
+
+
+def test_generator_file_roundtrip_and_refusals(tmp_path: Path) -> None:
+    g = build_generator("dcgan", nz=8, ngf=8, channels=1, size=28)
+    path = tmp_path / "g.pt"
+    save_generator(path, g, arch="dcgan", kwargs={"nz": 8, "ngf": 8, "channels": 1, "size": 28, "num_classes": 0},
+                   info={"model": "dcgan", "nz": 8, "num_classes": 0, "image_shape": [1, 28, 28], "step": 3})
+    loaded, info = load_generator(path)
+    z = torch.randn(2, 8)
+    g.eval()
+    assert torch.equal(loaded(z), g(z)) and info["step"] == 3 and not loaded.training
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a generator file"):
+        load_generator(tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_generator(tmp_path / "junk.pt")
+
+
+class _Payload:
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.touch, (Path(_Payload.marker),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    _Payload.marker = str(tmp_path / "pwned")
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "pipeline.generator/1", "x": _Payload()}, evil)  # a real torch file
+    with pytest.raises(CheckpointError, match="refused: it needs arbitrary code"):
+        load_generator(evil)
+    bare = tmp_path / "bare.pt"
+    with open(bare, "wb") as fh:
+        pickle.dump({"x": _Payload()}, fh)  # a bare pickle is not even handed to an unpickler
+    with pytest.raises(CheckpointError, match="not a torch file"):
+        load_generator(bare)
+    assert not (tmp_path / "pwned").exists()
+    pickle.loads(pickle.dumps(_Payload()))  # the payload does work when unpickled unsafely
+    assert (tmp_path / "pwned").exists()
+
+
+def test_recipes() -> None:
+    assert recipe("wgan_gp")["n_critic"] == 5 and recipe("sngan")["spectral_norm"] is True
+    with pytest.raises(UserError, match="available: dcgan, sngan, wgan_gp, vae"):
+        recipe("biggan")

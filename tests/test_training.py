@@ -1,0 +1,262 @@
+"""The training engine: every recipe trains, resume is exact, divergence and signals end cleanly, DDP runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.tensors import load_split
+from pipeline.errors import TrainingDiverged
+from pipeline.params import Params, Train, to_dict, validate
+from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.loop import Trainer, resolve_config
+
+from .conftest import ROOT, tiny_params, venv_env, write_params
+
+SMALL = {"batch_size": 8, "ngf": 8, "ndf": 8, "nz": 8, "log_every": 2, "grid_every": 100, "eval_every": 100,
+         "checkpoint_every": 100}
+
+
+def _config(tiny_tensors: Path, **train: Any) -> tuple[dict[str, Any], Any]:
+    data = load_split(tiny_tensors / "augmented", "train")
+    t = validate(Train, {**SMALL, **train})
+    cfg = resolve_config(to_dict(t), seed=0, image_shape=data.shape, num_classes=data.num_classes)
+    return cfg, data
+
+
+def _trainer(tiny_tensors: Path, workdir: Path, **train: Any) -> Trainer:
+    cfg, data = _config(tiny_tensors, **train)
+    return Trainer(cfg, torch.from_numpy(data.images), torch.from_numpy(data.labels), device="cpu", workdir=workdir,
+                   progress=False)
+
+
+@pytest.mark.parametrize(
+    "train",
+    [
+        {"model": "dcgan"},
+        {"model": "dcgan", "conditional": True, "label_smoothing": 0.1, "instance_noise": 0.1},
+        {"model": "sngan"},
+        {"model": "sngan", "conditional": True, "mbstd": True},
+        {"model": "wgan_gp", "n_critic": 2},
+        {"model": "dcgan", "loss": "lsgan", "diffaug": ["translation", "cutout", "color"], "init": "xavier"},
+        {"model": "dcgan", "loss": "hinge", "r1_gamma": 1.0, "r1_every": 2, "grad_clip": 1.0, "init": "he",
+         "lr_d": 4e-4},
+        {"model": "vae", "kl_warmup_steps": 2},
+        {"model": "vae", "conditional": True, "recon": "mse"},
+    ],
+    ids=lambda t: "-".join(f"{k}={v}" for k, v in t.items()),
+)
+def test_every_recipe_trains_with_finite_losses(tiny_tensors: Path, tmp_path: Path, train: dict[str, Any]) -> None:
+    trainer = _trainer(tiny_tensors, tmp_path, steps=4, **train)
+    result = trainer.run()
+    assert result.step == 4
+    lines = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines] == [2, 4]
+    for ln in lines:
+        keys = ("loss",) if train["model"] == "vae" else ("loss_d", "loss_g", "p_real", "grad_norm_d", "grad_norm_g")
+        for k in keys:
+            assert math.isfinite(ln[k]), (k, ln)
+        assert ln["images_per_s"] > 0
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")  # weights_only
+    assert ckpt["step"] == 4 and set(ckpt["rng"]) >= {"torch", "numpy", "python"}
+    assert (tmp_path / "grids" / "step_000004.png").exists()
+
+
+def _state_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    st = trainer.state()
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            out[prefix] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}[{i}]", v)
+
+    walk("", {k: st[k] for k in ("models", "ema", "optim", "sampler")})
+    return out
+
+
+@pytest.mark.parametrize("model", ["dcgan", "vae", "wgan_gp"])
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_tensors: Path, tmp_path: Path, model: str) -> None:
+    torch.use_deterministic_algorithms(True)
+    extra = {"diffaug": ["translation", "color"], "instance_noise": 0.2} if model == "dcgan" else {}
+    straight = _trainer(tiny_tensors, tmp_path / "a", steps=8, model=model, **extra)
+    straight.run()
+    first = _trainer(tiny_tensors, tmp_path / "b", steps=4, model=model, **extra)
+    first.run()
+    resumed = _trainer(tiny_tensors, tmp_path / "b", steps=8, model=model, **extra)
+    assert resumed.try_resume() and resumed.step == 4
+    resumed.run()
+    a, b = _state_tensors(straight), _state_tensors(resumed)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"resumed run differs in {different[:5]}"
+
+
+def test_a_changed_config_does_not_resume(tiny_tensors: Path, tmp_path: Path) -> None:
+    _trainer(tiny_tensors, tmp_path, steps=2).run()
+    assert not _trainer(tiny_tensors, tmp_path, steps=4, lr_g=1e-3).try_resume()
+    assert _trainer(tiny_tensors, tmp_path, steps=4, log_every=1).try_resume()  # logging cadence is not semantic
+
+
+def test_divergence_is_caught_within_the_step_and_the_checkpoint_stays_good(tiny_tensors: Path, tmp_path: Path) -> None:
+    trainer = _trainer(tiny_tensors, tmp_path, steps=6, checkpoint_every=2)
+    trainer.cfg["steps"] = 2
+    trainer.run()
+    good = load_checkpoint(tmp_path / "checkpoint.pt")
+    trainer.cfg["steps"] = 6
+    with torch.no_grad():
+        next(trainer.d.parameters()).fill_(float("nan"))  # what a blown-up update leaves behind
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step 3: loss_d = nan"):
+        trainer.run()
+    after = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert after["step"] == 2
+    for k, v in good["models"]["d"].items():
+        assert torch.equal(v, after["models"]["d"][k])
+        assert torch.isfinite(v.float()).all()
+
+
+def test_transfer_reports_matched_and_new_tensors_and_freezes_d_layers(tiny_tensors: Path, tmp_path: Path) -> None:
+    src = _trainer(tiny_tensors, tmp_path / "src", steps=2)
+    src.run()
+    dst = _trainer(tiny_tensors, tmp_path / "dst", steps=3, ndf=16, freeze_d_layers=1)
+    report = dst.init_from(tmp_path / "src" / "checkpoint.pt", freeze_d_layers=1)
+    assert any(k.startswith("g.") for k in report["matched"])  # same G architecture: copied
+    assert any(k.startswith("d.") for k in report["new"])  # wider D: newly initialised
+    frozen = [p.clone() for p in dst.d.trunk[0].parameters()]
+    dst.run()
+    assert all(torch.equal(a, b) for a, b in zip(frozen, dst.d.trunk[0].parameters(), strict=True))
+
+
+# --------------------------------------------------------------------------------------------
+# Through the real stage command: kill -9 and resume, SIGTERM, a diverging learning rate, DDP
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def stage_dir(tiny_tensors: Path, tmp_path: Path) -> Path:
+    """A directory laid out like a project, with the tiny tensors and evaluator inputs in place."""
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    shutil.copytree(tiny_tensors / "augmented", tmp_path / "data" / "augmented")
+    shutil.copytree(tiny_tensors / "tensors", tmp_path / "data" / "tensors")
+    return tmp_path
+
+
+def _train_cmd(root: Path, params: dict[str, Any]) -> list[str]:
+    write_params(root / "params.yaml", params)
+    return [sys.executable, "-m", "pipeline", "train", "--evaluator", "none.pt"]
+
+
+def _final_state(root: Path) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(root / "models" / "checkpoint.pt")
+    return {f"{n}.{k}": v for n, sd in ckpt["models"].items() for k, v in sd.items()} | {
+        f"ema.{k}": v for k, v in ckpt["ema"].items()}
+
+
+def test_kill_9_then_resume_equals_a_straight_run(stage_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    params = tiny_params(train={**SMALL, "steps": 60, "checkpoint_every": 20, "ngf": 16, "ndf": 16})
+    env = venv_env(PIPELINE_TRACKING="0")
+    straight = tmp_path_factory.mktemp("straight")
+    shutil.copytree(stage_dir, straight, dirs_exist_ok=True)
+    subprocess.run(_train_cmd(straight, params), cwd=straight, env=env, check=True, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(_train_cmd(stage_dir, params), cwd=stage_dir, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    work = stage_dir / ".pipeline" / "train"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(work.glob("*/checkpoint.pt")):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpts = list(work.glob("*/checkpoint.pt"))
+    assert ckpts, "no checkpoint was written before the kill"
+    killed_at = load_checkpoint(ckpts[0])["step"]
+    assert killed_at < 60, "the run finished before it could be killed; nothing was tested"
+    out = subprocess.run(_train_cmd(stage_dir, params), cwd=stage_dir, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert f"resumed from" in out.stderr and f"at step {killed_at}" in out.stderr
+    a, b = _final_state(straight), _final_state(stage_dir)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "kill -9 + resume differs from the straight run"
+    log_steps = [json.loads(ln)["step"] for ln in (stage_dir / "reports/train/log.jsonl").read_text().splitlines()]
+    assert log_steps == sorted(set(log_steps)), "the step log has duplicated steps after resume"
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_ends_killed(stage_dir: Path) -> None:
+    params = tiny_params(train={**SMALL, "steps": 100000, "checkpoint_every": 100000})
+    proc = subprocess.Popen(_train_cmd(stage_dir, params), cwd=stage_dir, env=venv_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    logs = []
+    while time.time() < deadline and not logs:
+        logs = list((stage_dir / ".pipeline" / "train").glob("*/log.jsonl"))
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err
+    ckpt = load_checkpoint(next((stage_dir / ".pipeline" / "train").glob("*/checkpoint.pt")))
+    assert 0 < ckpt["step"] < 100000
+    journals = list((stage_dir / ".pipeline" / "tracking").glob("*-train-*/journal.jsonl"))
+    events = [json.loads(ln) for ln in journals[0].read_text().splitlines()]
+    assert events[-1] == {**events[-1], "type": "end", "status": "KILLED"}
+
+
+def test_a_diverging_learning_rate_fails_the_stage_with_the_step_named(stage_dir: Path) -> None:
+    params = tiny_params(train={**SMALL, "steps": 50, "lr_d": 1e30, "lr_g": 1e30, "checkpoint_every": 1})
+    out = subprocess.run(_train_cmd(stage_dir, params), cwd=stage_dir, env=venv_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 2, out.stderr
+    assert "training diverged at step" in out.stderr and "Traceback" not in out.stderr
+    journal = next((stage_dir / ".pipeline" / "tracking").glob("*-train-*/journal.jsonl"))
+    assert json.loads(journal.read_text().splitlines()[-1])["status"] == "FAILED"
+    # No weights produced by a diverged step were ever saved (the intact-checkpoint case with an
+    # earlier good checkpoint is tested on the loop above).
+    for path in (stage_dir / ".pipeline" / "train").glob("*/checkpoint*.pt"):
+        for sd in load_checkpoint(path)["models"].values():
+            assert all(torch.isfinite(v.float()).all() for v in sd.values()), "a non-finite checkpoint was saved"
+    assert not (stage_dir / "models" / "generator.pt").exists()
+
+
+def test_ddp_on_two_cpu_processes_with_gloo_trains_checkpoints_and_resumes(stage_dir: Path) -> None:
+    params = tiny_params(base={"device": "cpu"}, train={**SMALL, "steps": 4, "devices": 2, "checkpoint_every": 2})
+    env = venv_env(PIPELINE_TRACKING="0")
+    out = subprocess.run(_train_cmd(stage_dir, params), cwd=stage_dir, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "launching" in out.stderr and "torch.distributed.run" in out.stderr
+    work = next((stage_dir / ".pipeline" / "train").iterdir())
+    ranks = sorted(p.name for p in work.glob("checkpoint-rank*.pt"))
+    assert ranks == ["checkpoint-rank0.pt", "checkpoint-rank1.pt"]
+    r0, r1 = (load_checkpoint(work / r) for r in ranks)
+    assert r0["world_size"] == 2 and r0["step"] == 4
+    for net in ("g", "d"):  # gradients all-reduced: the weights of the replicas stay identical
+        for k, v in r0["models"][net].items():
+            if "running_" not in k and "num_batches" not in k:  # BN statistics are per rank (sync_bn off)
+                assert torch.equal(v, r1["models"][net][k]), k
+    assert not torch.equal(r0["sampler"]["generator"], r1["sampler"]["generator"])  # per-rank randomness
+    log = [json.loads(ln) for ln in (work / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(ln["loss_d"]) and math.isfinite(ln["loss_g"]) for ln in log if "loss_d" in ln)
+    params["train"]["steps"] = 6
+    out = subprocess.run(_train_cmd(stage_dir, params), cwd=stage_dir, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "resumed from" in out.stderr and load_checkpoint(work / "checkpoint-rank0.pt")["step"] == 6
