@@ -167,7 +167,7 @@ class Train:
     freeze_d_layers: int = spec(0, "with init_from: freeze this many first D layers", ge=0)
     precision: Literal["fp32", "bf16"] = spec("fp32", "autocast precision on CUDA (bf16 is faster)")
     channels_last: bool = spec(True, "channels_last memory format on CUDA")
-    compile: bool = spec(False, "torch.compile the G and D steps on CUDA")
+    cuda_graph: bool = spec(True, "on CUDA, capture each plain GAN step (D and G) in one CUDA graph")
     devices: int | Literal["all"] = spec(1, "GPUs: 1, N or all (N > 1 runs DDP through torchrun)")
     sync_bn: bool = spec(False, "synchronise BatchNorm statistics across DDP processes")
     num_threads: int = spec(0, "CPU threads for torch (0 = all cores)", ge=0)

@@ -17,9 +17,21 @@ class EMA:
         self.decay, self.start_step = decay, start_step
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def decay_at(self, step: int) -> float:
+        return self.decay if step >= self.start_step else 0.0
+
+    @torch.no_grad()
+    def update_with(self, model: nn.Module, decay: torch.Tensor) -> None:
+        """The same update with the decay as a 0-dim device tensor (capturable in a CUDA graph)."""
+        shadow = list(self.shadow.parameters())
+        torch._foreach_mul_(shadow, decay)
+        torch._foreach_add_(shadow, torch._foreach_mul(list(model.parameters()), 1.0 - decay))
+        for b_s, b in zip(self.shadow.buffers(), model.buffers(), strict=True):
+            b_s.copy_(b)
+
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        decay = self.decay if step >= self.start_step else 0.0
+        decay = self.decay_at(step)
         params = [p for p in model.parameters()]
         shadow = [p for p in self.shadow.parameters()]
         if decay == 0.0:

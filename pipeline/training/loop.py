@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # when only they change (the step budget, how often things are logged or saved, the run mode).
 NON_SEMANTIC_KEYS = ("steps", "log_every", "checkpoint_every", "grid_every", "eval_every", "eval_samples",
                      "collapse_margin", "collapse_patience", "stop_on_collapse", "resume", "num_threads",
-                     "devices", "compile")
+                     "devices", "cuda_graph")
 
 
 def resolve_config(train: dict[str, Any], *, seed: int, image_shape: tuple[int, int, int], num_classes: int) -> dict[str, Any]:
@@ -90,9 +90,11 @@ class Trainer:
         if (h, w) != (images.shape[2], images.shape[3]) or c != images.shape[1]:
             raise UserError(f"training images are {tuple(images.shape[1:])}, the config says {(c, h, w)}")
 
+        self._use_graph = False
         # Models are initialised from the seed (identical on every rank) and broadcast anyway.
         torch.manual_seed(cfg["seed"])
         self._build_models()
+        self._use_graph = self._graph_wanted()
         # Data: the whole set on the device as uint8 when it fits; this rank's shard only.
         shard = slice(self.info.rank, None, self.info.world_size)
         self.images = images[shard].to(self.device)
@@ -115,7 +117,18 @@ class Trainer:
         self.y_fixed = (torch.arange(64) % max(1, cfg["num_classes"])).to(self.device) if cfg["num_classes"] else None
         self._acc: dict[str, torch.Tensor] = {}
         self._acc_steps = 0
-        self._bad: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Device-side state of the guard and the step counter (persistent: a CUDA graph writes them).
+        self._zero = torch.zeros((), device=self.device)
+        self._dstep = torch.zeros((), dtype=torch.long, device=self.device)
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._bad_vals = torch.zeros(len(self._GUARDED), device=self.device)
+        self._bad_present = torch.zeros(len(self._GUARDED), dtype=torch.bool, device=self.device)
+        self._present: dict[tuple[bool, ...], torch.Tensor] = {}
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static: dict[str, Any] | None = None
+        self._warm = 0
+        self._ema_decay_t = torch.full((), -1.0, device=self.device)
+        self._ema_decay_value = -1.0
         self.transfer: dict[str, Any] | None = None
 
     # -- construction ---------------------------------------------------------------------------
@@ -156,7 +169,8 @@ class Trainer:
                 m.to(memory_format=torch.channels_last)
             dist_utils.broadcast_module(m, self.info)
         self.ema = EMA(self.g, decay=cfg["ema_decay"], start_step=cfg["ema_start"])
-        fused = {"fused": True} if self.cuda else {}
+        # Fused Adam on CUDA; capturable so its step counters live on the device (CUDA graphs).
+        fused = {"fused": True, "capturable": True} if self.cuda else {}
         betas = (cfg["beta1"], cfg["beta2"])
         if self.is_vae:
             self.opt_g = torch.optim.Adam(self.vae.parameters(), lr=cfg["lr_g"], betas=betas, **fused)
@@ -198,6 +212,7 @@ class Trainer:
         if self.opt_d is not None:
             self.opt_d.load_state_dict(ckpt["optim"]["d"])
         self.step = int(ckpt["step"])
+        self._dstep.fill_(self.step)
         self.perm = ckpt["sampler"]["perm"].to(self.device)
         self.pos = int(ckpt["sampler"]["pos"])
         self.gen.set_state(ckpt["sampler"]["generator"])
@@ -272,15 +287,20 @@ class Trainer:
         self.transfer = report
         return report
 
-    # -- data -----------------------------------------------------------------------------------
+    # -- data and randomness --------------------------------------------------------------------
+    # Everything random a step consumes is drawn on the host side of the step, in a fixed order
+    # (data indices, latents, labels), by the same code for the eager and the CUDA-graph paths.
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _next_indices(self) -> torch.Tensor:
         b = self.cfg["batch_size"]
         if self.pos + b > len(self.perm):
             self.perm = torch.randperm(len(self.images), device=self.device, generator=self.gen)
             self.pos = 0
         idx = self.perm[self.pos : self.pos + b]
         self.pos += b
+        return idx
+
+    def _images(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.images.index_select(0, idx).float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -294,11 +314,24 @@ class Trainer:
             y = torch.randint(0, self.cfg["num_classes"], (n,), device=self.device, generator=self.gen)
         return z, y
 
+    def _draw(self) -> dict[str, Any]:
+        """Indices of the real batches and the latents of one step (one batch for the VAE)."""
+        b = self.cfg["batch_size"]
+        if self.is_vae:
+            return {"idx": [self._next_indices()], "zd": []}
+        draws: dict[str, Any] = {"idx": [], "zd": []}
+        for _ in range(self.cfg["n_critic"]):
+            draws["idx"].append(self._next_indices())
+            draws["zd"].append(self._latents(b)[0])  # fake images in the D step take the real labels
+        draws["zg"], draws["yg"] = self._latents(b)
+        return draws
+
     # -- steps ----------------------------------------------------------------------------------
 
     def _autocast(self) -> Any:
-        return torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None) \
-            if self.cuda else torch.autocast("cpu", enabled=False)
+        # Autocast's weight cache must be off inside a CUDA graph (cast copies would be stale).
+        return torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None,
+                              cache_enabled=not self._use_graph) if self.cuda else torch.autocast("cpu", enabled=False)
 
     def _d_input(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         if self.cfg["diffaug"]:
@@ -321,10 +354,10 @@ class Trainer:
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
             else torch.zeros((), device=self.device)
 
-    def _d_step(self, d_iter: int, want_norm: bool) -> dict[str, torch.Tensor]:
+    def _d_step(self, idx: torch.Tensor, z: torch.Tensor, d_iter: int, want_norm: bool) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        x, y = self._batch()
-        z, yz = self._latents(x.shape[0]) if not cfg["num_classes"] else (self._latents(x.shape[0])[0], y)
+        x, y = self._images(idx)
+        yz = y  # conditional: fakes of the same classes as the real batch
         sigma = self._noise_sigma()
         with torch.no_grad(), self._autocast():
             fake = self.g(z, yz)
@@ -352,8 +385,7 @@ class Trainer:
         self.opt_d.step()
         return out
 
-    def _g_step(self, want_norm: bool) -> dict[str, torch.Tensor]:
-        z, y = self._latents(self.cfg["batch_size"])
+    def _g_step(self, z: torch.Tensor, y: torch.Tensor | None, want_norm: bool) -> dict[str, torch.Tensor]:
         sigma = self._noise_sigma()
         self.d.requires_grad_(False)  # no D parameter gradients in the G step
         with self._autocast():
@@ -379,9 +411,9 @@ class Trainer:
             for m in layers[: self.cfg["freeze_d_layers"]]:
                 m.requires_grad_(False)
 
-    def _vae_step(self, want_norm: bool) -> dict[str, torch.Tensor]:
+    def _vae_step(self, idx: torch.Tensor, want_norm: bool) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        x, y = self._batch()
+        x, y = self._images(idx)
         warm = cfg["kl_warmup_steps"]
         beta = cfg["kl_weight"] * (min(1.0, self.step / warm) if warm else 1.0)
         with self._autocast():
@@ -393,68 +425,132 @@ class Trainer:
         dist_utils.allreduce_grads(list(self.vae.parameters()), self.info)
         clipped = self._clip(self.vae.parameters())
         out = {"loss": loss.detach(), "recon": nll.mean().detach(), "kl": kl.mean().detach(),
-               "elbo": -(nll + kl).mean().detach(), "kl_weight": torch.tensor(beta)}
+               "elbo": -(nll + kl).mean().detach(), "kl_weight": torch.full((), beta, device=self.device)}
         if want_norm:
             out["grad_norm"] = clipped if clipped is not None else self._grad_norm(self.vae)
         self.opt_g.step()
         return out
 
-    def train_step(self, want_norm: bool = False) -> dict[str, torch.Tensor]:
-        """One generator step (after n_critic D steps for GANs); returns device scalars."""
+    def _compute(self, draws: dict[str, Any], want_norm: bool) -> dict[str, torch.Tensor]:
+        """All device work of one step given its draws; returns device scalars (no host sync)."""
         if self.is_vae:
             self.vae.train()
-            out = self._vae_step(want_norm)
-        else:
-            self.g.train()
-            self.d.train()
-            out = {}
-            for i in range(self.cfg["n_critic"]):
-                out.update(self._d_step(self.step * self.cfg["n_critic"] + i, want_norm))
-            out.update(self._g_step(want_norm))
-        self.step += 1
-        self.ema.update(self.g, self.step)
+            return self._vae_step(draws["idx"][0], want_norm)
+        self.g.train()
+        self.d.train()
+        out: dict[str, torch.Tensor] = {}
+        for i, (idx, z) in enumerate(zip(draws["idx"], draws["zd"], strict=True)):
+            out.update(self._d_step(idx, z, self.step * self.cfg["n_critic"] + i, want_norm))
+        out.update(self._g_step(draws["zg"], draws["yg"], want_norm))
         return out
+
+    def _after_compute(self, out: dict[str, torch.Tensor]) -> None:
+        """Device-side bookkeeping of a step: step counter, divergence guard, log accumulators."""
+        self._dstep.add_(1)
+        self._guard(out)
+        self._accumulate(out)
+
+    def train_step(self, want_norm: bool = False) -> None:
+        """One generator step (after n_critic D steps for GANs), eager or replayed from a CUDA graph."""
+        draws = self._draw()
+        if self._use_graph:
+            self._graph_step(draws)
+        else:
+            out = self._compute(draws, want_norm)
+            self._after_compute(out)
+            self.ema.update(self.g, self.step + 1)
+        self.step += 1
+        self._acc_steps += 1
+        if not self.cuda:
+            self._check_guard()  # free on CPU: a divergence is caught within its step
+
+    # -- CUDA graph --------------------------------------------------------------------------------
+    # Small batches are launch-bound: hundreds of kernels per step, each a few microseconds of
+    # CPU time. The whole plain GAN step (every D step, the G step, both fused Adam updates, the
+    # EMA, the guard and the log accumulators) is captured once and replayed; per step the host
+    # only draws indices and latents into static buffers. Paths that need per-step host decisions
+    # or double backward (instance noise, DiffAugment, gradient penalty, R1, clipping, DDP, VAE)
+    # stay eager.
+
+    _WARMUP_STEPS = 3
+
+    def _graph_wanted(self) -> bool:
+        c = self.cfg
+        return (self.cuda and bool(c["cuda_graph"]) and not self.is_vae and not self.info.enabled
+                and not c["diffaug"] and c["instance_noise"] == 0 and c["gp_weight"] == 0 and c["r1_gamma"] == 0
+                and c["grad_clip"] == 0)
+
+    def _graph_body(self) -> None:
+        out = self._compute(self._static, want_norm=False)
+        self._after_compute(out)
+        self.ema.update_with(self.g, self._ema_decay_t)
+
+    def _graph_step(self, draws: dict[str, Any]) -> None:
+        decay = self.ema.decay_at(self.step + 1)
+        if decay != self._ema_decay_value:
+            self._ema_decay_t.fill_(decay)
+            self._ema_decay_value = decay
+        if self._graph is not None:
+            self._load_static(draws)
+            self._graph.replay()
+            return
+        if self._static is None:
+            self._static = {k: ([t.clone() for t in v] if isinstance(v, list) else (None if v is None else v.clone()))
+                            for k, v in draws.items()}
+        self._load_static(draws)
+        # Warm-up steps are real steps, run eagerly on a side stream as CUDA graphs require.
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._graph_body()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._warm += 1
+        if self._warm == self._WARMUP_STEPS:
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):  # records only: nothing runs until replay
+                self._graph_body()
+
+    def _load_static(self, draws: dict[str, Any]) -> None:
+        for k, v in draws.items():
+            if isinstance(v, list):
+                for dst, src in zip(self._static[k], v, strict=True):
+                    dst.copy_(src)
+            elif v is not None:
+                self._static[k].copy_(v)
 
     # -- NaN/Inf guard, logging -------------------------------------------------------------------
 
     _GUARDED = ("loss_d", "loss_g", "loss", "gp", "r1")
 
     def _guard(self, out: dict[str, torch.Tensor]) -> None:
-        """Record the first step whose losses are not finite (device-side, no sync).
+        """Record the first step whose losses are not finite, on the device (no sync).
 
-        The values of the first bad step are kept on the device; on CPU they are checked at once
-        (free), on CUDA at the next log, checkpoint or interrupt, before any weights are saved.
+        On CPU it is checked right after the step (free); on CUDA at the next log, checkpoint or
+        interrupt, always before any weights are saved. Values are never zeroed or skipped.
         """
-        zero = torch.zeros((), device=self.device)
-        present = torch.tensor([k in out for k in self._GUARDED], device=self.device)
-        vals = torch.stack([out[k].float() if k in out else zero for k in self._GUARDED])
-        bad_now = ~torch.isfinite(vals).all()
-        if self._bad is None:
-            self._bad = (torch.full((), -1, device=self.device, dtype=torch.long), torch.zeros_like(vals),
-                         torch.zeros_like(present))
-        first, first_vals, first_present = self._bad
-        take = bad_now & (first < 0)
-        self._bad = (torch.where(take, torch.tensor(self.step, device=self.device), first),
-                     torch.where(take, vals, first_vals), torch.where(take, present, first_present))
-        if not self.cuda:
-            self._check_guard()  # free on CPU: caught within the step
+        key = tuple(k in out for k in self._GUARDED)
+        if key not in self._present:
+            self._present[key] = torch.tensor(key, device=self.device)
+        vals = torch.stack([out[k].float() if k in out else self._zero for k in self._GUARDED])
+        take = ~torch.isfinite(vals).all() & (self._bad_step < 0)
+        self._bad_step.copy_(torch.where(take, self._dstep, self._bad_step))
+        self._bad_vals.copy_(torch.where(take, vals, self._bad_vals))
+        self._bad_present.copy_(torch.where(take, self._present[key], self._bad_present))
 
     def _check_guard(self) -> None:
-        if self._bad is None:
-            return
-        first = int(self._bad[0].item())
+        first = int(self._bad_step.item())
         if first >= 0:
-            vals = ", ".join(f"{n} = {v:.4g}" for n, v, here in zip(self._GUARDED, self._bad[1].tolist(),
-                                                                      self._bad[2].tolist(), strict=True) if here)
+            vals = ", ".join(f"{n} = {v:.4g}" for n, v, here in zip(self._GUARDED, self._bad_vals.tolist(),
+                                                                      self._bad_present.tolist(), strict=True) if here)
             raise TrainingDiverged(
                 f"training diverged at step {first}: {vals}. The last good checkpoint ({self.ckpt_path}) is intact. "
                 "Lower the learning rates, add a gradient penalty or spectral norm, or enable grad_clip.")
 
     def _accumulate(self, out: dict[str, torch.Tensor]) -> None:
         for k, v in out.items():
-            v = v.detach().float().to(self.device)
-            self._acc[k] = self._acc[k] + v if k in self._acc else v.clone()
-        self._acc_steps += 1
+            if k not in self._acc:
+                self._acc[k] = torch.zeros((), device=self.device)
+            self._acc[k].add_(v.detach().float())
 
     def _flush_log(self, t_interval: float) -> dict[str, float]:
         n = max(1, self._acc_steps)
@@ -464,7 +560,9 @@ class Trainer:
                       instance_noise=self._noise_sigma())
         if self.opt_d is not None:
             values["lr_d"] = self.opt_d.param_groups[0]["lr"]
-        self._acc, self._acc_steps = {}, 0
+        for v in self._acc.values():
+            v.zero_()  # in place: a captured graph keeps adding into these tensors
+        self._acc_steps = 0
         return values
 
     def _write_log(self, record: dict[str, Any]) -> None:
@@ -519,8 +617,7 @@ class Trainer:
         return score
 
     def checkpoint(self) -> None:
-        if self.cuda or self.info.enabled:
-            self._check_guard()  # never save weights a diverged step produced
+        self._check_guard()  # never save weights a diverged step produced
         save_checkpoint(self.ckpt_path, self.state())
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -538,9 +635,7 @@ class Trainer:
         try:
             while self.step < cfg["steps"]:
                 want_norm = (self.step + 1) % cfg["log_every"] == 0
-                out = self.train_step(want_norm)
-                self._guard(out)
-                self._accumulate(out)
+                self.train_step(want_norm)
                 bar.update(1)
                 s = self.step
                 if s % cfg["log_every"] == 0 or s == cfg["steps"]:
