@@ -469,14 +469,14 @@ class Trainer:
     # CPU time. The whole plain GAN step (every D step, the G step, both fused Adam updates, the
     # EMA, the guard and the log accumulators) is captured once and replayed; per step the host
     # only draws indices and latents into static buffers. Paths that need per-step host decisions
-    # or double backward (instance noise, DiffAugment, gradient penalty, R1, clipping, DDP, VAE)
-    # stay eager.
+    # or double backward (instance noise, DiffAugment, gradient penalty, R1, clipping, SyncBN, VAE)
+    # stay eager. Under DDP the gradient all-reduce (NCCL) is captured with the step.
 
     _WARMUP_STEPS = 3
 
     def _graph_wanted(self) -> bool:
         c = self.cfg
-        return (self.cuda and bool(c["cuda_graph"]) and not self.is_vae and not self.info.enabled
+        return (self.cuda and bool(c["cuda_graph"]) and not self.is_vae and not c["sync_bn"]
                 and not c["diffaug"] and c["instance_noise"] == 0 and c["gp_weight"] == 0 and c["r1_gamma"] == 0
                 and c["grad_clip"] == 0)
 
@@ -506,9 +506,16 @@ class Trainer:
         torch.cuda.current_stream(self.device).wait_stream(side)
         self._warm += 1
         if self._warm == self._WARMUP_STEPS:
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):  # records only: nothing runs until replay
-                self._graph_body()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):  # records only: nothing runs until replay
+                    self._graph_body()
+            except RuntimeError as exc:
+                # Capture is an optimisation: if this setup cannot be captured, train eagerly.
+                log.warning("CUDA graph capture failed (%s); continuing eagerly", str(exc).splitlines()[0][:200])
+                self._use_graph = False
+                return
+            self._graph = graph
 
     def _load_static(self, draws: dict[str, Any]) -> None:
         for k, v in draws.items():

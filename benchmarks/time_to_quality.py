@@ -1,0 +1,167 @@
+"""Time to quality on Fashion-MNIST: the default GPU recipe vs the classic loop, same evaluator.
+
+Both generators are scored during training by the pipeline's offline evaluator (a classifier
+trained here on the real 64x64 training split; FID on its features against the test split, 5,000
+generated images, EMA weights for the engine, eval mode for both). Training seconds exclude the
+scoring. Recorded: the score-vs-time curve of each, the engine's best score and when it was first
+reached, whether it collapsed afterwards (final within 10% of best), and the classic loop's best
+over 25 epochs (or the time budget).
+
+    python benchmarks/time_to_quality.py [--data DIR] [--seconds 60] [--classic-epochs 25]
+                                         [--variants 'name:key=value,key=value;...']
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from common import ROOT, find_fmnist, load_fmnist, machine, resize_on_device, write_result
+
+from pipeline.metrics.compute import sample  # noqa: E402
+from pipeline.metrics.evaluator import extract, train_evaluator  # noqa: E402
+from pipeline.metrics.math import frechet_distance, gaussian_stats  # noqa: E402
+from pipeline.params import Train, to_dict, validate  # noqa: E402
+from pipeline.training.loop import Trainer, resolve_config  # noqa: E402
+
+RECIPE = ROOT / "benchmarks" / "recipes" / "fmnist-gpu.yaml"
+N_EVAL = 5000
+DEVICE = "cuda"
+
+
+def _sync() -> None:
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
+
+
+class Scorer:
+    def __init__(self, data: dict[str, np.ndarray], train64: torch.Tensor, test64: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        self.net, self.report = train_evaluator(train64.cpu().numpy(), data["train_y"], test64.cpu().numpy(),
+                                                data["test_y"], epochs=1 if DEVICE == "cpu" else 3, batch_size=256, lr=2e-3, width=32,
+                                                feature_dim=128, seed=0, device=DEVICE, progress=False)
+        self.report["train_seconds"] = time.perf_counter() - t0
+        self.real = gaussian_stats(extract(self.net, test64, device=DEVICE)[0])
+        half = extract(self.net, train64[:N_EVAL], device=DEVICE)[0]
+        self.report["fid_train5k_vs_test"] = frechet_distance(self.real, gaussian_stats(half))
+
+    def fid(self, generator: torch.nn.Module, nz: int) -> float:
+        imgs, _ = sample(generator, N_EVAL, nz=nz, seed=1, device=DEVICE, batch_size=1000)
+        return frechet_distance(self.real, gaussian_stats(extract(self.net, imgs, device=DEVICE)[0]))
+
+
+def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, scorer: Scorer, seconds: float,
+               eval_every_epochs: float) -> dict[str, Any]:
+    train = {**yaml.safe_load(RECIPE.read_text())["train"], **overrides}
+    t = validate(Train, train)
+    cfg = resolve_config(to_dict(t), seed=0, image_shape=(1, 64, 64), num_classes=0)
+    labels = torch.zeros(len(images), dtype=torch.long, device=DEVICE)
+    curve: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(cfg, images, labels, device=DEVICE, workdir=Path(tmp), progress=False)
+        chunk = max(1, round(eval_every_epochs * len(images) / cfg["batch_size"]))
+        spent = 0.0
+        while spent < seconds and tr.step < cfg["steps"]:
+            _sync()
+            t0 = time.perf_counter()
+            for _ in range(min(chunk, cfg["steps"] - tr.step)):  # no host sync inside a chunk
+                tr.train_step()
+            _sync()
+            spent += time.perf_counter() - t0
+            tr._check_guard()
+            curve.append({"train_seconds": spent, "step": tr.step, "epochs": tr.step * cfg["batch_size"] / len(images),
+                          "fid": scorer.fid(tr.ema.shadow, cfg["nz"])})
+    fids = [c["fid"] for c in curve]
+    best_i = int(np.argmin(fids))
+    return {"name": name, "train": train, "curve": curve, "best_fid": fids[best_i],
+            "best_at_seconds": curve[best_i]["train_seconds"], "best_at_epochs": curve[best_i]["epochs"],
+            "final_fid": fids[-1], "final_within_10pct_of_best": fids[-1] <= 1.1 * fids[best_i],
+            "images_per_s": curve[-1]["step"] * cfg["batch_size"] / curve[-1]["train_seconds"]}
+
+
+def run_classic(train_x: np.ndarray, scorer: Scorer, *, epochs: int, seconds: float | None) -> dict[str, Any]:
+    from classic_dcgan import ClassicDCGAN
+
+    run = ClassicDCGAN(train_x, device=DEVICE, batch_size=64, workers=2)
+    if DEVICE == "cpu":
+        run.netG.float()
+    curve: list[dict[str, float]] = []
+
+    def on_epoch(epoch: int, spent: float) -> None:
+        run.netG.eval()
+        curve.append({"train_seconds": spent, "epochs": epoch, "fid": scorer.fid(run.netG, 100)})
+        run.netG.train()
+        print(f"classic epoch {epoch}: {spent:.1f} s, FID {curve[-1]['fid']:.2f}", flush=True)
+
+    run.train(epochs=epochs, seconds=seconds, on_epoch=on_epoch)
+    fids = [c["fid"] for c in curve]
+    best_i = int(np.argmin(fids))
+    return {"name": "classic (pytorch/examples DCGAN)", "curve": curve, "best_fid": fids[best_i],
+            "best_at_epochs": curve[best_i]["epochs"], "best_at_seconds": curve[best_i]["train_seconds"],
+            "final_fid": fids[-1], "final_over_best": fids[-1] / fids[best_i]}
+
+
+def parse_variants(text: str) -> list[tuple[str, dict[str, Any]]]:
+    out = [("recipe", {})]
+    for chunk in filter(None, (c.strip() for c in text.split(";"))):
+        name, _, kvs = chunk.partition(":")
+        over = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
+        out.append((name, over))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--seconds", type=float, default=60.0, help="training budget per engine variant")
+    ap.add_argument("--eval-every", type=float, default=0.5, help="epochs between scores")
+    ap.add_argument("--classic-epochs", type=int, default=25)
+    ap.add_argument("--classic-seconds", type=float, default=None, help="cap on the classic run's training time")
+    ap.add_argument("--variants", default="", help="extra engine variants: 'name:key=value,...;...'")
+    ap.add_argument("--skip-classic", action="store_true")
+    ap.add_argument("--name", default="time_to_quality")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script runs")
+    args = ap.parse_args()
+    global DEVICE, N_EVAL
+    if args.smoke:
+        DEVICE, N_EVAL = "cpu", 200
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    data = load_fmnist(find_fmnist(args.data))
+    if args.smoke:
+        data = {k: v[:1024] for k, v in data.items()}
+    train64 = resize_on_device(data["train_x"], 64, DEVICE)
+    test64 = resize_on_device(data["test_x"], 64, DEVICE)
+    scorer = Scorer(data, train64, test64)
+    result: dict[str, Any] = {"machine": machine(), "evaluator": scorer.report, "n_eval": N_EVAL, "engine": []}
+    print(f"evaluator: {scorer.report}", flush=True)
+    for name, over in parse_variants(args.variants):
+        try:
+            r = run_engine(name, over, train64, scorer, args.seconds, args.eval_every)
+        except Exception as exc:  # noqa: BLE001 - keep the other variants
+            r = {"name": name, "overrides": over, "error": repr(exc)}
+        result["engine"].append(r)
+        print({k: v for k, v in r.items() if k not in ("curve", "train")}, flush=True)
+        write_result(args.name, result)
+    if not args.skip_classic:
+        result["classic"] = run_classic(data["train_x"], scorer, epochs=args.classic_epochs, seconds=args.classic_seconds)
+        rec = next((e for e in result["engine"] if e["name"] == "recipe" and "best_fid" in e), None)
+        if rec:
+            result["recipe_best_vs_classic_best"] = rec["best_fid"] / result["classic"]["best_fid"]
+            classic_at = [c for c in result["classic"]["curve"] if c["train_seconds"] <= rec["curve"][-1]["train_seconds"]]
+            if classic_at:
+                result["classic_best_within_same_wallclock"] = min(c["fid"] for c in classic_at)
+        print({k: v for k, v in result["classic"].items() if k != "curve"}, flush=True)
+    print(f"wrote {write_result(args.name, result)}")
+
+
+if __name__ == "__main__":
+    main()
