@@ -36,13 +36,8 @@ from pipeline.errors import ChecksumError, DownloadError
 from pipeline.io import sha256_bytes
 
 # --------------------------------------------------------------------------------------------
-# The server (tests/helpers_http.py)
+# The servers: `server` (tests/conftest.py) and an https one
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def server() -> Iterator[Server]:
-    yield from serve()
 
 
 @pytest.fixture
@@ -126,6 +121,13 @@ def test_404_on_first_mirror_then_second_mirror(server: Server, tmp_path: Path) 
     _fetch([server.url("missing"), server.url("files")], dest, retries_per_mirror=0)
     assert dest.read_bytes() == IDX
     assert len(server.hits("missing")) == 1 and len(server.hits("files")) == 1
+
+
+def test_404_is_not_retried(server: Server, tmp_path: Path) -> None:
+    dest = tmp_path / IDX_NAME
+    _fetch([server.url("missing"), server.url("files")], dest, retries_per_mirror=2)
+    assert dest.read_bytes() == IDX
+    assert len(server.hits("missing")) == 1  # a missing file does not appear on a retry
 
 
 def test_500_is_retried_then_next_mirror(server: Server, tmp_path: Path) -> None:
