@@ -21,6 +21,7 @@ the embedded digits, class folders) keeps every class. What was left out is reco
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import shutil
 import stat
@@ -38,6 +39,7 @@ from .raw import RawWriter
 if TYPE_CHECKING:
     from ..params import Data
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Pinned:
@@ -494,12 +496,24 @@ def _mirrors(p: Data, official: tuple[str, ...] | list[str], filename: str) -> l
 
 
 def _download(p: Data, folder: Path, pin: Pinned) -> Path:
-    from .fetch import fetch  # noqa: PLC0415
+    """Fetch one pinned file: data.mirrors first, then the official mirrors that may be used.
 
-    mirrors = _mirrors(p, pin.mirrors, pin.filename)
+    An official mirror on plain http (MNIST's second, Fashion-MNIST's and SVHN's only one) is
+    left out unless data.allow_http is set, instead of failing the whole list: the mirrors a
+    user writes in data.mirrors are still checked strictly by fetch().
+    """
+    from .fetch import fetch, is_loopback_url  # noqa: PLC0415
+
+    official = [m for m in pin.mirrors if p.allow_http or not m.lower().startswith("http://") or is_loopback_url(m)]
+    dropped = [m for m in pin.mirrors if m not in official]
+    mirrors = _mirrors(p, official, pin.filename)
     if not mirrors:
-        raise DownloadError(f"{pin.filename}: no mirror to fetch it from; list a URL or a local folder that holds "
-                            "it in data.mirrors")
+        why = f" (its official mirror {', '.join(dropped)} is plain http)" if dropped else ""
+        raise DownloadError(f"{pin.filename}: no mirror to fetch it from{why}; list an https URL or a local folder "
+                            "that holds it in data.mirrors" + (", or set data.allow_http: true" if dropped else ""))
+    if dropped:
+        log.info("download: %s: plain-http official mirror(s) %s left out (data.allow_http is false)",
+                 pin.filename, ", ".join(dropped))
     return fetch(mirrors, folder / pin.filename, md5=pin.md5, sha256=pin.sha256, timeout_s=p.timeout_s,
                  allow_http=p.allow_http)
 
