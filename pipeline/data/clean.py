@@ -232,17 +232,22 @@ def check_chunk(job: tuple[list[Row], str, CleanOptions]) -> dict[str, list[Any]
     return cols
 
 
-def _jobs(df: pd.DataFrame, raw_dir: Path, opts: CleanOptions) -> Iterator[tuple[list[Row], str, CleanOptions]]:
+def _jobs(df: pd.DataFrame, raw_dir: Path, opts: CleanOptions,
+          file_chunk: int) -> Iterator[tuple[list[Row], str, CleanOptions]]:
     """Chunks of rows, files and arrays apart (an array chunk is hashed as one batch)."""
-    for kind, size in (("array", ARRAY_CHUNK), ("file", FILE_CHUNK)):
+    for kind, size in (("array", ARRAY_CHUNK), ("file", file_chunk)):
         part = df[df["kind"] == kind]
         for start in range(0, len(part), size):
             yield rows_of(part.iloc[start : start + size]), str(raw_dir), opts
 
 
 def check_items(df: pd.DataFrame, raw_dir: Path, opts: CleanOptions, *, workers: int,
-                progress: bool = True) -> pd.DataFrame:
-    """Decode and hash every item of a raw manifest; one row of RESULT_COLUMNS per item."""
+                progress: bool = True, file_chunk: int = FILE_CHUNK) -> pd.DataFrame:
+    """Decode and hash every item of a raw manifest; one row of RESULT_COLUMNS per item.
+
+    workers: processes (1: in this process); file_chunk: files per job. Workers are used when
+    there are at least two jobs' worth of files (array items count for much less).
+    """
     import pandas as pd  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
 
@@ -250,10 +255,10 @@ def check_items(df: pd.DataFrame, raw_dir: Path, opts: CleanOptions, *, workers:
     # worth it for files, and for array items only when there are very many.
     n_files = int((df["kind"] == "file").sum())
     cost = n_files + (len(df) - n_files) / (50 if opts.phash else 500)
-    use = workers if cost >= 2 * FILE_CHUNK else 1
+    use = workers if cost >= 2 * file_chunk else 1
     parts = []
     with tqdm(total=len(df), desc="clean", unit="img", disable=not progress, mininterval=1.0) as bar:
-        for cols in ordered_map(check_chunk, _jobs(df, raw_dir, opts), workers=use):
+        for cols in ordered_map(check_chunk, _jobs(df, raw_dir, opts, file_chunk), workers=use):
             parts.append(pd.DataFrame(cols).astype({"item": "int64", **RESULT_COLUMNS}))
             bar.update(len(cols["item"]))
     if not parts:
