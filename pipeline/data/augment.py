@@ -123,7 +123,8 @@ def iter_augment(images: np.ndarray, *, ops: list[dict[str, Any]], copies: int, 
     build_pipeline(ops, check=True)  # validate names and args before any work
     jobs = ((images[s : s + chunk], c, s, seed, ops) for c in range(copies) for s in range(0, len(images), chunk))
     n_jobs = copies * -(-len(images) // chunk)
-    yield from ordered_map(_augment_chunk, jobs, workers=workers if n_jobs > 1 else 1)
+    yield from ordered_map(_augment_chunk, jobs, workers=workers if n_jobs > 1 else 1,
+                           preload=("albumentations", __name__))
 
 
 def augment(images: np.ndarray, *, ops: list[dict[str, Any]], copies: int, seed: int, workers: int,
