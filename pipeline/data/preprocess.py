@@ -177,11 +177,22 @@ def _work(job: tuple[list[Row], list[str], str, CleanOptions, dict[str, Any]]) -
     return out, np.array([r.label for r in rows], np.int64), int(mismatches)
 
 
+FILES_PER_JOB = 128  # a fraction of a second of decoding: enough jobs to keep every worker busy
+
+
 def _jobs(accepted: pd.DataFrame, raw_dir: Path, opts: CleanOptions, rz: dict[str, Any],
           per_job: int) -> Iterator[tuple[list[Row], list[str], str, CleanOptions, dict[str, Any]]]:
-    for start in range(0, len(accepted), per_job):
-        part = accepted.iloc[start : start + per_job]
+    """Jobs of consecutive rows: at most ``per_job`` items, and at most FILES_PER_JOB files."""
+    is_file = (accepted["kind"] == "file").to_numpy()
+    start = 0
+    while start < len(accepted):
+        stop = min(start + per_job, len(accepted))
+        files = np.cumsum(is_file[start:stop])
+        if files[-1] > FILES_PER_JOB:
+            stop = start + int(np.searchsorted(files, FILES_PER_JOB, side="right"))
+        part = accepted.iloc[start:stop]
         yield rows_of(part), part["pixel_hash"].astype(str).tolist(), str(raw_dir), opts, rz
+        start = stop
 
 
 def build_tensors(clean: pd.DataFrame, raw_dir: Path, out_dir: Path, opts: CleanOptions, *,
@@ -214,15 +225,30 @@ def build_tensors(clean: pd.DataFrame, raw_dir: Path, out_dir: Path, opts: Clean
             & (accepted["repairs"].fillna("") == ""))
     cost = int(is_file.sum()) + int((~is_file & ~same).sum()) / 20
     use = workers if cost >= 512 else 1
+    # One pool for both splits: the train jobs, then the test jobs, results in that order.
+    parts = {split: accepted[accepted["out_split"] == split] for split in ("train", "test")}
+    jobs = ((split, job) for split in parts for job in _jobs(parts[split], raw_dir, opts, rz, per_job))
+    order: list[str] = []  # split of each job submitted, consumed in the same order
+
+    def tagged() -> Iterator[tuple[list[Row], list[str], str, CleanOptions, dict[str, Any]]]:
+        for split, job in jobs:
+            order.append(split)
+            yield job
+
+    shape = (channels, height, width)
+    writer = ShardWriter(out_dir, "train", shard_bytes=shard_bytes)
     with tqdm(total=len(accepted), desc="preprocess", unit="img", disable=not progress, mininterval=1.0) as bar:
-        for split in ("train", "test"):
-            part = accepted[accepted["out_split"] == split]
-            writer = ShardWriter(out_dir, split, shard_bytes=shard_bytes)
-            for images, labels, bad in ordered_map(_work, _jobs(part, raw_dir, opts, rz, per_job), workers=use):
-                writer.add(images, labels)
-                mismatches += bad
-                bar.update(len(images))
-            entries[split] = writer.close(shape=(channels, height, width))
+        for n, (images, labels, bad) in enumerate(ordered_map(_work, tagged(), workers=use)):
+            if order[n] != writer.split:  # the first test batch: the train split is complete
+                entries[writer.split] = writer.close(shape=shape)  # one shard buffer alive at a time
+                writer = ShardWriter(out_dir, order[n], shard_bytes=shard_bytes)
+            writer.add(images, labels)
+            mismatches += bad
+            bar.update(len(images))
+    entries[writer.split] = writer.close(shape=shape)
+    for split in parts:
+        if split not in entries:  # a split without images still gets its (empty) files
+            entries[split] = ShardWriter(out_dir, split, shard_bytes=shard_bytes).close(shape=shape)
     if mismatches:
         log.warning("preprocess: %d accepted images decoded to other pixels than in the clean stage (another "
                     "Pillow/libjpeg?); their new pixels were used. Re-run clean on this machine to make them agree.",
