@@ -19,7 +19,7 @@ from pipeline.stages import augment as augment_stage
 
 OPS = [
     {"name": "HorizontalFlip", "args": {"p": 0.5}},
-    {"name": "Affine", "args": {"translate_percent": 0.1, "rotate": [-15, 15], "p": 0.9}},
+    {"name": "Affine", "args": {"translate_percent": [-0.1, 0.1], "rotate": [-15, 15], "p": 0.9}},
     {"name": "RandomBrightnessContrast", "args": {"p": 0.5}},
     {"name": "CoarseDropout", "args": {"num_holes_range": [1, 2], "hole_height_range": [3, 6],
                                        "hole_width_range": [3, 6], "p": 0.5}},
