@@ -120,7 +120,7 @@ def _augment_chunk(args: tuple[np.ndarray, int, int, int, list[dict[str, Any]]])
 def iter_augment(images: np.ndarray, *, ops: list[dict[str, Any]], copies: int, seed: int, workers: int,
                  chunk: int = 1024) -> Iterator[np.ndarray]:
     """Yield the augmented copies of uint8 [N, C, H, W] in order (copy-major), one chunk at a time."""
-    build_pipeline(ops, check=True)  # validate names and args before any work
+    build_pipeline(ops)  # validate names and args before any work (the stage also logs warnings)
     jobs = ((images[s : s + chunk], c, s, seed, ops) for c in range(copies) for s in range(0, len(images), chunk))
     n_jobs = copies * -(-len(images) // chunk)
     yield from ordered_map(_augment_chunk, jobs, workers=workers if n_jobs > 1 else 1,

@@ -21,7 +21,6 @@ because they inflate metrics.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -48,8 +47,6 @@ from .parallel import ordered_map
 
 if TYPE_CHECKING:
     import pandas as pd
-
-log = logging.getLogger(__name__)
 
 DUPLICATE_REASONS = {
     "exact_duplicate": "same decoded pixels as another item (the test copy, else the first, is kept)",
