@@ -191,15 +191,20 @@ DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
 class ShardWriter:
     """Streams uint8 [n, C, H, W] batches of one split into shards of at most ``shard_bytes``.
 
-    Memory stays bounded by one shard however large the split is.
+    Memory stays bounded by one shard however large the split is: batches are copied into a
+    single shard buffer (allocated once, reused; the OS only backs the pages written) that is
+    written out each time it fills, so the caller may drop every batch right after ``add``.
     """
 
     def __init__(self, out_dir: Path, split: str, *, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        if shard_bytes < 1:
+            raise ValueError(f"shard_bytes must be >= 1, got {shard_bytes}")
         self.out_dir = Path(out_dir)
         self.split = split
         self.shard_bytes = shard_bytes
         self.shape: tuple[int, ...] | None = None
-        self.buffer: list[np.ndarray] = []
+        self.per_shard = 0
+        self.buffer: np.ndarray | None = None  # uint8 [per_shard, C, H, W]
         self.buffered = 0
         self.shards: list[dict[str, Any]] = []
         self.labels: list[np.ndarray] = []
@@ -208,37 +213,45 @@ class ShardWriter:
     def add(self, images: np.ndarray, labels: np.ndarray) -> None:
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 [N, C, H, W], got {images.dtype} {images.shape}")
+        if len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if self.shape is None:
-            self.shape = tuple(images.shape[1:])
+            self.shape = tuple(int(s) for s in images.shape[1:])
+            # A shard holds at least one image, even one larger than shard_bytes.
+            self.per_shard = max(1, self.shard_bytes // max(1, int(np.prod(self.shape))))
         elif tuple(images.shape[1:]) != self.shape:
             raise ValueError(f"image shape {images.shape[1:]} differs from {self.shape}")
-        per_shard = max(1, self.shard_bytes // max(1, int(np.prod(self.shape))))
-        self.labels.append(np.asarray(labels, np.int64))
+        self.labels.append(np.asarray(labels, np.int64).copy())
         self.count += len(images)
-        while len(images):
-            take = min(len(images), per_shard - self.buffered)
-            self.buffer.append(images[:take])
+        done = 0
+        while done < len(images):
+            if self.buffer is None:
+                self.buffer = np.empty((self.per_shard, *self.shape), np.uint8)
+            take = min(len(images) - done, self.per_shard - self.buffered)
+            self.buffer[self.buffered : self.buffered + take] = images[done : done + take]
             self.buffered += take
-            images = images[take:]
-            if self.buffered == per_shard:
+            done += take
+            if self.buffered == self.per_shard:
                 self._flush()
 
     def _flush(self) -> None:
-        if not self.buffer:
+        if self.buffer is None:
             return
-        part = np.concatenate(self.buffer) if len(self.buffer) > 1 else self.buffer[0]
+        part = self.buffer[: self.buffered]
         name = f"{self.split}_{len(self.shards):03d}.npy"
         self.shards.append({"file": name, "count": int(len(part)), "sha256": save_npy(self.out_dir / name, part)})
-        self.buffer, self.buffered = [], 0
+        self.buffered = 0
 
     def close(self, *, shape: tuple[int, ...] | None = None) -> dict[str, Any]:
         """Write the last shard and the labels; return the split's index entry for meta.json."""
         if self.shape is None:
             if shape is None:
                 raise ValueError(f"split {self.split!r} is empty and no shape was given")
-            self.shape = tuple(shape)
-            self.buffer = [np.zeros((0, *self.shape), np.uint8)]
-        self._flush()
+            self.shape = tuple(int(s) for s in shape)
+            self.buffer = np.zeros((0, *self.shape), np.uint8)
+        if self.buffered or not self.shards:
+            self._flush()
+        self.buffer = None
         labels_name = f"{self.split}_labels.npy"
         labels = np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64)
         return {

@@ -65,7 +65,8 @@ class Data:
     mirrors: list[str] = spec(None, "extra mirrors tried first (URLs or local directories)", default_factory=list)
     allow_http: bool = spec(False, "allow plain http to non-loopback hosts (off: https only)")
     timeout_s: float = spec(30.0, "network timeout per socket operation, seconds", gt=0)
-    limit: int | None = spec(None, "keep only the first N images of each split (quick runs); null = all", ge=1)
+    limit: int | None = spec(None, "keep N images of each split, evenly spaced so every class stays (quick runs); null = all",
+                             ge=1)
     channels: Literal["gray", "rgb"] = spec("gray", "decode every image to 1-channel gray or 3-channel RGB")
     background: list[int] = spec(None, "RGB colour alpha is composited on", default_factory=lambda: [255, 255, 255])
     min_size: int = spec(8, "reject images smaller than this on either side, pixels", ge=1)
@@ -85,13 +86,25 @@ class Data:
 
 @dataclass(frozen=True)
 class Preprocess:
-    size: int = spec(28, "output side length in pixels (square)", ge=8, le=1024)
+    size: int | list[int] = spec(28, "output size in pixels: N (N x N) or [height, width]; models need square 28/32/64/128",
+                                 ge=8, le=1024)
     resize: Literal["crop", "letterbox", "stretch"] = spec("crop", "aspect policy: center-crop, pad (letterbox) or stretch")
     filter: Literal["lanczos", "bicubic", "bilinear", "area", "box", "nearest"] = spec(
         "lanczos", "resampling filter (recorded: the filter alone moves FID)")
     fill: int = spec(0, "letterbox padding value, 0..255", ge=0, le=255)
     test_fraction: float = spec(0.2, "held-out share when the source has no test split (stratified)", gt=0, lt=1)
     shard_mb: int = spec(256, "maximum size of one tensor shard file, MiB", ge=1)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, list):
+            if len(self.size) != 2 or any(not 8 <= v <= 1024 for v in self.size):
+                raise ParamsError(f"preprocess.size: {self.size!r} is not allowed; use N or [height, width], "
+                                  "each in 8..1024")
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of the output images."""
+        return (self.size, self.size) if isinstance(self.size, int) else (self.size[0], self.size[1])
 
 
 @dataclass(frozen=True)

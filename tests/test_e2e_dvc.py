@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from .conftest import make_project, run, tiny_params, venv_env, write_params
+from helpers_project import make_project, run, tiny_params, venv_env, write_params
 
 # Modules a stage imports only for some params (a download source, Inception weights): declared,
 # though the tiny default run does not import them.

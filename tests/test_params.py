@@ -14,7 +14,7 @@ import yaml
 from pipeline.errors import ParamsError
 from pipeline.params import Params, load_params, to_dict, validate
 
-from .conftest import ROOT, venv_env
+from helpers_project import ROOT, venv_env
 
 
 def test_params_yaml_matches_schema_defaults_and_every_key_is_commented() -> None:

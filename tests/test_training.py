@@ -23,7 +23,7 @@ from pipeline.params import Params, Train, to_dict, validate
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.loop import Trainer, resolve_config
 
-from .conftest import ROOT, tiny_params, venv_env, write_params
+from helpers_project import ROOT, tiny_params, venv_env, write_params
 
 SMALL = {"batch_size": 8, "ngf": 8, "ndf": 8, "nz": 8, "log_every": 2, "grid_every": 100, "eval_every": 100,
          "checkpoint_every": 100}

@@ -8,7 +8,8 @@ name once its bytes match a pinned sha256. The rules (see DESIGN.md, "Reliabilit
   A killed download leaves only the ``.part``, which the next run resumes with an HTTP ``Range``.
 * A checksum mismatch is fatal: the ``.part`` is removed and no other mirror is tried. Shopping
   for a mirror that happens to agree would defeat the pin. Only *network* errors (refused,
-  timeout, 4xx/5xx from that mirror, a body cut short) move on to the next mirror.
+  timeout, 4xx/5xx from that mirror, a body cut short) move on to the next mirror, after
+  ``retries_per_mirror`` retries of the same mirror (none for 404/410: the file is not there).
 * https only, unless the host is loopback (tests, a local cache server) or the caller opts in
   with ``allow_http`` (``data.allow_http`` in params.yaml). A redirect never downgrades https to
   http, and no redirect leaves http(s).
@@ -405,7 +406,8 @@ def _download_http(
                 # over from byte 0 within this try; without a Range header 416 cannot recur.
                 part.unlink()
                 continue
-            raise _MirrorFailed(f"HTTP {exc.code} {exc.reason}") from None
+            # 404/410: the file is not on this mirror, and will not be on a retry a second later.
+            raise _MirrorFailed(f"HTTP {exc.code} {exc.reason}", retryable=exc.code not in (404, 410)) from None
         except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets, TLS errors
             raise _MirrorFailed(_describe(exc)) from None
 

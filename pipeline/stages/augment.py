@@ -7,9 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from ..io import staged_dir, write_json, write_split
+from ..io import ShardWriter, staged_dir, write_json
 from ..params import Params, to_dict
 from .common import add_common, run_stage
 
@@ -18,25 +16,46 @@ log = logging.getLogger(__name__)
 SECTIONS = ["augment", "base"]
 
 
-def run(params: Params, tensors_dir: Path, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
-    from ..data.augment import augment  # noqa: PLC0415
+def run(params: Params, tensors_dir: Path, out_dir: Path, *, progress: bool = True,
+        chunk: int = 1024) -> dict[str, Any]:
+    """Write the training originals followed by ``copies`` augmented copies (copy-major) to ``out_dir``.
+
+    The ops are validated before the tensors are read; the copies are streamed into shards.
+    """
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from ..data.augment import build_pipeline, iter_augment  # noqa: PLC0415
     from ..data.tensors import load_split  # noqa: PLC0415
 
     p = params.augment
-    train = load_split(tensors_dir, "train")
     ops = [to_dict(op) for op in p.ops]
-    extra = augment(train.images, ops=ops, copies=p.copies, seed=params.base.seed, workers=p.workers,
-                    progress=progress) if p.copies and ops else np.zeros((0, *train.images.shape[1:]), np.uint8)
-    images = np.concatenate([train.images, extra])
-    labels = np.concatenate([train.labels, np.tile(train.labels, len(extra) // max(1, len(train.labels)))])
+    copies = p.copies if ops else 0
+    if p.copies and not ops:
+        log.warning("augment: copies=%d but augment.ops is empty; no copies made (they would equal the originals)",
+                    p.copies)
+    if copies:
+        build_pipeline(ops, check=True)  # a bad op name or argument fails here, before any work
+    train = load_split(tensors_dir, "train")
+    n = len(train.images)
     with staged_dir(out_dir) as tmp:
-        entry = write_split(tmp, "train", images, labels)
+        writer = ShardWriter(tmp, "train")
+        writer.add(train.images, train.labels)
+        with tqdm(total=copies * n, desc="augment", unit="img", disable=not progress or not copies,
+                  mininterval=1.0) as bar:
+            done = 0
+            for part in (iter_augment(train.images, ops=ops, copies=copies, seed=params.base.seed,
+                                      workers=p.workers, chunk=chunk) if copies else ()):
+                start = done % n  # chunks come in order: copy-major, then image index
+                writer.add(part, train.labels[start : start + len(part)])
+                done += len(part)
+                bar.update(len(part))
+        entry = writer.close(shape=train.images.shape[1:])
         meta = {k: v for k, v in train.meta.items() if k != "splits"}
-        meta.update(splits={"train": entry}, augment={"copies": p.copies if ops else 0, "ops": ops,
-                                                      "seed": params.base.seed, "originals": len(train.images)})
+        meta.update(splits={"train": entry}, augment={"copies": copies, "ops": ops, "seed": params.base.seed,
+                                                      "originals": n, "per_sample_seed": "SeedSequence([seed, copy, index])"})
         write_json(tmp / "meta.json", meta)
-    log.info("augment: %d originals + %d augmented = %d training images", len(train.images), len(extra), len(images))
-    return {"images_train": len(images), "augmented": len(extra)}
+    log.info("augment: %d originals + %d augmented = %d training images", n, copies * n, entry["count"])
+    return {"images_train": entry["count"], "augmented": copies * n}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

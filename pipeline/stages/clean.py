@@ -17,22 +17,39 @@ SECTIONS = ["data"]
 
 
 def run(p: Data, raw_dir: Path, out_dir: Path, report_path: Path, *, progress: bool = True) -> dict[str, Any]:
-    from ..data.clean import CleanOptions, check_items, mark_duplicates, summarize  # noqa: PLC0415
+    """Check every raw item and write data/clean (manifest + decode options) and the report.
+
+    Returns the report's counts as flat metrics (see :func:`pipeline.data.clean.report_metrics`).
+    """
+    import pandas as pd  # noqa: PLC0415
+
+    from ..data.clean import (  # noqa: PLC0415
+        CleanOptions,
+        check_items,
+        mark_duplicates,
+        report_metrics,
+        skipped_rows,
+        summarize,
+    )
     from ..data.raw import read_manifest  # noqa: PLC0415
+    from ..errors import DataError  # noqa: PLC0415
 
     manifest, source = read_manifest(raw_dir)
     opts = CleanOptions(channels=p.channels, background=tuple(p.background), min_size=p.min_size,  # type: ignore[arg-type]
-                        max_pixels=p.max_pixels, animated=p.animated)
+                        max_pixels=p.max_pixels, animated=p.animated, phash=p.near_dup_distance > 0)
     checked = check_items(manifest, raw_dir, opts, workers=workers(p.workers), progress=progress)
-    df = manifest.merge(checked, on="item", how="left", validate="one_to_one").sort_values("item").reset_index(drop=True)
-    dup = mark_duplicates(df, exact=p.dedup, near_distance=p.near_dup_distance)
-    skipped = source.get("provenance", {}).get("skipped", [])
-    report = summarize(df, dup, skipped)
-    report["source"] = source["source"]
+    df = manifest.merge(checked, on="item", how="left", validate="one_to_one")
+    provenance = source.get("provenance", {})
+    skipped = skipped_rows(provenance.get("skipped", []), first_item=len(manifest))
+    df = pd.concat([df, skipped], ignore_index=True) if len(skipped) else df
+    df = df.sort_values("item").reset_index(drop=True)
+    dups = mark_duplicates(df, exact=p.dedup, near_distance=p.near_dup_distance)
+    extra = {"source": source["source"]}
+    if "limit" in provenance:
+        extra["limit"] = provenance["limit"]
+    report = summarize(df, dups, extra=extra)
+    write_json(report_path, report)
     if report["accepted"] == 0:
-        from ..errors import DataError  # noqa: PLC0415
-
-        write_json(report_path, report)
         raise DataError(f"clean: none of the {report['total']} inputs was accepted; see {report_path} for the reasons")
     with staged_dir(out_dir) as tmp:
         with atomic_write(tmp / "manifest.parquet") as fh:
@@ -42,13 +59,14 @@ def run(p: Data, raw_dir: Path, out_dir: Path, report_path: Path, *, progress: b
         write_json(tmp / "source.json", dict(source, clean_options={
             "channels": opts.channels, "background": list(opts.background), "min_size": opts.min_size,
             "max_pixels": opts.max_pixels, "animated": opts.animated}))
-    write_json(report_path, report)
-    log.info("clean: %d accepted, %d rejected %s, %d duplicates (%d cross-split groups), %d skipped",
-             report["accepted"], report["rejected"], report["rejected_by_reason"], report["duplicates"],
-             dup["cross_split_groups"], report["skipped"])
-    return {"accepted": report["accepted"], "rejected": report["rejected"], "duplicates": report["duplicates"],
-            "skipped": report["skipped"], "cross_split_duplicate_groups": dup["cross_split_groups"],
-            **{f"rejected_{k}": v for k, v in report["rejected_by_reason"].items()}}
+    log.info("clean: %d inputs: %d accepted, %d rejected %s, %d duplicates %s (%d cross-split groups), "
+             "%d skipped %s", report["total"], report["accepted"], report["rejected"], report["rejected_by_reason"],
+             report["duplicates"], report["duplicates_by_reason"], dups["cross_split_groups"], report["skipped"],
+             report["skipped_by_reason"])
+    if dups["cross_split_groups"]:
+        log.warning("clean: %d duplicate groups spanned train and test (test copies kept, train copies dropped); "
+                    "such leaks inflate metrics, see cross_split_examples in %s", dups["cross_split_groups"], report_path)
+    return report_metrics(report)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,8 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     def body(params: Params, tracker: Any) -> dict[str, Any]:
-        metrics = run(params.data, args.raw, args.out, args.report)
-        tracker.log_artifact(args.report, "clean")
+        try:
+            metrics = run(params.data, args.raw, args.out, args.report)
+        finally:
+            # The report explains a failure too (no image accepted), so it is logged either way;
+            # its counts become metrics through run_stage.
+            tracker.log_artifact(args.report, "clean")
         return metrics
 
     return run_stage("clean", args, body, SECTIONS)

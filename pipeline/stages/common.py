@@ -108,4 +108,14 @@ def set_determinism(params: Params) -> None:
 
 
 def workers(n: int) -> int:
-    return n if n > 0 else (os.cpu_count() or 1)
+    """n worker processes, or one per core this process may run on when n is 0.
+
+    The affinity mask, not os.cpu_count(): a container or taskset that grants 4 of 64 cores
+    must get 4 workers, not 64 fighting over 4.
+    """
+    if n > 0:
+        return n
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

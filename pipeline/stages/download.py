@@ -5,19 +5,26 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..io import staged_dir
 from ..params import Data, Params
 from .common import add_common, run_stage
+
+if TYPE_CHECKING:
+    from ..data.sources import Resources
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ["data"]
 
 
-def run(p: Data, out_dir: Path, cache_dir: Path) -> dict[str, Any]:
-    """Write the raw dataset for ``p.source`` into ``out_dir`` (replaced only on success)."""
+def run(p: Data, out_dir: Path, cache_dir: Path, *, resources: Resources | None = None) -> dict[str, Any]:
+    """Write the raw dataset for ``p.source`` into ``out_dir`` (replaced only on success).
+
+    resources: the pinned files of a standard dataset; None (always, outside tests) means the
+    production pins of :func:`pipeline.data.sources.standard_resources`.
+    """
     from ..data.raw import RawWriter  # noqa: PLC0415
     from ..data.sources import get_source  # noqa: PLC0415
 
@@ -25,10 +32,15 @@ def run(p: Data, out_dir: Path, cache_dir: Path) -> dict[str, Any]:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with staged_dir(out_dir) as tmp:
         writer = RawWriter(tmp)
-        class_names, provenance = source(p, writer, cache_dir)
+        class_names, provenance = source(p, writer, cache_dir, resources=resources)
         info = writer.finish(name=p.source, class_names=class_names, provenance=provenance)
-    log.info("download: %s -> %s: %d items %s", p.source, out_dir, info["items"], info["splits"])
-    return {"items": info["items"], **{f"items_{k or 'unsplit'}": v for k, v in info["splits"].items()}}
+    skipped = len(provenance.get("skipped", []))
+    log.info("download: %s -> %s: %d items %s%s", p.source, out_dir, info["items"], info["splits"],
+             f", {skipped} inputs skipped (listed in source.json)" if skipped else "")
+    if "limit" in provenance:
+        log.info("download: data.limit=%s kept %s", p.limit, provenance["limit"])
+    return {"items": info["items"], "skipped": skipped,
+            **{f"items_{k or 'unsplit'}": v for k, v in info["splits"].items()}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
