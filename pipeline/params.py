@@ -160,7 +160,7 @@ class Train:
     instance_noise_decay_steps: int = spec(1000, "steps over which instance noise decays linearly to 0", ge=1)
     diffaug: list[DiffAug] = spec(None, "differentiable augmentation of D inputs (translation, cutout, color)",
                                   default_factory=list)
-    ema_decay: float = spec(0.999, "EMA of generator weights (0 = off); grids and metrics use the EMA", ge=0, lt=1)
+    ema_decay: float = spec(0.999, "EMA of generator weights, warmed up (0 = off); grids and metrics use it", ge=0, lt=1)
     ema_start: int = spec(0, "step from which the EMA averages (before: it copies the weights)", ge=0)
     grad_clip: float = spec(0.0, "clip gradient norm of G and D to this (0 = off)", ge=0)
     init: Literal["normal", "xavier", "he"] = spec("normal", "weight init: N(0, 0.02) as DCGAN, Xavier, He")

@@ -121,19 +121,31 @@ def test_minibatch_std_adds_one_channel_of_the_group_std() -> None:
     assert torch.allclose(y[:2, 3, 0, 0], expected)
 
 
-def test_ema_is_an_exponential_average_and_copies_buffers() -> None:
+def test_ema_is_a_warmed_up_exponential_average_and_copies_buffers() -> None:
     m = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     ema = EMA(m, decay=0.9)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(1) == pytest.approx(2 / 11)
+    assert ema.decay_at(1000) == 0.9  # warm-up over: the configured decay
+    assert EMA(m, decay=0.9, start_step=10).decay_at(5) == 0.0  # before start: a plain copy
     old = [p.clone() for p in ema.shadow.parameters()]
     with torch.no_grad():
         for p in m.parameters():
             p.add_(1.0)
         m[1].running_mean.fill_(3.0)
-    ema.update(m, step=1)
-    for o, s, p in zip(old, ema.shadow.parameters(), m.parameters(), strict=True):
-        assert torch.allclose(s, 0.9 * o + 0.1 * p)
+    ema.update(m, step=1000)
+    for o, s_, p in zip(old, ema.shadow.parameters(), m.parameters(), strict=True):
+        assert torch.allclose(s_, 0.9 * o + 0.1 * p)
     assert torch.all(ema.shadow[1].running_mean == 3.0)
-    EMA(m, decay=0.9, start_step=10).update(m, step=1)  # before start: a plain copy
+    # The device-tensor form (used inside CUDA graphs) computes the same update.
+    twin = EMA(m, decay=0.99, start_step=3)
+    twin.shadow.load_state_dict(ema.shadow.state_dict())
+    ema2 = EMA(m, decay=0.99, start_step=3)
+    ema2.shadow.load_state_dict(ema.shadow.state_dict())
+    for step in (2, 3, 7, 500):
+        twin.update(m, step)
+        ema2.update_with(m, torch.tensor(step))
+        for a, b in zip(twin.shadow.parameters(), ema2.shadow.parameters(), strict=True):
+            assert torch.allclose(a, b, atol=1e-7), step
 
 
 def test_generator_file_roundtrip_and_refusals(tmp_path: Path) -> None:

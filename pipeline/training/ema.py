@@ -18,11 +18,19 @@ class EMA:
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
 
     def decay_at(self, step: int) -> float:
-        return self.decay if step >= self.start_step else 0.0
+        """The decay used after ``step`` updates: 0 before start_step (a plain copy), then warmed up
+        as min(decay, (1 + t) / (10 + t)) so the average forgets the random initialisation within
+        the first few hundred steps instead of carrying it for ~1 / (1 - decay) steps."""
+        if step < self.start_step:
+            return 0.0
+        t = step - self.start_step
+        return min(self.decay, (1 + t) / (10 + t))
 
     @torch.no_grad()
-    def update_with(self, model: nn.Module, decay: torch.Tensor) -> None:
-        """The same update with the decay as a 0-dim device tensor (capturable in a CUDA graph)."""
+    def update_with(self, model: nn.Module, step: torch.Tensor) -> None:
+        """:meth:`update` with the step as a 0-dim device tensor: no host work (capturable in a CUDA graph)."""
+        t = step.float() - self.start_step
+        decay = torch.where(t < 0, torch.zeros_like(t), torch.clamp((1 + t) / (10 + t), max=self.decay))
         shadow = list(self.shadow.parameters())
         torch._foreach_mul_(shadow, decay)
         torch._foreach_add_(shadow, torch._foreach_mul(list(model.parameters()), 1.0 - decay))

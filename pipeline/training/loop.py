@@ -91,6 +91,7 @@ class Trainer:
             raise UserError(f"training images are {tuple(images.shape[1:])}, the config says {(c, h, w)}")
 
         self._use_graph = False
+        self._reuse_fake = cfg["arch"] != "vae" and cfg["n_critic"] == 1
         # Models are initialised from the seed (identical on every rank) and broadcast anyway.
         torch.manual_seed(cfg["seed"])
         self._build_models()
@@ -127,8 +128,6 @@ class Trainer:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static: dict[str, Any] | None = None
         self._warm = 0
-        self._ema_decay_t = torch.full((), -1.0, device=self.device)
-        self._ema_decay_value = -1.0
         self.transfer: dict[str, Any] | None = None
 
     # -- construction ---------------------------------------------------------------------------
@@ -323,7 +322,8 @@ class Trainer:
         for _ in range(self.cfg["n_critic"]):
             draws["idx"].append(self._next_indices())
             draws["zd"].append(self._latents(b)[0])  # fake images in the D step take the real labels
-        draws["zg"], draws["yg"] = self._latents(b)
+        if not self._reuse_fake:
+            draws["zg"], draws["yg"] = self._latents(b)
         return draws
 
     # -- steps ----------------------------------------------------------------------------------
@@ -354,13 +354,22 @@ class Trainer:
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
             else torch.zeros((), device=self.device)
 
-    def _d_step(self, idx: torch.Tensor, z: torch.Tensor, d_iter: int, want_norm: bool) -> dict[str, torch.Tensor]:
+    def _d_step(self, idx: torch.Tensor, z: torch.Tensor, d_iter: int, want_norm: bool
+                ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None] | None]:
+        """One D update; with a single critic step it also returns the fake batch (with its graph)
+        and labels for the G step to reuse, as the classic DCGAN loop does: one G forward per step."""
         cfg = self.cfg
         x, y = self._images(idx)
         yz = y  # conditional: fakes of the same classes as the real batch
         sigma = self._noise_sigma()
-        with torch.no_grad(), self._autocast():
-            fake = self.g(z, yz)
+        if self._reuse_fake:
+            with self._autocast():
+                fake_g = self.g(z, yz)
+            fake = fake_g.detach()
+        else:
+            with torch.no_grad(), self._autocast():
+                fake = self.g(z, yz)
+            fake_g = None
         with self._autocast():
             real_logits = self.d(self._d_input(x, sigma), y).float()
             fake_logits = self.d(self._d_input(fake.to(x.dtype), sigma), yz).float()
@@ -383,13 +392,15 @@ class Trainer:
         if want_norm:
             out["grad_norm_d"] = clipped if clipped is not None else self._grad_norm(self.d)
         self.opt_d.step()
-        return out
+        return out, (None if fake_g is None else (fake_g, yz))
 
-    def _g_step(self, z: torch.Tensor, y: torch.Tensor | None, want_norm: bool) -> dict[str, torch.Tensor]:
+    def _g_step(self, z: torch.Tensor | None, y: torch.Tensor | None, want_norm: bool,
+                fake: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         sigma = self._noise_sigma()
         self.d.requires_grad_(False)  # no D parameter gradients in the G step
         with self._autocast():
-            fake = self.g(z, y)
+            if fake is None:
+                fake = self.g(z, y)
             if self.channels_last:
                 fake = fake.contiguous(memory_format=torch.channels_last)
             loss = self.loss.g(self.d(self._d_input(fake, sigma), y).float())
@@ -439,9 +450,14 @@ class Trainer:
         self.g.train()
         self.d.train()
         out: dict[str, torch.Tensor] = {}
+        kept = None
         for i, (idx, z) in enumerate(zip(draws["idx"], draws["zd"], strict=True)):
-            out.update(self._d_step(idx, z, self.step * self.cfg["n_critic"] + i, want_norm))
-        out.update(self._g_step(draws["zg"], draws["yg"], want_norm))
+            d_out, kept = self._d_step(idx, z, self.step * self.cfg["n_critic"] + i, want_norm)
+            out.update(d_out)
+        if kept is not None:
+            out.update(self._g_step(None, kept[1], want_norm, fake=kept[0]))
+        else:
+            out.update(self._g_step(draws["zg"], draws["yg"], want_norm))
         return out
 
     def _after_compute(self, out: dict[str, torch.Tensor]) -> None:
@@ -483,13 +499,9 @@ class Trainer:
     def _graph_body(self) -> None:
         out = self._compute(self._static, want_norm=False)
         self._after_compute(out)
-        self.ema.update_with(self.g, self._ema_decay_t)
+        self.ema.update_with(self.g, self._dstep)  # _dstep is step + 1 here, as in the eager path
 
     def _graph_step(self, draws: dict[str, Any]) -> None:
-        decay = self.ema.decay_at(self.step + 1)
-        if decay != self._ema_decay_value:
-            self._ema_decay_t.fill_(decay)
-            self._ema_decay_value = decay
         if self._graph is not None:
             self._load_static(draws)
             self._graph.replay()
