@@ -91,6 +91,7 @@ class Trainer:
             raise UserError(f"training images are {tuple(images.shape[1:])}, the config says {(c, h, w)}")
 
         self._use_graph = False
+        self._in_graph_body = False
         self._reuse_fake = cfg["arch"] != "vae" and cfg["n_critic"] == 1
         # Models are initialised from the seed (identical on every rank) and broadcast anyway.
         torch.manual_seed(cfg["seed"])
@@ -381,7 +382,7 @@ class Trainer:
             gp = gradient_penalty(self.d, x, fake.to(x.dtype), y, generator=self.gen)
             total = total + cfg["gp_weight"] * gp
             out["gp"] = gp.detach()
-        if cfg["r1_gamma"] > 0 and d_iter % cfg["r1_every"] == 0:
+        if self._r1_due(d_iter) and not self._in_graph_body:
             r1 = r1_penalty(self.d, x, y)
             total = total + (cfg["r1_gamma"] / 2) * r1 * cfg["r1_every"]  # lazy: scaled by the interval
             out["r1"] = r1.detach()
@@ -442,6 +443,9 @@ class Trainer:
         self.opt_g.step()
         return out
 
+    def _r1_due(self, d_iter: int) -> bool:
+        return self.cfg["r1_gamma"] > 0 and d_iter % self.cfg["r1_every"] == 0
+
     def _compute(self, draws: dict[str, Any], want_norm: bool) -> dict[str, torch.Tensor]:
         """All device work of one step given its draws; returns device scalars (no host sync)."""
         if self.is_vae:
@@ -469,9 +473,11 @@ class Trainer:
     def train_step(self, want_norm: bool = False) -> None:
         """One generator step (after n_critic D steps for GANs), eager or replayed from a CUDA graph."""
         draws = self._draw()
-        if self._use_graph:
+        n = 1 if self.is_vae else self.cfg["n_critic"]
+        lazy_r1_now = not self.is_vae and any(self._r1_due(self.step * n + i) for i in range(n))
+        if self._use_graph and not lazy_r1_now:
             self._graph_step(draws)
-        else:
+        else:  # eager: no graph, or a lazy-R1 step (double backward is never captured)
             out = self._compute(draws, want_norm)
             self._after_compute(out)
             self.ema.update(self.g, self.step + 1)
@@ -485,19 +491,23 @@ class Trainer:
     # CPU time. The whole plain GAN step (every D step, the G step, both fused Adam updates, the
     # EMA, the guard and the log accumulators) is captured once and replayed; per step the host
     # only draws indices and latents into static buffers. Paths that need per-step host decisions
-    # or double backward (instance noise, DiffAugment, gradient penalty, R1, clipping, SyncBN, VAE)
-    # stay eager. Under DDP the gradient all-reduce (NCCL) is captured with the step.
+    # or double backward (instance noise, DiffAugment, gradient penalty, clipping, SyncBN, VAE)
+    # stay eager; with lazy R1, only the steps that apply it (every r1_every-th) run eagerly.
+    # Under DDP the gradient all-reduce (NCCL) is captured with the step.
 
     _WARMUP_STEPS = 3
 
     def _graph_wanted(self) -> bool:
         c = self.cfg
         return (self.cuda and bool(c["cuda_graph"]) and not self.is_vae and not c["sync_bn"]
-                and not c["diffaug"] and c["instance_noise"] == 0 and c["gp_weight"] == 0 and c["r1_gamma"] == 0
-                and c["grad_clip"] == 0)
+                and not c["diffaug"] and c["instance_noise"] == 0 and c["gp_weight"] == 0 and c["grad_clip"] == 0)
 
     def _graph_body(self) -> None:
-        out = self._compute(self._static, want_norm=False)
+        self._in_graph_body = True
+        try:
+            out = self._compute(self._static, want_norm=False)
+        finally:
+            self._in_graph_body = False
         self._after_compute(out)
         self.ema.update_with(self.g, self._dstep)  # _dstep is step + 1 here, as in the eager path
 
