@@ -108,8 +108,8 @@ def run_classic(train_x: np.ndarray, scorer: Scorer, *, epochs: int, seconds: fl
             "final_fid": fids[-1], "final_over_best": fids[-1] / fids[best_i]}
 
 
-def parse_variants(text: str) -> list[tuple[str, dict[str, Any]]]:
-    out = [("recipe", {})]
+def parse_variants(text: str, *, recipe: bool = True) -> list[tuple[str, dict[str, Any]]]:
+    out = [("recipe", {})] if recipe else []
     for chunk in filter(None, (c.strip() for c in text.split(";"))):
         name, _, kvs = chunk.partition(":")
         over = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--classic-seconds", type=float, default=None, help="cap on the classic run's training time")
     ap.add_argument("--variants", default="", help="extra engine variants: 'name:key=value,...;...'")
     ap.add_argument("--skip-classic", action="store_true")
+    ap.add_argument("--skip-recipe", action="store_true", help="run only the --variants")
     ap.add_argument("--name", default="time_to_quality")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script runs")
     args = ap.parse_args()
@@ -143,7 +144,7 @@ def main() -> None:
     scorer = Scorer(data, train64, test64)
     result: dict[str, Any] = {"machine": machine(), "evaluator": scorer.report, "n_eval": N_EVAL, "engine": []}
     print(f"evaluator: {scorer.report}", flush=True)
-    for name, over in parse_variants(args.variants):
+    for name, over in parse_variants(args.variants, recipe=not args.skip_recipe):
         try:
             r = run_engine(name, over, train64, scorer, args.seconds, args.eval_every)
         except Exception as exc:  # noqa: BLE001 - keep the other variants
