@@ -115,6 +115,8 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Pat
     set_threads(0)
     device = device_from(params)
     seed = params.base.seed
+    # Inception weights are resolved and verified first: a wrong pin fails before any work.
+    inception_weights = _inception_weights(params) if p.inception_weights else None
     generator, gen_info = load_generator(models_dir / "best.pt", device=device)
     net, ev = load_evaluator(evaluator_path, device=device)
     test = load_split(tensors_dir, "test")
@@ -144,8 +146,9 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Pat
                                     seed=seed, batch_size=p.batch_size, recipe=params.evaluator)
         metrics.update(intra_fid=cond["intra_fid"], cas=cond["cas"], cas_real=cond["cas_real"])
         details["intra_fid_per_class"] = cond["intra_fid_per_class"]
-    if p.inception_weights:
-        metrics["inception"], details["draws"]["inception"] = _inception(params, test.images, fakes, device=device)
+    if inception_weights is not None:
+        metrics["inception"], details["draws"]["inception"] = _inception(params, inception_weights, test.images, fakes,
+                                                                         device=device)
     else:
         metrics["inception"] = {"computed": False, "reason": "evaluate.inception_weights is not set; Inception-v3 "
                                 "FID/IS/KID need its weights file (path or URL) and their sha256 in params.yaml"}
@@ -182,24 +185,28 @@ def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _inception(params: Params, real_images: Any, fakes: list[Any], *, device: str) -> tuple[dict[str, Any], Any]:
-    """Inception-v3 FID/KID/IS/PR/DC on the same generated draws (weights verified, real features cached)."""
+def _inception_weights(params: Params) -> tuple[Path, str]:
+    """The verified local Inception weights file (fetched into the cache when given as a URL) and its sha256."""
     from ..io import work_dir  # noqa: PLC0415
-    from ..metrics.compute import metric_set  # noqa: PLC0415
-    from ..metrics.inception import (  # noqa: PLC0415
-        PROTOCOL,
-        extract_inception,
-        load_inception,
-        real_features_cached,
-        resolve_weights,
-    )
+    from ..metrics.inception import resolve_weights  # noqa: PLC0415
 
     p = params.evaluate
     assert p.inception_weights is not None  # the caller checked
-    weights = resolve_weights(p.inception_weights, p.inception_sha256, cache_dir=work_dir("cache", "weights"),
-                              timeout_s=params.data.timeout_s)
-    sha = str(p.inception_sha256).strip().lower()  # resolve_weights refused anything but a sha256
-    net = load_inception(weights, sha256=sha, device=device)
+    path = resolve_weights(p.inception_weights, p.inception_sha256, cache_dir=work_dir("cache", "weights"),
+                           timeout_s=params.data.timeout_s)
+    return path, str(p.inception_sha256).strip().lower()  # resolve_weights refused anything but a sha256
+
+
+def _inception(params: Params, weights: tuple[Path, str], real_images: Any, fakes: list[Any], *,
+               device: str) -> tuple[dict[str, Any], Any]:
+    """Inception-v3 FID/KID/IS/PR/DC on the same generated draws (real features cached by content)."""
+    from ..io import work_dir  # noqa: PLC0415
+    from ..metrics.compute import metric_set  # noqa: PLC0415
+    from ..metrics.inception import PROTOCOL, extract_inception, load_inception, real_features_cached  # noqa: PLC0415
+
+    p = params.evaluate
+    path, sha = weights
+    net = load_inception(path, sha256=sha, device=device)
     real_feats, real_probs, cache = real_features_cached(net, real_images, weights_sha256=sha,
                                                          cache_dir=work_dir("cache", "inception"),
                                                          batch_size=p.batch_size, device=device)
