@@ -110,7 +110,14 @@ def test_memorisation_compares_equal_reference_sizes() -> None:
     # training set (10x larger) would put every sample much nearer to some training image.
     assert mem["reference_size"] == 200
     assert 0.9 < mem["ratio"] < 1.1
-    assert mem["closest"][0][2] <= mem["closest"][-1][2]
-    copies = torch.cat([train[:150] + 1e-3, fake[:150]])
-    mem_copy = memorisation(copies, train, test, seed=0)
-    assert mem_copy["closest"][0][2] < 0.01 and mem_copy["closest"][0][1] < 150
+    dists = [c["distance_train"] for c in mem["closest"]]
+    assert dists == sorted(dists) and len(dists) == 16
+    # A generator that copies half of its (here 200-image) training set.
+    small_train = train[:200]
+    copies = torch.cat([small_train[:150] + 1e-3, fake[:150]])
+    mem_copy = memorisation(copies, small_train, test, seed=0)
+    top = mem_copy["closest"][0]
+    assert top["distance_train"] < 0.01 and top["train_index"] == top["sample"] < 150
+    assert top["distance_test"] > 100 * top["distance_train"]
+    assert mem_copy["ratio"] < 0.5 * mem["ratio"]
+    assert mem_copy["fraction_closer_to_train"] > 0.7 > mem["fraction_closer_to_train"]

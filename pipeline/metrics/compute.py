@@ -134,8 +134,9 @@ def memorisation(fake_feats: torch.Tensor, train_feats: torch.Tensor, test_feats
     nearest-neighbour distance shrinks as the reference set grows, so the ratio compares equal
     sets: a seeded random subset of the training features as large as the test set (when train is
     larger). ``ratio`` = median(d_train) / median(d_test); < 1: samples closer to training images.
-    ``closest`` lists (sample index, training index, distance) for the samples nearest to any
-    training image (the whole training set), closest first, for the report's panel.
+    ``closest`` lists, for the samples nearest to any training image (the whole training set),
+    closest first: the sample's index in the draw, its nearest training image's index, that
+    distance, and the distance to the sample's nearest test image (the report's labelled panel).
     """
     n = min(len(train_feats), len(test_feats))
     sub = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(seed))[:n]
@@ -143,8 +144,10 @@ def memorisation(fake_feats: torch.Tensor, train_feats: torch.Tensor, test_feats
     d_test, _ = M.nearest_distances(fake_feats, test_feats[:n])
     med_train, med_test = float(d_train.median()), float(d_test.median())
     d_all, i_all = M.nearest_distances(fake_feats, train_feats)
-    order = torch.argsort(d_all)[:closest].tolist()
+    order = torch.argsort(d_all)[:closest]
+    d_near_test, _ = M.nearest_distances(fake_feats[order], test_feats)
     return {"nn_train_median": med_train, "nn_test_median": med_test, "reference_size": int(n),
             "ratio": med_train / med_test if med_test > 0 else float("nan"),
             "fraction_closer_to_train": float((d_train < d_test).double().mean()),
-            "closest": [(int(j), int(i_all[j]), float(d_all[j])) for j in order]}
+            "closest": [{"sample": int(j), "train_index": int(i_all[j]), "distance_train": float(d_all[j]),
+                         "distance_test": float(dt)} for j, dt in zip(order.tolist(), d_near_test.tolist(), strict=True)]}

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..io import write_json
+from ..io import read_json, write_json
 from ..params import Params
 from .common import add_common, device_from, run_stage, set_determinism, set_threads
 
@@ -232,7 +232,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     def body(params: Params, tracker: Any) -> dict[str, Any]:
         metrics = run(params, args.models, args.tensors, args.evaluator, args.out, args.details)
+        written = read_json(args.out)
+        # The protocol travels with the numbers in MLflow too (as params: protocol.extractor_sha256, ...).
+        protocol = {"protocol": written["protocol"]}
+        if written["inception"].get("computed"):
+            protocol["protocol_inception"] = written["inception"]["protocol"]
+        tracker.log_params(protocol)
+        tracker.set_tags({"pipeline.extractor_sha256": written["protocol"]["extractor_sha256"]})
         tracker.log_artifact(args.out, "evaluate")
+        tracker.log_artifact(args.details, "evaluate")
         return metrics
 
     return run_stage("evaluate", args, body, SECTIONS)
