@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO, TinyRun
+from helpers_eval import REPO, TinyRun
 
 FILES = ["reports/train/losses.csv", "reports/train/scores.csv", "reports/figures/samples.png",
          "reports/figures/interpolation.png", "reports/figures/nearest.png"]

@@ -12,7 +12,7 @@ import torch
 from pipeline.metrics.compute import HEADLINE, memorisation, metric_set
 from pipeline.metrics.math import draw_interval, student_t_quantile
 
-from conftest import TinyRun
+from helpers_eval import TinyRun
 
 
 def _load(run: TinyRun) -> tuple[dict, dict]:

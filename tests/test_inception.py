@@ -31,7 +31,7 @@ from pipeline.metrics.inception import (
     to_rgb_uint8,
 )
 
-from conftest import TinyRun, in_dir, write_params
+from helpers_eval import TinyRun, eval_params, in_dir
 
 WRONG = "0" * 64
 
@@ -178,7 +178,7 @@ def test_evaluate_stage_computes_inception_metrics(tiny_gan: TinyRun, weights: t
     meta["splits"]["test"] = write_split(tensors, "test", test.images[::15][:8], test.labels[::15][:8])
     write_json(tensors / "meta.json", meta)
 
-    params = load_params(write_params(tmp_path / "params.yaml", {"evaluate": {
+    params = load_params(eval_params(tmp_path / "params.yaml", {"evaluate": {
         "n_samples": 10, "seeds": 2, "batch_size": 16, "inception_weights": str(path), "inception_sha256": sha}}))
     out, details = tmp_path / "metrics.json", tmp_path / "details.json"
     with in_dir(tmp_path):
@@ -199,7 +199,7 @@ def test_evaluate_stage_computes_inception_metrics(tiny_gan: TinyRun, weights: t
                                 cache_dir=cached.parent)[2]["cached"]
     assert json.loads(details.read_text())["draws"]["inception"]["fid"][0] == first["fid"]
     # A wrong pin fails the stage before anything is computed.
-    bad = load_params(write_params(tmp_path / "bad.yaml", {"evaluate": {
+    bad = load_params(eval_params(tmp_path / "bad.yaml", {"evaluate": {
         "n_samples": 10, "inception_weights": str(path), "inception_sha256": WRONG}}))
     with in_dir(tmp_path), pytest.raises(ChecksumError):
         evaluate.run(bad, tiny_gan.models, tensors, tiny_gan.data.evaluator, tmp_path / "m2.json", details)

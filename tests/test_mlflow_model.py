@@ -11,7 +11,7 @@ import torch
 from pipeline.models import load_generator
 from pipeline.tracking import StageRun
 
-from conftest import TinyRun
+from helpers_eval import TinyRun
 
 
 def _log(path: Path, root: Path) -> str:

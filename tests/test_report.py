@@ -25,7 +25,7 @@ from PIL import Image
 from pipeline.report.figures import metric_rows
 from pipeline.report.html import render
 
-from conftest import TinyRun, in_dir
+from helpers_eval import TinyRun, in_dir
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 WIDTH = 1280

@@ -13,7 +13,7 @@ from pipeline.__main__ import main
 from pipeline.data.tensors import load_split
 from pipeline.metrics.selfcheck import BLUR_SIGMAS, NOISE_STDS, add_noise, gaussian_blur, run_selfcheck
 
-from conftest import TinyData
+from helpers_eval import TinyData
 
 
 def test_metrics_check_command_passes_on_real_digits(tiny_data: TinyData, tmp_path: Path,
