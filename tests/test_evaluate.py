@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import scipy.stats
@@ -121,3 +123,25 @@ def test_memorisation_compares_equal_reference_sizes() -> None:
     assert top["distance_test"] > 100 * top["distance_train"]
     assert mem_copy["ratio"] < 0.5 * mem["ratio"]
     assert mem_copy["fraction_closer_to_train"] > 0.7 > mem["fraction_closer_to_train"]
+
+
+def test_evaluate_command_without_mlflow_dvc_or_torch_fidelity(tiny_gan: TinyRun, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU machines have torch only: the stage runs, journals its run locally, and says why."""
+    from pipeline.__main__ import main
+
+    for name in ("mlflow", "dvc", "torch_fidelity"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` now fails as if not installed
+    monkeypatch.setenv("PIPELINE_TRACKING", "1")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "metrics.json"
+    d = tiny_gan.data
+    code = main(["evaluate", "--params", str(tiny_gan.params), "--models", str(tiny_gan.models), "--tensors",
+                 str(d.tensors), "--evaluator", str(d.evaluator), "--out", str(out), "--details",
+                 str(tmp_path / "details.json")])
+    assert code == 0
+    assert json.loads(out.read_text())["fid"] == json.loads(tiny_gan.metrics.read_text())["fid"]
+    (state,) = tmp_path.glob(".pipeline/tracking/*-evaluate-*/state.json")
+    assert "mlflow is not installed" in json.loads(state.read_text())["error"]
+    journal = (state.parent / "journal.jsonl").read_text()
+    assert '"protocol.extractor_sha256"' in journal and '"type": "end", "status": "FINISHED"' in journal
