@@ -122,8 +122,9 @@ def _metrics_check(args: argparse.Namespace) -> int:
         if args.inception_weights:
             from .metrics.inception import extract_inception, load_inception, resolve_weights  # noqa: PLC0415
 
-            path = resolve_weights(args.inception_weights, args.inception_sha256,
-                                   cache_dir=Path(".pipeline/cache/weights"))
+            from .io import work_dir  # noqa: PLC0415
+
+            path = resolve_weights(args.inception_weights, args.inception_sha256, cache_dir=work_dir("cache", "weights"))
             net = load_inception(path, sha256=str(args.inception_sha256), device=device)
             name = f"inception-v3 {str(args.inception_sha256)[:12]}"
 

@@ -217,8 +217,9 @@ class _MlflowWriter:
         Saved in MLflow's "pt2" format (torch.export): a traced graph, so loading it unpickles no
         code -- the same rule as for our own checkpoints. The example batch has 2 rows because
         torch.export specialises a batch dimension of 1 to a constant. Conditional generators take
-        (z, y): the signature names both tensors and the example is the list [z, y]. The loaded
-        module is called as ``model(z)`` or ``model(z, y)``; it is already in eval mode.
+        (z, y): the signature names both tensors and the example is the list [z, y] (MLflow's pyfunc
+        serving cannot take two tensors and says so in a warning; mlflow.pytorch.load_model can).
+        The loaded module is called as ``model(z)`` or ``model(z, y)``; it is already in eval mode.
         """
         from .models import load_generator  # noqa: PLC0415
 
@@ -235,10 +236,13 @@ class _MlflowWriter:
         y = torch.arange(2) % info["num_classes"] if info["num_classes"] else None  # [2] or None
         with torch.no_grad():
             out = generator(z, y).numpy()  # [2, C, H, W] in [-1, 1]
-        inputs = [TensorSpec(np.dtype(np.float32), (-1, info["nz"]), "z")]
+        # One unnamed tensor for z, so MLflow's pyfunc serving accepts a plain array; named z and y
+        # for conditional generators (pyfunc cannot serve two tensors; load_model can).
+        inputs = [TensorSpec(np.dtype(np.float32), (-1, info["nz"]))]
         example: Any = z.numpy()
         if y is not None:
-            inputs.append(TensorSpec(np.dtype(np.int64), (-1,), "y"))
+            inputs = [TensorSpec(np.dtype(np.float32), (-1, info["nz"]), "z"),
+                      TensorSpec(np.dtype(np.int64), (-1,), "y")]
             example = [z.numpy(), y.numpy()]
         signature = ModelSignature(inputs=Schema(inputs),
                                    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]), "images")]))

@@ -207,3 +207,21 @@ def test_the_pixel_check_catches_a_faded_panel(tiny_gan: TinyRun, tmp_path: Path
     faded.write_text(tiny_gan.html.read_text().replace("</head>", style + "</head>"))
     with pytest.raises(AssertionError, match="Generated"):
         _check_page(faded, tmp_path, PANELS)
+
+
+def test_no_change_is_shown_against_another_extractor() -> None:
+    """A retrained evaluator (or other Inception weights) moves every number: no "change" is claimed."""
+    metrics = {"fid": 3.0, "protocol": {"extractor_sha256": "a" * 64},
+               "inception": {"computed": True, "fid": 40.0, "weights_sha256": "c" * 64}}
+    previous = {"fid": 4.0, "protocol": {"extractor_sha256": "b" * 64},
+                "inception": {"computed": True, "fid": 38.0, "weights_sha256": "c" * 64}}
+    rows = {(r["group"], r["key"]): r for r in metric_rows(metrics, previous)}
+    assert rows[("offline evaluator", "fid")]["delta"] is None
+    assert rows[("offline evaluator", "fid")]["comparable"] is False
+    assert rows[("Inception-v3", "fid")]["delta"] == pytest.approx(2.0)  # same weights: compared
+    page = render({"title": "t", "subtitle": "s", "metric_rows": list(rows.values()), "have_previous": True,
+                   "inception_note": None, "figures": {}, "timeline": [], "memorisation": [], "cleaning": [],
+                   "protocol": [], "commit": "abc"})
+    assert "not comparable (other extractor)" in page
+    previous["protocol"]["extractor_sha256"] = "a" * 64
+    assert metric_rows(metrics, previous)[0]["delta"] == pytest.approx(-1.0)

@@ -69,7 +69,8 @@ PROTOCOL: dict[str, str] = {
 }
 
 
-def _sha256_of(value: str | None, what: str) -> str:
+def _check_pin(value: str | None, what: str) -> str:
+    """``value`` as a lowercase sha256, or a UserError saying how to pin one."""
     if not value or len(value.strip()) != 64 or any(c not in "0123456789abcdef" for c in value.strip().lower()):
         raise UserError(f"evaluate.inception_sha256: {value!r} is not a sha256 (64 hex digits); pin the sha256 of "
                         f"{what} (e.g. `sha256sum FILE`) -- weights are never used unverified")
@@ -78,7 +79,7 @@ def _sha256_of(value: str | None, what: str) -> str:
 
 def verify_sha256(path: Path, expected: str) -> str:
     """Return the file's sha256 if it equals ``expected``; raise ChecksumError otherwise (nothing loaded)."""
-    expected = _sha256_of(expected, str(path))
+    expected = _check_pin(expected, str(path))
     if not Path(path).is_file():
         raise UserError(f"evaluate.inception_weights: {path} is not a file")
     actual = sha256_file(path)
@@ -96,7 +97,7 @@ def resolve_weights(spec: str, sha256: str | None, *, cache_dir: Path, timeout_s
     the pinned sha256 checked before the file gets its final name); a local path is verified where
     it lies (a 100 MB copy would buy nothing).
     """
-    pin = _sha256_of(sha256, spec)
+    pin = _check_pin(sha256, spec)
     if "://" in spec and not spec.startswith("file://"):
         from ..data.fetch import fetch  # noqa: PLC0415
 

@@ -117,7 +117,8 @@ def grid_timeline(grid_dir: Path, *, max_frames: int = 6) -> list[tuple[int, Pat
 
 
 def _rows(metrics: dict[str, Any], previous: dict[str, Any] | None, spec: list[tuple[str, str, str]],
-          group: str) -> list[dict[str, Any]]:
+          group: str, *, comparable: bool) -> list[dict[str, Any]]:
+    """Rows of one extractor; no change is computed against numbers of another extractor."""
     rows = []
     for label, key, better in spec:
         v = metrics.get(key)
@@ -130,10 +131,10 @@ def _rows(metrics: dict[str, Any], previous: dict[str, Any] | None, spec: list[t
         else:
             u = ""
         delta = None
-        if previous and isinstance(previous.get(key), (int, float)):
+        if comparable and previous and isinstance(previous.get(key), (int, float)):
             delta = v - previous[key]
         rows.append({"label": label, "key": key, "group": group, "value": v, "uncertainty": u, "delta": delta,
-                     "better": better})
+                     "better": better, "comparable": comparable or not previous})
     return rows
 
 
@@ -158,11 +159,18 @@ def metric_rows(metrics: dict[str, Any], previous: dict[str, Any] | None) -> lis
     """Headline metrics with their 95% interval and the change against the previous commit.
 
     Offline-evaluator rows first, then Inception-v3 rows (from metrics["inception"]) when those
-    were computed; ``group`` says which extractor a row belongs to.
+    were computed; ``group`` says which extractor a row belongs to. Numbers are only compared
+    when the previous commit used the same extractor (the evaluator's sha256, the Inception
+    weights' sha256): a retrained evaluator moves every number, and such a "change" says
+    nothing about the generator. Those rows get ``comparable: False``.
     """
-    rows = _rows(metrics, previous, _OFFLINE, "offline evaluator")
+    sha = (metrics.get("protocol") or {}).get("extractor_sha256")
+    prev_sha = ((previous or {}).get("protocol") or {}).get("extractor_sha256")
+    rows = _rows(metrics, previous, _OFFLINE, "offline evaluator", comparable=sha == prev_sha)
     inception = metrics.get("inception") or {}
     if inception.get("computed"):
         prev = (previous or {}).get("inception") if previous else None
-        rows += _rows(inception, prev if isinstance(prev, dict) else None, _INCEPTION, "Inception-v3")
+        prev = prev if isinstance(prev, dict) and prev.get("computed") else None
+        same = prev is not None and prev.get("weights_sha256") == inception.get("weights_sha256")
+        rows += _rows(inception, prev, _INCEPTION, "Inception-v3", comparable=same)
     return rows

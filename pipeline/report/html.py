@@ -61,7 +61,9 @@ def metrics_table(rows: list[dict[str, Any]], have_previous: bool) -> str:
                  f"<td class='num'>{_fmt(r['value'])}</td><td>{html.escape(r['uncertainty'])}</td>")
         if have_previous:
             d = r["delta"]
-            if d is None:
+            if not r.get("comparable", True):
+                cells += "<td>not comparable (other extractor)</td>"
+            elif d is None:
                 cells += "<td>new</td>"
             elif abs(d) <= 1e-5 * max(abs(r["value"]), abs(r["value"] - d)):  # float noise (thread count)
                 cells += "<td class='num'>unchanged</td>"
@@ -116,7 +118,7 @@ def render(ctx: dict[str, Any]) -> str:
                               figure(figs["reconstructions"], "Top of each pair: real test image; below: its "
                                      "reconstruction (posterior mean)")))
     pairs = "".join(
-        f"<figure>{img_tag(p['png'], alt='generated sample over its nearest training image', width=p.get('width'))}"
+        f"<figure>{img_tag(p['png'], alt='generated sample over its nearest training image')}"
         f"<figcaption>train #{p['train_index']}<br>d<sub>train</sub> {p['distance_train']:.3g}<br>"
         f"d<sub>test</sub> {p['distance_test']:.3g}</figcaption></figure>" for p in ctx.get("nearest_pairs", []))
     parts.append(_section("nearest", "Nearest training images (memorisation check)",
