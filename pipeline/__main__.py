@@ -102,6 +102,60 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics_check(args: argparse.Namespace) -> int:
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from .data.tensors import load_split  # noqa: PLC0415
+    from .errors import UserError  # noqa: PLC0415
+    from .io import write_json  # noqa: PLC0415
+    from .metrics.selfcheck import format_report, run_selfcheck  # noqa: PLC0415
+    from .stages.common import setup_logging  # noqa: PLC0415
+
+    setup_logging(False)
+    try:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        splits = ["train", "test"] if args.split == "all" else [args.split]
+        parts = [load_split(args.tensors, s) for s in splits]
+        images = np.concatenate([p.images for p in parts])
+        labels = np.concatenate([p.labels for p in parts])
+        if args.inception_weights:
+            from .metrics.inception import extract_inception, load_inception, resolve_weights  # noqa: PLC0415
+
+            from .io import work_dir  # noqa: PLC0415
+
+            path = resolve_weights(args.inception_weights, args.inception_sha256, cache_dir=work_dir("cache", "weights"))
+            net = load_inception(path, sha256=str(args.inception_sha256), device=device)
+            name = f"inception-v3 {str(args.inception_sha256)[:12]}"
+
+            def extractor(x: torch.Tensor) -> torch.Tensor:
+                return extract_inception(net, x, batch_size=args.batch_size, device=device)[0]
+        else:
+            from .metrics.evaluator import extract, load_evaluator  # noqa: PLC0415
+
+            ev_net, info = load_evaluator(args.evaluator, device=device)
+            if tuple(images.shape[1:]) != (ev_net.channels, ev_net.size, ev_net.size):
+                raise UserError(f"{args.evaluator} was trained on images {ev_net.channels}x{ev_net.size}x{ev_net.size}, "
+                                f"{args.tensors} holds {tuple(images.shape[1:])}: train an evaluator on these tensors "
+                                "(python -m pipeline evaluator --tensors ... --out ...)")
+            name = f"offline evaluator {info['sha256'][:12]} ({info['kind']})"
+
+            def extractor(x: torch.Tensor) -> torch.Tensor:
+                return extract(ev_net, x, batch_size=args.batch_size, device=device)[0]
+
+        report = run_selfcheck(images, labels, extractor, num_classes=parts[0].num_classes, seed=args.seed,
+                               max_images=args.max_images)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report["data"].update(tensors=str(args.tensors), split=args.split, extractor=name, device=device)
+    print(f"extractor: {name}; tensors: {args.tensors} ({args.split} split)")
+    print(format_report(report))
+    if args.json:
+        write_json(args.json, report)
+    return 0 if report["passed"] else 1
+
+
 def _audit_imports(command: str | None) -> None:
     """PIPELINE_IMPORT_AUDIT=DIR: on exit, write DIR/<command>.txt listing the pipeline modules
     this process imported (a file path instead of a directory is written as is).
@@ -153,6 +207,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     m = sub.add_parser("mlflow-sync", help="replay run journals that did not reach MLflow (after an outage)")
     m.add_argument("--tracking-uri", default=None, help="target (default: MLFLOW_TRACKING_URI or the project's mlruns.db)")
     m.set_defaults(func=_mlflow_sync)
+    mc = sub.add_parser("metrics-check", help="self-test of the metrics on real data (FID near 0 for real halves, "
+                        "monotone in noise, blur and mode dropping; FID math vs scipy; IS of sharp balanced sets)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    mc.add_argument("--tensors", type=Path, default=Path("data/tensors"), help="real images (a preprocess output)")
+    mc.add_argument("--evaluator", type=Path, default=Path("models/evaluator.pt"),
+                    help="offline evaluator trained on these tensors (the evaluator stage's output)")
+    mc.add_argument("--split", choices=["test", "train", "all"], default="test",
+                    help="real images to check on (test: held out from the evaluator's training)")
+    mc.add_argument("--max-images", type=int, default=10000, help="seeded random subset of at most this many images")
+    mc.add_argument("--seed", type=int, default=0, help="seed of the halves, noise and class order")
+    mc.add_argument("--batch-size", type=int, default=500, help="feature extraction batch size")
+    mc.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
+    mc.add_argument("--inception-weights", default=None,
+                    help="check Inception-v3 features instead (weights path or URL; needs --inception-sha256)")
+    mc.add_argument("--inception-sha256", default=None, help="pinned sha256 of the Inception weights")
+    mc.add_argument("--json", type=Path, default=None, help="also write the full report as JSON here")
+    mc.set_defaults(func=_metrics_check)
     pr = sub.add_parser("params", help="list every params.yaml key with its default and meaning; --check validates")
     pr.add_argument("--params", type=Path, default=Path("params.yaml"))
     pr.add_argument("--check", action="store_true", help="validate the params file and exit")

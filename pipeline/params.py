@@ -198,6 +198,8 @@ class Evaluate:
     pr_k: int = spec(3, "k of the k-NN precision/recall", ge=1)
     dc_k: int = spec(5, "k of density/coverage", ge=1)
     bootstrap: int = spec(20, "bootstrap resamples for confidence intervals", ge=2)
+    seeds: int = spec(5, "independent draws of n_samples (latent seeds) for the other metrics' intervals (1 = none)",
+                      ge=1, le=100)
     inception_weights: str | None = spec(None, "path or URL of Inception-v3 FID weights (null = not computed)")
     inception_sha256: str | None = spec(None, "pinned sha256 of the Inception weights file")
 

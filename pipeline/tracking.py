@@ -212,27 +212,47 @@ class _MlflowWriter:
             raise ValueError(f"unknown journal event {kind!r}")
 
     def _log_model(self, event: Mapping[str, Any], artifacts_dir: Path | None) -> None:
-        """Log a generator as an MLflow pytorch model (loadable with mlflow.pytorch.load_model)."""
+        """Log a generator as an MLflow pytorch model (loadable with mlflow.pytorch.load_model).
+
+        Saved in MLflow's "pt2" format (torch.export): a traced graph, so loading it unpickles no
+        code -- the same rule as for our own checkpoints. The example batch has 2 rows because
+        torch.export specialises a batch dimension of 1 to a constant. Conditional generators take
+        (z, y): the signature names both tensors and the example is the list [z, y] (MLflow's pyfunc
+        serving cannot take two tensors and says so in a warning; mlflow.pytorch.load_model can).
+        The loaded module is called as ``model(z)`` or ``model(z, y)``; it is already in eval mode.
+        """
         from .models import load_generator  # noqa: PLC0415
 
         src = Path(event["path"])
         if artifacts_dir is not None and (artifacts_dir / event["copy"]).exists():
             src = artifacts_dir / event["copy"]
         generator, info = load_generator(src, device="cpu")
-        from mlflow.models import infer_signature  # noqa: PLC0415
         import numpy as np  # noqa: PLC0415
         import torch  # noqa: PLC0415
+        from mlflow.models import ModelSignature  # noqa: PLC0415
+        from mlflow.types import Schema, TensorSpec  # noqa: PLC0415
 
-        z = torch.randn(2, info["nz"], generator=torch.Generator().manual_seed(0))
+        z = torch.randn(2, info["nz"], generator=torch.Generator().manual_seed(0))  # [2, nz]
+        y = torch.arange(2) % info["num_classes"] if info["num_classes"] else None  # [2] or None
         with torch.no_grad():
-            out = generator(z).numpy()
-        signature = infer_signature(z.numpy().astype(np.float32), out)
+            out = generator(z, y).numpy()  # [2, C, H, W] in [-1, 1]
+        # One unnamed tensor for z, so MLflow's pyfunc serving accepts a plain array; named z and y
+        # for conditional generators (pyfunc cannot serve two tensors; load_model can).
+        inputs = [TensorSpec(np.dtype(np.float32), (-1, info["nz"]))]
+        example: Any = z.numpy()
+        if y is not None:
+            inputs = [TensorSpec(np.dtype(np.float32), (-1, info["nz"]), "z"),
+                      TensorSpec(np.dtype(np.int64), (-1,), "y")]
+            example = [z.numpy(), y.numpy()]
+        signature = ModelSignature(inputs=Schema(inputs),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]), "images")]))
         mlflow = self.mlflow
         # log_model works through the fluent API: point it at our store and attach it to our run.
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id, nested=True):
-            mlflow.pytorch.log_model(generator, name=event.get("artifact_path", "generator"),
-                                     signature=signature, input_example=z.numpy()[:1])
+            mlflow.pytorch.log_model(generator, name=event.get("artifact_path", "generator"), signature=signature,
+                                     input_example=example, serialization_format="pt2",
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
 # ---------------------------------------------------------------------------------------------

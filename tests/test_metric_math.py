@@ -206,11 +206,27 @@ def test_kid_batches_of_subsets_equal_one_batch(monkeypatch: pytest.MonkeyPatch)
 
     g = _gen(8)
     real, fake = torch.randn(40, 6, generator=g), torch.randn(40, 6, generator=g) + 0.3
+    monkeypatch.setattr(mm, "_KID_FULL_KERNEL_MAX_ROWS", 0)  # the per-subset path for any size
     whole = kid(real, fake, subset_size=10, n_subsets=9)
     monkeypatch.setattr(mm, "_KID_BATCH_ELEMENTS", 200)  # 2 subsets of 10x10 per batch
     batched = kid(real, fake, subset_size=10, n_subsets=9)
     assert batched[0] == pytest.approx(whole[0], rel=1e-12)
     assert batched[1] == pytest.approx(whole[1], rel=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kid_full_kernel_path_equals_subset_path(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.metrics.math as mm
+
+    g = _gen(18)
+    real = torch.randn(70, 6, generator=g).to(device)
+    fake = (torch.randn(90, 6, generator=g) * 1.3 + 0.2).to(device)
+    full = kid(real, fake, subset_size=25, n_subsets=7, seed=3)  # 160 rows: whole-kernel path
+    monkeypatch.setattr(mm, "_KID_FULL_KERNEL_MAX_ROWS", 0)
+    per_subset = kid(real, fake, subset_size=25, n_subsets=7, seed=3)
+    assert full[0] == pytest.approx(per_subset[0], rel=1e-10)
+    assert full[1] == pytest.approx(per_subset[1], rel=1e-8)
+    assert full[0] != 0.0
 
 
 def test_kid_same_distribution_near_zero_shifted_positive() -> None:

@@ -116,37 +116,61 @@ def grid_timeline(grid_dir: Path, *, max_frames: int = 6) -> list[tuple[int, Pat
     return [frames[i] for i in sorted(set(idx))]
 
 
-def metric_rows(metrics: dict[str, Any], previous: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Headline metrics with their uncertainty and the change against the previous commit."""
-    spec = [
-        ("FID (offline evaluator)", "fid", "lower", ("fid_ci_low", "fid_ci_high")),
-        ("KID", "kid", "lower", "kid_std"),
-        ("Inception Score (offline classifier)", "IS", "higher", "IS_std"),
-        ("Precision", "precision", "higher", None),
-        ("Recall", "recall", "higher", None),
-        ("Density", "density", "higher", None),
-        ("Coverage", "coverage", "higher", None),
-        ("Intra-class FID", "intra_fid", "lower", None),
-        ("Classification accuracy score", "cas", "higher", None),
-        ("VAE ELBO (nats/image)", "vae_elbo", "higher", None),
-        ("VAE reconstruction NLL", "vae_recon_nll", "lower", None),
-        ("VAE KL", "vae_kl", "lower", None),
-        ("Memorisation ratio (nn-train / nn-test)", "memorisation_ratio", "higher", None),
-        ("Floor: FID of real train vs test", "fid_train_vs_test", "lower", None),
-    ]
+def _rows(metrics: dict[str, Any], previous: dict[str, Any] | None, spec: list[tuple[str, str, str]],
+          group: str, *, comparable: bool) -> list[dict[str, Any]]:
+    """Rows of one extractor; no change is computed against numbers of another extractor."""
     rows = []
-    for label, key, better, unc in spec:
-        if key not in metrics:
+    for label, key, better in spec:
+        v = metrics.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
-        v = metrics[key]
-        if isinstance(unc, tuple):
-            u = f"95% CI [{metrics[unc[0]]:.4g}, {metrics[unc[1]]:.4g}]"
-        elif unc:
-            u = f"± {metrics[unc]:.3g}"
+        if f"{key}_ci_low" in metrics:
+            u = f"95% [{metrics[f'{key}_ci_low']:.4g}, {metrics[f'{key}_ci_high']:.4g}]"
+        elif f"{key}_std" in metrics:
+            u = f"± {metrics[f'{key}_std']:.3g} (std)"
         else:
             u = ""
         delta = None
-        if previous and isinstance(previous.get(key), (int, float)):
+        if comparable and previous and isinstance(previous.get(key), (int, float)):
             delta = v - previous[key]
-        rows.append({"label": label, "value": v, "uncertainty": u, "delta": delta, "better": better})
+        rows.append({"label": label, "key": key, "group": group, "value": v, "uncertainty": u, "delta": delta,
+                     "better": better, "comparable": comparable or not previous})
+    return rows
+
+
+_OFFLINE = [
+    ("FID", "fid", "lower"), ("KID", "kid", "lower"), ("Inception Score (offline classifier)", "IS", "higher"),
+    ("Precision", "precision", "higher"), ("Recall", "recall", "higher"), ("Density", "density", "higher"),
+    ("Coverage", "coverage", "higher"), ("Intra-class FID", "intra_fid", "lower"),
+    ("Classification accuracy score (trained on samples)", "cas", "higher"),
+    ("... the same classifier trained on as many real images", "cas_real", "higher"),
+    ("VAE ELBO (nats/image, test split)", "vae_elbo", "higher"), ("VAE reconstruction NLL", "vae_recon_nll", "lower"),
+    ("VAE KL", "vae_kl", "lower"), ("Memorisation ratio (nn-train / nn-test)", "memorisation_ratio", "higher"),
+    ("Floor: FID of real train vs test", "fid_train_vs_test", "lower"), ("IS of real test images", "IS_real", "higher"),
+]
+_INCEPTION = [
+    ("FID", "fid", "lower"), ("KID", "kid", "lower"), ("Inception Score", "IS", "higher"),
+    ("Precision", "precision", "higher"), ("Recall", "recall", "higher"), ("Density", "density", "higher"),
+    ("Coverage", "coverage", "higher"), ("IS of real test images", "IS_real", "higher"),
+]
+
+
+def metric_rows(metrics: dict[str, Any], previous: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Headline metrics with their 95% interval and the change against the previous commit.
+
+    Offline-evaluator rows first, then Inception-v3 rows (from metrics["inception"]) when those
+    were computed; ``group`` says which extractor a row belongs to. Numbers are only compared
+    when the previous commit used the same extractor (the evaluator's sha256, the Inception
+    weights' sha256): a retrained evaluator moves every number, and such a "change" says
+    nothing about the generator. Those rows get ``comparable: False``.
+    """
+    sha = (metrics.get("protocol") or {}).get("extractor_sha256")
+    prev_sha = ((previous or {}).get("protocol") or {}).get("extractor_sha256")
+    rows = _rows(metrics, previous, _OFFLINE, "offline evaluator", comparable=sha == prev_sha)
+    inception = metrics.get("inception") or {}
+    if inception.get("computed"):
+        prev = (previous or {}).get("inception") if previous else None
+        prev = prev if isinstance(prev, dict) and prev.get("computed") else None
+        same = prev is not None and prev.get("weights_sha256") == inception.get("weights_sha256")
+        rows += _rows(inception, prev, _INCEPTION, "Inception-v3", comparable=same)
     return rows

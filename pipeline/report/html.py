@@ -19,6 +19,10 @@ th { background: #eef1f6; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .better { color: #137333; font-weight: 600; } .worse { color: #b3261e; font-weight: 600; }
 .row { display: flex; gap: 24px; flex-wrap: wrap; align-items: flex-start; }
+.pair { display: flex; gap: 24px; flex-wrap: nowrap; align-items: flex-start; }
+.pairs { display: flex; gap: 10px; flex-wrap: wrap; }
+.pairs figure { padding: 4px; } .pairs figcaption { font-size: 12px; margin-top: 2px; }
+td.group { color: #5b6475; font-size: 12px; }
 figure { margin: 0; background: white; border: 1px solid #dde2ea; padding: 8px; }
 figcaption { font-size: 13px; color: #5b6475; margin-top: 6px; max-width: 520px; }
 img { max-width: 100%; height: auto; } img.px { image-rendering: pixelated; }
@@ -27,8 +31,10 @@ code { background: #eef1f6; padding: 1px 4px; }
 """
 
 
-def img_tag(path: Path, *, alt: str, width: int | None = None, pixelated: bool = True) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode()
+def img_tag(path: Path | bytes, *, alt: str, width: int | None = None, pixelated: bool = True) -> str:
+    """An <img> with the PNG inlined (a file path, or the PNG bytes themselves)."""
+    raw = path if isinstance(path, bytes) else Path(path).read_bytes()
+    data = base64.b64encode(raw).decode()
     w = f' width="{width}"' if width else ""
     cls = ' class="px"' if pixelated else ""
     return f'<img{cls} alt="{html.escape(alt)}" src="data:image/png;base64,{data}"{w}>'
@@ -47,61 +53,82 @@ def _fmt(v: Any) -> str:
 
 
 def metrics_table(rows: list[dict[str, Any]], have_previous: bool) -> str:
-    head = "<tr><th>metric</th><th>value</th><th>uncertainty</th>" + ("<th>change vs previous commit</th>" if have_previous else "") + "</tr>"
+    head = ("<tr><th>metric</th><th>features</th><th>value</th><th>uncertainty</th>"
+            + ("<th>change vs previous commit</th>" if have_previous else "") + "</tr>")
     body = []
     for r in rows:
-        cells = f"<td>{html.escape(r['label'])}</td><td class='num'>{_fmt(r['value'])}</td><td>{html.escape(r['uncertainty'])}</td>"
+        cells = (f"<td>{html.escape(r['label'])}</td><td class='group'>{html.escape(r['group'])}</td>"
+                 f"<td class='num'>{_fmt(r['value'])}</td><td>{html.escape(r['uncertainty'])}</td>")
         if have_previous:
             d = r["delta"]
-            if d is None:
+            if not r.get("comparable", True):
+                cells += "<td>not comparable (other extractor)</td>"
+            elif d is None:
                 cells += "<td>new</td>"
-            elif abs(d) < 1e-12:
+            elif abs(d) <= 1e-5 * max(abs(r["value"]), abs(r["value"] - d)):  # float noise (thread count)
                 cells += "<td class='num'>unchanged</td>"
             else:
                 good = (d < 0) if r["better"] == "lower" else (d > 0)
                 cells += f"<td class='num {'better' if good else 'worse'}'>{d:+.4g}</td>"
-        body.append(f"<tr>{cells}</tr>")
-    return f"<table>{head}{''.join(body)}</table>"
+        body.append(f"<tr data-key='{html.escape(r['group'])}:{html.escape(r['key'])}'>{cells}</tr>")
+    return f"<table id='metrics-table'>{head}{''.join(body)}</table>"
 
 
-def kv_table(items: list[tuple[str, Any]]) -> str:
-    return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in items) + "</table>"
+def kv_table(items: list[tuple[str, Any]], *, table_id: str = "") -> str:
+    tid = f" id='{html.escape(table_id)}'" if table_id else ""
+    return f"<table{tid}>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in items) + "</table>"
+
+
+def _section(sid: str, title: str, *body: str) -> str:
+    return f"<section id='{sid}'><h2>{html.escape(title)}</h2>{''.join(b for b in body if b)}</section>"
 
 
 def render(ctx: dict[str, Any]) -> str:
-    """Build the page from a context dict assembled by the report stage."""
+    """Build the page from a context dict assembled by the report stage.
+
+    Every panel is a <section> with a fixed id (metrics, real-vs-generated, timeline, curves,
+    interpolation, reconstructions, nearest, cleaning, protocol), so a reader -- or a test -- can
+    find it; images are inlined, so the file is the whole report.
+    """
+    figs = ctx["figures"]
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(ctx['title'])}</title>",
              f"<style>{CSS}</style></head><body>",
              f"<h1>{html.escape(ctx['title'])}</h1><p class='sub'>{html.escape(ctx['subtitle'])}</p>"]
-    parts.append("<h2>Metrics</h2>")
-    parts.append(metrics_table(ctx["metric_rows"], ctx["have_previous"]))
-    if ctx.get("inception_note"):
-        parts.append(f"<p class='note'>{html.escape(ctx['inception_note'])}</p>")
-    parts.append(kv_table(ctx["protocol"]))
-    parts.append("<h2>Real vs generated</h2><div class='row'>")
-    parts.append(figure(ctx["figures"].get("real"), "Real test images"))
-    parts.append(figure(ctx["figures"].get("samples"), "Generated (best checkpoint, EMA, fixed latent seeds)"))
-    parts.append("</div>")
+    note = f"<p class='note'>{html.escape(ctx['inception_note'])}</p>" if ctx.get("inception_note") else ""
+    if ctx["have_previous"]:
+        prev = "<p class='sub'>Change: against reports/metrics.json as committed at HEAD.</p>"
+    else:
+        prev = "<p class='sub'>No previous commit holds reports/metrics.json: nothing to compare against.</p>"
+    parts.append(_section("metrics", "Metrics", metrics_table(ctx["metric_rows"], ctx["have_previous"]), prev, note))
+    parts.append(_section("real-vs-generated", "Real vs generated", "<div class='pair'>",
+                          figure(figs.get("real"), "Real test images (random, fixed seed)"),
+                          figure(figs.get("samples"), "Generated (best checkpoint, EMA, fixed latent seeds)"),
+                          "</div>"))
     if ctx.get("timeline"):
-        parts.append("<h2>Fixed-seed samples over training</h2><div class='row'>")
-        for step, path in ctx["timeline"]:
-            parts.append(figure(path, f"step {step}", width=200))
-        parts.append("</div>")
-    parts.append("<h2>Training curves</h2>")
-    parts.append(figure(ctx["figures"].get("curves"), "Losses, discriminator outputs and the in-loop evaluator score",
-                        pixelated=False))
-    parts.append("<h2>Latent interpolation</h2>")
-    parts.append(figure(ctx["figures"].get("interpolation"), "Each row walks the latent sphere (slerp) between two fixed latents"))
-    if ctx["figures"].get("reconstructions"):
-        parts.append("<h2>VAE reconstructions</h2>")
-        parts.append(figure(ctx["figures"]["reconstructions"], "Top of each pair: real test image; below: its reconstruction"))
-    parts.append("<h2>Nearest training images (memorisation check)</h2>")
-    parts.append(figure(ctx["figures"].get("nearest"),
-                        "Generated samples closest to a training image (top) and that training image (below), "
-                        "in evaluator feature space"))
-    parts.append(kv_table(ctx["memorisation"]))
-    parts.append("<h2>Data cleaning</h2>")
-    parts.append(kv_table(ctx["cleaning"]))
+        frames = "".join(figure(path, f"step {step}", width=200) for step, path in ctx["timeline"])
+        parts.append(_section("timeline", "Fixed-seed samples over training", f"<div class='row'>{frames}</div>"))
+    parts.append(_section("curves", "Training curves",
+                          figure(figs.get("curves"), "Losses, discriminator outputs and the in-loop evaluator score",
+                                 pixelated=False)))
+    parts.append(_section("interpolation", "Latent interpolation",
+                          figure(figs.get("interpolation"),
+                                 "Each row walks the latent sphere (slerp) between two fixed latents")))
+    if figs.get("reconstructions"):
+        parts.append(_section("reconstructions", "VAE reconstructions",
+                              figure(figs["reconstructions"], "Top of each pair: real test image; below: its "
+                                     "reconstruction (posterior mean)")))
+    pairs = "".join(
+        f"<figure>{img_tag(p['png'], alt='generated sample over its nearest training image')}"
+        f"<figcaption>train #{p['train_index']}<br>d<sub>train</sub> {p['distance_train']:.3g}<br>"
+        f"d<sub>test</sub> {p['distance_test']:.3g}</figcaption></figure>" for p in ctx.get("nearest_pairs", []))
+    parts.append(_section("nearest", "Nearest training images (memorisation check)",
+                          "<p class='sub'>The generated samples closest to any training image (top of each pair) "
+                          "and that training image (below), with the feature-space distance to it and to the "
+                          "sample's nearest test image. Copies would sit much nearer to training than to test "
+                          "images.</p>", f"<div class='pairs'>{pairs}</div>" if pairs else "",
+                          kv_table(ctx["memorisation"], table_id="memorisation-table")))
+    parts.append(_section("cleaning", "Data cleaning", kv_table(ctx["cleaning"], table_id="cleaning-table")))
+    parts.append(_section("protocol", "Evaluation protocol", kv_table(ctx["protocol"], table_id="protocol-table")))
     parts.append(f"<p class='sub'>Generated by <code>python -m pipeline report</code> at commit {html.escape(ctx['commit'])}.</p>")
     parts.append("</body></html>")
     return "".join(p for p in parts if p)

@@ -87,10 +87,17 @@ def run_stage(stage: str, args: argparse.Namespace, body: Callable[[Params, Any]
 
 
 def set_threads(n: int) -> None:
-    """torch CPU threads: n, or every core when 0."""
+    """torch CPU threads: n; when 0, every core unless OMP_NUM_THREADS caps it.
+
+    The cap matters on shared machines: OpenMP threads that outnumber the free cores spin at
+    barriers, and a 2-thread run of small kernels can take 5-10x longer than a 1-thread one.
+    """
     import torch  # noqa: PLC0415
 
-    torch.set_num_threads(n if n > 0 else (os.cpu_count() or 1))
+    if n <= 0:
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        n = int(env) if env.isdigit() and int(env) > 0 else (os.cpu_count() or 1)
+    torch.set_num_threads(n)
 
 
 def set_determinism(params: Params) -> None:

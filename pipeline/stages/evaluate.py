@@ -7,24 +7,30 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..io import write_json
+from ..io import read_json, write_json
 from ..params import Params
 from .common import add_common, device_from, run_stage, set_determinism, set_threads
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ["evaluate", "base"]
+SECTIONS = ["evaluate", "evaluator", "base"]
 
 
-def _vae_metrics(checkpoint: Path, test_images: Any, *, device: str, batch_size: int, seed: int) -> dict[str, float]:
-    """ELBO, reconstruction NLL and KL per test image (nats), one posterior sample each (seeded)."""
+def _vae_metrics(checkpoint: Path, test_images: Any, *, device: str, batch_size: int,
+                 seed: int) -> tuple[dict[str, float], str]:
+    """ELBO, reconstruction NLL and KL per test image (nats), one posterior sample each (seeded),
+    and the likelihood they use (bce or mse, from the checkpoint's config).
+
+    ``vae_elbo_ci_low/high``: mean ± 1.96 standard errors over test images (the per-image ELBOs
+    are independent given the model, so the normal interval of their mean is the honest one).
+    """
     import json  # noqa: PLC0415
 
     import torch  # noqa: PLC0415
 
     from ..models import build_vae  # noqa: PLC0415
-    from ..safeload import safe_load  # noqa: PLC0415
     from ..models.vae import vae_terms  # noqa: PLC0415
+    from ..safeload import safe_load  # noqa: PLC0415
 
     ckpt = safe_load(checkpoint)
     cfg = json.loads(ckpt["config"])
@@ -33,23 +39,34 @@ def _vae_metrics(checkpoint: Path, test_images: Any, *, device: str, batch_size:
     vae.load_state_dict(ckpt["models"]["vae"])
     vae.to(device).eval()
     torch.manual_seed(seed)
-    nll_sum = kl_sum = 0.0
+    nlls, kls = [], []
     x_all = torch.from_numpy(test_images)
     with torch.no_grad():
         for i in range(0, len(x_all), batch_size):
             x = x_all[i : i + batch_size].to(device).float() / 127.5 - 1
             logits, mu, logvar = vae(x)
             nll, kl = vae_terms(x, logits, mu, logvar, recon=cfg["recon"])
-            nll_sum += float(nll.sum())
-            kl_sum += float(kl.sum())
-    n = len(x_all)
-    return {"vae_recon_nll": nll_sum / n, "vae_kl": kl_sum / n, "vae_elbo": -(nll_sum + kl_sum) / n,
-            "vae_recon": cfg["recon"]}
+            nlls.append(nll.double().cpu())
+            kls.append(kl.double().cpu())
+    nll, kl = torch.cat(nlls), torch.cat(kls)  # [N] each
+    elbo = -(nll + kl)  # [N]
+    half = 1.96 * float(elbo.std(correction=1)) / len(elbo) ** 0.5 if len(elbo) > 1 else float("nan")
+    return {"vae_recon_nll": float(nll.mean()), "vae_kl": float(kl.mean()), "vae_elbo": float(elbo.mean()),
+            "vae_elbo_ci_low": float(elbo.mean()) - half, "vae_elbo_ci_high": float(elbo.mean()) + half}, cfg["recon"]
 
 
-def _conditional_metrics(generator: Any, gen_info: dict[str, Any], net: Any, test: Any, *, n_per_class: int,
-                         device: str, seed: int, batch_size: int) -> dict[str, Any]:
-    """Intra-class FID (mean over classes) and the classification accuracy score (CAS)."""
+def _conditional_metrics(generator: Any, gen_info: dict[str, Any], net: Any, test: Any, train: Any, *,
+                         real_feats: Any, n_per_class: int, device: str, seed: int, batch_size: int,
+                         recipe: Any) -> dict[str, Any]:
+    """Intra-class FID (mean over classes), the classification accuracy score (CAS) and its real baseline.
+
+    CAS (Ravuri & Vinyals 2019): a classifier trained only on generated images (labels as
+    conditioned), tested on the real test split. It uses the offline evaluator's recipe
+    (``recipe``: params.evaluator) and the same number of optimizer steps the evaluator got on the
+    real training split, so a small generated set is not also an under-trained classifier.
+    ``cas_real`` is that recipe trained on as many real training images: CAS reads against what
+    real data of that size achieves.
+    """
     import torch  # noqa: PLC0415
 
     from ..metrics.compute import sample  # noqa: PLC0415
@@ -60,18 +77,27 @@ def _conditional_metrics(generator: Any, gen_info: dict[str, Any], net: Any, tes
     labels = torch.arange(k).repeat_interleave(n_per_class)
     imgs, y = sample(generator, len(labels), nz=gen_info["nz"], num_classes=k, seed=seed + 2, device=device,
                      labels=labels, batch_size=batch_size)
-    fake_feats = extract(net, imgs, device=device)[0]
-    real_feats = extract(net, test.images, device=device)[0]
+    fake_feats = extract(net, imgs, device=device, batch_size=batch_size)[0]
     per_class = []
     for c in range(k):
         rf, ff = real_feats[torch.from_numpy(test.labels == c)], fake_feats[y == c]
         if len(rf) >= 2 and len(ff) >= 2:
             per_class.append(frechet_distance(gaussian_stats(rf), gaussian_stats(ff)))
-    # CAS: a classifier trained only on generated images, tested on the real test split.
-    _, cas_report = train_evaluator(imgs.numpy(), y.numpy(), test.images, test.labels, epochs=3, batch_size=128,
-                                    lr=2e-3, width=16, feature_dim=64, seed=seed, device=device, progress=False)
+    bs = min(recipe.batch_size, len(labels))
+    steps = recipe.epochs * max(1, len(train.images) // recipe.batch_size)  # the evaluator's budget
+    kw = {"epochs": max(1, -(-steps // max(1, len(labels) // bs))), "batch_size": bs, "lr": recipe.lr,
+          "width": recipe.width, "feature_dim": recipe.feature_dim, "seed": seed, "device": device, "progress": False}
+    _, cas_report = train_evaluator(imgs.numpy(), y.numpy(), test.images, test.labels, **kw)
+    pick = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(seed))[: len(labels)].numpy()
+    _, real_report = train_evaluator(train.images[pick], train.labels[pick], test.images, test.labels, **kw)
     return {"intra_fid": sum(per_class) / max(1, len(per_class)), "intra_fid_per_class": per_class,
-            "cas": cas_report["test_accuracy"]}
+            "cas": cas_report["test_accuracy"], "cas_real": real_report["test_accuracy"]}
+
+
+def draw_seeds(seed: int, n: int) -> list[int]:
+    """Latent seeds of the n generated draws: the base seed first (the report's grids), then far from it
+    (the training loop's in-loop score uses seed + 1, the conditional metrics seed + 2)."""
+    return [seed] + [seed + 1000 + i for i in range(1, n)]
 
 
 def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Path, out_path: Path,
@@ -79,8 +105,9 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Pat
     import torch  # noqa: PLC0415
 
     from ..data.tensors import load_split  # noqa: PLC0415
-    from ..metrics.compute import memorisation, metric_set, sample  # noqa: PLC0415
+    from ..metrics.compute import fid_only, memorisation, metric_set, sample  # noqa: PLC0415
     from ..metrics.evaluator import extract, load_evaluator  # noqa: PLC0415
+    from ..metrics.math import gaussian_stats  # noqa: PLC0415
     from ..models import load_generator  # noqa: PLC0415
 
     p = params.evaluate
@@ -88,57 +115,107 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Pat
     set_threads(0)
     device = device_from(params)
     seed = params.base.seed
+    # Inception weights are resolved and verified first: a wrong pin fails before any work.
+    inception_weights = _inception_weights(params) if p.inception_weights else None
     generator, gen_info = load_generator(models_dir / "best.pt", device=device)
     net, ev = load_evaluator(evaluator_path, device=device)
     test = load_split(tensors_dir, "test")
     train = load_split(tensors_dir, "train")
-    fake, _ = sample(generator, p.n_samples, nz=gen_info["nz"], num_classes=gen_info["num_classes"], seed=seed,
-                     batch_size=p.batch_size, device=device)
-    fake_feats, fake_probs = extract(net, fake, device=device, batch_size=p.batch_size)
+    seeds = draw_seeds(seed, p.seeds)
+    fakes = [sample(generator, p.n_samples, nz=gen_info["nz"], num_classes=gen_info["num_classes"], seed=s,
+                    batch_size=p.batch_size, device=device)[0] for s in seeds]  # S x uint8 [n, C, H, W]
+    draws = [extract(net, f, device=device, batch_size=p.batch_size) for f in fakes]
     real_feats, real_probs = extract(net, test.images, device=device, batch_size=p.batch_size)
     train_feats, _ = extract(net, train.images, device=device, batch_size=p.batch_size)
-    metrics = metric_set(real_feats, real_probs, fake_feats, fake_probs, kid_subsets=p.kid_subsets, pr_k=p.pr_k,
-                         dc_k=p.dc_k, n_boot=p.bootstrap, seed=seed)
-    # The floor: real training images scored like a generator (same count as the generated set).
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(train_feats), generator=g)[: min(p.n_samples, len(train_feats))]
-    floor = metric_set(real_feats, real_probs, train_feats[idx], None, kid_subsets=p.kid_subsets, pr_k=p.pr_k,
-                       dc_k=p.dc_k, n_boot=2, seed=seed)
-    metrics["fid_train_vs_test"] = floor["fid"]
-    mem = memorisation(fake_feats, train_feats, real_feats)
+    metrics, per_draw = metric_set(real_feats, real_probs, draws, kid_subsets=p.kid_subsets, pr_k=p.pr_k,
+                                   dc_k=p.dc_k, n_boot=p.bootstrap, seed=seed)
+    # The floor: real training images scored like a generator (same count as a generated draw).
+    idx = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(seed))[: p.n_samples]
+    metrics["fid_train_vs_test"] = fid_only(gaussian_stats(real_feats), train_feats[idx])
+    mem = memorisation(draws[0][0], train_feats, real_feats, seed=seed)
     metrics["memorisation_ratio"] = mem["ratio"]
+    vae_recon = None
     if gen_info["model"] == "vae":
-        metrics.update(_vae_metrics(models_dir / "checkpoint.pt", test.images, device=device,
-                                    batch_size=p.batch_size, seed=seed))
-    details: dict[str, Any] = {"memorisation": mem}
+        vae, vae_recon = _vae_metrics(models_dir / "checkpoint.pt", test.images, device=device,
+                                      batch_size=p.batch_size, seed=seed)
+        metrics.update(vae)
+    details: dict[str, Any] = {"memorisation": mem, "draws": {"seeds": seeds, "offline": per_draw}}
     if gen_info["num_classes"]:
-        cond = _conditional_metrics(generator, gen_info, net, test, n_per_class=max(2, p.n_samples // gen_info["num_classes"]),
-                                    device=device, seed=seed, batch_size=p.batch_size)
-        metrics.update(intra_fid=cond["intra_fid"], cas=cond["cas"])
+        cond = _conditional_metrics(generator, gen_info, net, test, train, real_feats=real_feats,
+                                    n_per_class=max(2, p.n_samples // gen_info["num_classes"]), device=device,
+                                    seed=seed, batch_size=p.batch_size, recipe=params.evaluator)
+        metrics.update(intra_fid=cond["intra_fid"], cas=cond["cas"], cas_real=cond["cas_real"])
         details["intra_fid_per_class"] = cond["intra_fid_per_class"]
-    if p.inception_weights:
-        from ..metrics.inception import inception_metrics  # noqa: PLC0415
-
-        metrics["inception"] = inception_metrics(p, generator, gen_info, test.images, fake, seed=seed, device=device)
+    if inception_weights is not None:
+        metrics["inception"], details["draws"]["inception"] = _inception(params, inception_weights, test.images, fakes,
+                                                                         device=device)
     else:
         metrics["inception"] = {"computed": False, "reason": "evaluate.inception_weights is not set; Inception-v3 "
                                 "FID/IS/KID need its weights file (path or URL) and their sha256 in params.yaml"}
     metrics["protocol"] = {
-        "generated_samples": p.n_samples, "reference_split": "test", "reference_images": int(len(test.images)),
+        "generated_samples": p.n_samples, "sample_seeds": seeds, "reference_split": "test",
+        "reference_images": int(len(test.images)),
         "generator": "best in-loop checkpoint (EMA weights)" if gen_info.get("ema") else "best in-loop checkpoint",
         "generator_step": gen_info["step"], "model": gen_info["model"], "seed": seed,
         "extractor": ev["name"], "extractor_kind": ev["kind"], "extractor_sha256": ev["sha256"],
         "extractor_test_accuracy": ev.get("test_accuracy"), "resize": "none (native resolution)",
         "dtype": "uint8 -> float32 in [-1, 1]", "channels": int(test.images.shape[1]),
-        "fid_ci": f"bootstrap over generated features, {p.bootstrap} resamples, 95%",
+        "fid_ci": f"95%, bootstrap over the first draw's features ({p.bootstrap} resamples), bias-centred",
+        "other_ci": f"95% Student-t prediction interval over {len(seeds)} independent draws"
+                    if len(seeds) > 1 else "none (evaluate.seeds = 1)",
         "kid_subsets": p.kid_subsets, "pr_k": p.pr_k, "dc_k": p.dc_k, "device": device,
+        "memorisation_reference": f"{mem['reference_size']} training vs {mem['reference_size']} test images",
     }
+    if vae_recon is not None:
+        metrics["protocol"]["vae_likelihood"] = vae_recon
     write_json(out_path, metrics)
     write_json(details_path, details)
     log.info("evaluate: FID %.3f [%.3f, %.3f] (real-vs-real floor %.3f), KID %.4f, IS %s, precision %.3f, recall %.3f",
              metrics["fid"], metrics["fid_ci_low"], metrics["fid_ci_high"], metrics["fid_train_vs_test"], metrics["kid"],
              f"{metrics['IS']:.3f}" if "IS" in metrics else "n/a", metrics["precision"], metrics["recall"])
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return numeric_metrics(metrics)
+
+
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Flat numeric view for MLflow: top-level numbers and ``inception.<name>`` for Inception's."""
+    out = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for k, v in metrics.get("inception", {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"inception.{k}"] = v
+    return out
+
+
+def _inception_weights(params: Params) -> tuple[Path, str]:
+    """The verified local Inception weights file (fetched into the cache when given as a URL) and its sha256."""
+    from ..io import work_dir  # noqa: PLC0415
+    from ..metrics.inception import resolve_weights  # noqa: PLC0415
+
+    p = params.evaluate
+    assert p.inception_weights is not None  # the caller checked
+    path = resolve_weights(p.inception_weights, p.inception_sha256, cache_dir=work_dir("cache", "weights"),
+                           timeout_s=params.data.timeout_s)
+    return path, str(p.inception_sha256).strip().lower()  # resolve_weights refused anything but a sha256
+
+
+def _inception(params: Params, weights: tuple[Path, str], real_images: Any, fakes: list[Any], *,
+               device: str) -> tuple[dict[str, Any], Any]:
+    """Inception-v3 FID/KID/IS/PR/DC on the same generated draws (real features cached by content)."""
+    from ..io import work_dir  # noqa: PLC0415
+    from ..metrics.compute import metric_set  # noqa: PLC0415
+    from ..metrics.inception import PROTOCOL, extract_inception, load_inception, real_features_cached  # noqa: PLC0415
+
+    p = params.evaluate
+    path, sha = weights
+    net = load_inception(path, sha256=sha, device=device)
+    real_feats, real_probs, cache = real_features_cached(net, real_images, weights_sha256=sha,
+                                                         cache_dir=work_dir("cache", "inception"),
+                                                         batch_size=p.batch_size, device=device)
+    draws = [extract_inception(net, f, batch_size=p.batch_size, device=device) for f in fakes]
+    metrics, per_draw = metric_set(real_feats, real_probs, draws, kid_subsets=p.kid_subsets, pr_k=p.pr_k,
+                                   dc_k=p.dc_k, n_boot=p.bootstrap, seed=params.base.seed)
+    metrics.update(computed=True, weights_sha256=sha, real_stats_cache_key=cache["cache_key"],
+                   real_stats_from_cache=cache["cached"], protocol=dict(PROTOCOL))
+    return metrics, per_draw
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -155,7 +232,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     def body(params: Params, tracker: Any) -> dict[str, Any]:
         metrics = run(params, args.models, args.tensors, args.evaluator, args.out, args.details)
+        written = read_json(args.out)
+        # The protocol travels with the numbers in MLflow too (as params: protocol.extractor_sha256, ...).
+        protocol = {"protocol": written["protocol"]}
+        if written["inception"].get("computed"):
+            protocol["protocol_inception"] = written["inception"]["protocol"]
+        tracker.log_params(protocol)
+        tracker.set_tags({"pipeline.extractor_sha256": written["protocol"]["extractor_sha256"]})
         tracker.log_artifact(args.out, "evaluate")
+        tracker.log_artifact(args.details, "evaluate")
         return metrics
 
     return run_stage("evaluate", args, body, SECTIONS)

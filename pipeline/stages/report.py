@@ -49,6 +49,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
     import torch  # noqa: PLC0415
 
     from ..data.tensors import load_split  # noqa: PLC0415
+    from ..imaging import make_grid, png_bytes, to_uint8  # noqa: PLC0415
     from ..models import load_generator  # noqa: PLC0415
     from ..report import figures as F  # noqa: PLC0415
     from ..report.html import render  # noqa: PLC0415
@@ -69,20 +70,27 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
         # Fixed-seed grid: the first grid_n latents of the evaluation seed (the same images every run).
         y = (torch.arange(r.grid_n) % k) if k else None
         samples = F.generate(generator, F.latents(r.grid_n, nz, seed), y, device=device)
-        F.save_png(samples, tmp / "samples.png", nrow=r.grid_nrow, scale=3)
-        idx = np.linspace(0, len(test.images) - 1, min(r.grid_n, len(test.images))).round().astype(int)
-        F.save_png(test.images[idx], tmp / "real.png", nrow=r.grid_nrow, scale=3)
+        # Scale 2: a grid of 8 28x28 digits is 484 px wide, so real and generated fit side by side.
+        F.save_png(samples, tmp / "samples.png", nrow=r.grid_nrow, scale=2)
+        # A seeded random choice: test splits are often stored class-sorted.
+        idx = np.random.default_rng(seed).permutation(len(test.images))[: r.grid_n]
+        F.save_png(test.images[idx], tmp / "real.png", nrow=r.grid_nrow, scale=2)
         strip = F.interpolation_strip(generator, nz=nz, num_classes=k, steps=r.interpolation_steps, rows=4, seed=seed,
                                       device=device)
         F.save_png(strip, tmp / "interpolation.png", nrow=r.interpolation_steps, scale=3)
         closest = details["memorisation"]["closest"][: r.neighbours]
+        nearest_pairs = []
         if closest:
+            # The memorisation metric used the first draw: latents of the base seed, in order.
             z_all = F.latents(metrics["protocol"]["generated_samples"], nz, seed)
-            fake_idx = [c[0] for c in closest]
+            fake_idx = [c["sample"] for c in closest]
             yk = (torch.tensor(fake_idx) % k) if k else None
             fake = F.generate(generator, z_all[fake_idx], yk, device=device)
-            real = train.images[[c[1] for c in closest]]
+            real = train.images[[c["train_index"] for c in closest]]
             F.save_png(F.pairs_figure(fake, real), tmp / "nearest.png", nrow=min(8, len(closest)), scale=3)
+            for i, c in enumerate(closest):
+                png = png_bytes(make_grid(np.stack([fake[i], real[i]]), nrow=1), scale=3)
+                nearest_pairs.append(dict(c, png=png))
         if info["model"] == "vae":
             from ..models import build_vae  # noqa: PLC0415
             from ..safeload import safe_load  # noqa: PLC0415
@@ -97,8 +105,6 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
             with torch.no_grad():
                 mu, _ = vae.encode(x)
                 rec = torch.tanh(vae.decoder.logits(mu))
-            from ..imaging import to_uint8  # noqa: PLC0415
-
             F.save_png(F.pairs_figure(test.images[idx[:16]], to_uint8(rec)), tmp / "reconstructions.png", nrow=8, scale=3)
         F.plot_curves(train_reports / "losses.csv", train_reports / "scores.csv", tmp / "curves.png")
     for name in ("samples", "real", "interpolation", "nearest", "reconstructions", "curves"):
@@ -118,9 +124,13 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
         "protocol": [(k2, v) for k2, v in prot.items()],
         "figures": figs,
         "timeline": F.grid_timeline(train_reports / "grids"),
-        "memorisation": [("median distance to nearest training image", mem["nn_train_median"]),
+        "nearest_pairs": nearest_pairs,
+        "memorisation": [("reference sets (equal size)", f"{mem['reference_size']} training vs "
+                                                          f"{mem['reference_size']} test images"),
+                         ("median distance to nearest training image", mem["nn_train_median"]),
                          ("median distance to nearest test image", mem["nn_test_median"]),
-                         ("ratio (well below 1 suggests copying)", mem["ratio"])],
+                         ("ratio (well below 1 suggests copying)", mem["ratio"]),
+                         ("samples nearer to a training than to a test image", mem["fraction_closer_to_train"])],
         "cleaning": [("inputs", cleaning["total"]), ("accepted", cleaning["accepted"]),
                      ("rejected", cleaning["rejected"]), ("duplicates removed", cleaning["duplicates"]),
                      ("skipped (links, hidden, special files)", cleaning["skipped"]),

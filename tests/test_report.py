@@ -1,0 +1,227 @@
+"""The HTML report as a user sees it: rendered by headless Chromium, checked pixel by pixel against its images.
+
+A first Chromium run loads a copy of the page with a small script that records where every image
+and section was laid out (``--dump-dom``); a second run screenshots the unmodified page at the
+same width. Each image's screen region is then compared with the PNG embedded in the page, so
+the test fails if a panel is missing, empty, hidden, mis-scaled or overlapping -- not only if a
+file is absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.report.figures import metric_rows
+from pipeline.report.html import render
+
+from helpers_eval import TinyRun, in_dir
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+WIDTH = 1280
+PANELS = ["metrics", "real-vs-generated", "timeline", "curves", "interpolation", "nearest", "cleaning", "protocol"]
+
+PROBE = """<script>
+window.addEventListener('load', () => {
+  const box = (el) => { const r = el.getBoundingClientRect();
+    return {x: r.left + window.scrollX, y: r.top + window.scrollY, w: r.width, h: r.height}; };
+  const out = {height: document.documentElement.scrollHeight, width: document.documentElement.scrollWidth,
+               images: [], sections: {}};
+  document.querySelectorAll('img').forEach((img) => out.images.push(Object.assign(box(img), {
+    src: img.src, alt: img.alt, px: img.classList.contains('px'),
+    section: img.closest('section') ? img.closest('section').id : null,
+    natural: [img.naturalWidth, img.naturalHeight], complete: img.complete})));
+  document.querySelectorAll('section').forEach((s) => { out.sections[s.id] = box(s); });
+  const pre = document.createElement('pre'); pre.id = 'layout'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp / 'chromium-profile'}", "--hide-scrollbars", "--force-device-scale-factor=1",
+           "--force-color-profile=srgb", "--virtual-time-budget=5000", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+def _layout(html_path: Path, tmp: Path) -> dict[str, Any]:
+    probe = tmp / "probe.html"
+    probe.write_text(html_path.read_text().replace("</body>", PROBE + "</body>"))
+    dom = _chromium(tmp, f"--window-size={WIDTH},1000", "--dump-dom", probe.as_uri()).stdout
+    found = re.search(r'<pre id="layout">(.*?)</pre>', dom, re.S)
+    assert found, "the layout probe did not run"
+    import html as html_lib
+
+    return json.loads(html_lib.unescape(found.group(1)))
+
+
+def _screenshot(html_path: Path, tmp: Path, height: int) -> np.ndarray:
+    shot = tmp / "screenshot.png"
+    _chromium(tmp, f"--window-size={WIDTH},{height}", f"--screenshot={shot}", html_path.as_uri())
+    return np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)  # [H, W, 3]
+
+
+def _embedded(src: str) -> Image.Image:
+    assert src.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")
+
+
+def _compare(shot: np.ndarray, img: dict[str, Any]) -> tuple[float, float]:
+    """(mean absolute difference, correlation) between an image's screen region and its embedded PNG."""
+    x, y, w, h = (round(img[k]) for k in ("x", "y", "w", "h"))
+    crop = shot[y : y + h, x : x + w]
+    assert crop.shape[:2] == (h, w), f"{img['alt']}: outside the screenshot"
+    ref = _embedded(img["src"]).resize((w, h), Image.Resampling.NEAREST if img["px"] else Image.Resampling.BILINEAR)
+    ref_a = np.asarray(ref, dtype=np.float64)
+    corr = float(np.corrcoef(crop.ravel(), ref_a.ravel())[0, 1])
+    return float(np.abs(crop - ref_a).mean()), corr
+
+
+def _check_page(html_path: Path, tmp: Path, panels: list[str]) -> tuple[dict[str, Any], np.ndarray]:
+    layout = _layout(html_path, tmp)
+    assert layout["width"] <= WIDTH, "the page scrolls sideways"
+    for pid in panels:
+        assert pid in layout["sections"], f"panel {pid} missing"
+        assert layout["sections"][pid]["h"] > 20, f"panel {pid} is empty"
+    shot = _screenshot(html_path, tmp, layout["height"])
+    assert shot.shape[0] >= layout["height"] - 1 and shot.std() > 20, "blank screenshot"
+    for img in layout["images"]:
+        assert img["complete"] and img["natural"][0] > 0, f"{img['alt']}: not decoded"
+        assert img["w"] > 30 and img["h"] > 30, f"{img['alt']}: not visible"
+        mad, corr = _compare(shot, img)
+        # Images shown at their own size must match to the pixel; scaled ones (timeline thumbnails,
+        # curves) differ by resampling but keep their structure.
+        natural = abs(img["w"] - img["natural"][0]) < 1 and abs(img["h"] - img["natural"][1]) < 1
+        assert corr > (0.99 if natural else 0.8), f"{img['alt']} in {img['section']}: corr {corr:.3f}"
+        if natural:
+            assert mad < 2.0, f"{img['alt']}: differs from its PNG by {mad:.2f} on average"
+    return layout, shot
+
+
+def test_report_renders_every_panel_as_embedded(tiny_gan: TinyRun, tmp_path: Path) -> None:
+    layout, shot = _check_page(tiny_gan.html, tmp_path, PANELS)
+    by_section: dict[str, list[dict[str, Any]]] = {}
+    for img in layout["images"]:
+        by_section.setdefault(img["section"], []).append(img)
+    # Real and generated grids side by side, at their own size, both the files the report wrote.
+    real, gen = by_section["real-vs-generated"]
+    assert abs(real["y"] - gen["y"]) < 1 and gen["x"] >= real["x"] + real["w"]
+    for img, name in ((real, "real.png"), (gen, "samples.png")):
+        assert np.array_equal(np.asarray(_embedded(img["src"])),
+                              np.asarray(Image.open(tiny_gan.figures / name).convert("RGB")))
+        assert round(img["w"]) == img["natural"][0]
+    # The two grids hold different pictures (real digits vs a 40-step generator).
+    x0, y0 = round(real["x"]), round(real["y"])
+    x1, y1 = round(gen["x"]), round(gen["y"])
+    w, h = round(min(real["w"], gen["w"])), round(min(real["h"], gen["h"]))
+    assert np.abs(shot[y0 : y0 + h, x0 : x0 + w] - shot[y1 : y1 + h, x1 : x1 + w]).mean() > 10
+    # Training timeline: first and last frames of the run (40 steps, a grid every 10).
+    assert len(by_section["timeline"]) == 5
+    assert len(by_section["curves"]) == 1 and len(by_section["interpolation"]) == 1
+    assert len(by_section["nearest"]) == 4  # report.neighbours
+    html = tiny_gan.html.read_text()
+    metrics = json.loads(tiny_gan.metrics.read_text())
+    for label in ("FID", "KID", "Precision", "Recall", "Density", "Coverage", "Memorisation ratio"):
+        assert f"<td>{label}" in html
+    assert f"{metrics['fid']:.4g}" in html and f"{metrics['fid_ci_low']:.4g}" in html
+    assert "Inception-v3 metrics were not computed" in html
+    assert "No previous commit holds reports/metrics.json" in html
+    assert "d<sub>train</sub>" in html and "train #" in html
+    assert "<th>accepted</th>" in html and "<th>extractor_sha256</th>" in html
+
+
+def test_vae_report_has_reconstructions(tiny_vae: TinyRun, tmp_path: Path) -> None:
+    layout, _ = _check_page(tiny_vae.html, tmp_path, [*PANELS, "reconstructions"])
+    recon = [i for i in layout["images"] if i["section"] == "reconstructions"]
+    assert len(recon) == 1
+    assert "VAE ELBO" in tiny_vae.html.read_text()
+
+
+def test_change_against_previous_commit(tiny_gan: TinyRun, tmp_path: Path) -> None:
+    """metrics.json committed at HEAD is the baseline; the table shows signed, coloured changes."""
+    from pipeline.params import load_params
+    from pipeline.stages import report
+
+    repo = tmp_path / "repo"
+    (repo / "reports").mkdir(parents=True)
+    current = json.loads(tiny_gan.metrics.read_text())
+    before = dict(current, fid=current["fid"] + 1.5, precision=current["precision"] - 0.25)
+    del before["recall"]
+    (repo / "reports/metrics.json").write_text(json.dumps(before))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "reports/metrics.json"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True)
+    shutil.copyfile(tiny_gan.metrics, repo / "reports/metrics.json")
+    d = tiny_gan.data
+    with in_dir(repo):
+        assert report.previous_metrics(Path("reports/metrics.json")) == before
+        report.run(load_params(tiny_gan.params), tiny_gan.models, d.tensors, tiny_gan.train_reports,
+                   repo / "reports/metrics.json", tiny_gan.details, d.clean_report, repo / "reports/figures",
+                   repo / "reports/index.html")
+    html = (repo / "reports/index.html").read_text()
+    assert "<th>change vs previous commit</th>" in html
+    row = re.search(r"<tr data-key='offline evaluator:fid'>(.*?)</tr>", html).group(1)
+    assert "class='num better'>-1.5</td>" in row  # FID fell by 1.5: better
+    row = re.search(r"<tr data-key='offline evaluator:precision'>(.*?)</tr>", html).group(1)
+    assert "class='num better'>+0.25</td>" in row
+    row = re.search(r"<tr data-key='offline evaluator:recall'>(.*?)</tr>", html).group(1)
+    assert "<td>new</td>" in row
+    row = re.search(r"<tr data-key='offline evaluator:kid'>(.*?)</tr>", html).group(1)
+    assert "unchanged" in row
+
+
+def test_metric_rows_include_inception_when_computed() -> None:
+    metrics = {"fid": 3.0, "fid_ci_low": 2.5, "fid_ci_high": 3.5, "kid": 0.1, "kid_std": 0.01,
+               "inception": {"computed": True, "fid": 40.0, "fid_ci_low": 39.0, "fid_ci_high": 41.0, "IS": 2.0}}
+    previous = {"fid": 4.0, "inception": {"computed": True, "fid": 38.0}}
+    rows = {(r["group"], r["key"]): r for r in metric_rows(metrics, previous)}
+    assert rows[("offline evaluator", "fid")]["uncertainty"] == "95% [2.5, 3.5]"
+    assert rows[("offline evaluator", "kid")]["uncertainty"] == "± 0.01 (std)"
+    assert rows[("Inception-v3", "fid")]["delta"] == pytest.approx(2.0)
+    assert rows[("Inception-v3", "IS")]["delta"] is None
+    page = render({"title": "t", "subtitle": "s", "metric_rows": list(rows.values()), "have_previous": True,
+                   "inception_note": None, "figures": {}, "timeline": [], "memorisation": [], "cleaning": [],
+                   "protocol": [], "commit": "abc"})
+    assert "<tr data-key='Inception-v3:fid'>" in page and "class='num worse'>+2</td>" in page
+
+
+def test_the_pixel_check_catches_a_faded_panel(tiny_gan: TinyRun, tmp_path: Path) -> None:
+    """The same checks on the same page, with the generated grid faded by CSS: they must fail."""
+    faded = tmp_path / "faded.html"
+    style = "<style>#real-vs-generated figure:last-child img { opacity: 0.2; }</style>"
+    faded.write_text(tiny_gan.html.read_text().replace("</head>", style + "</head>"))
+    with pytest.raises(AssertionError, match="Generated"):
+        _check_page(faded, tmp_path, PANELS)
+
+
+def test_no_change_is_shown_against_another_extractor() -> None:
+    """A retrained evaluator (or other Inception weights) moves every number: no "change" is claimed."""
+    metrics = {"fid": 3.0, "protocol": {"extractor_sha256": "a" * 64},
+               "inception": {"computed": True, "fid": 40.0, "weights_sha256": "c" * 64}}
+    previous = {"fid": 4.0, "protocol": {"extractor_sha256": "b" * 64},
+                "inception": {"computed": True, "fid": 38.0, "weights_sha256": "c" * 64}}
+    rows = {(r["group"], r["key"]): r for r in metric_rows(metrics, previous)}
+    assert rows[("offline evaluator", "fid")]["delta"] is None
+    assert rows[("offline evaluator", "fid")]["comparable"] is False
+    assert rows[("Inception-v3", "fid")]["delta"] == pytest.approx(2.0)  # same weights: compared
+    page = render({"title": "t", "subtitle": "s", "metric_rows": list(rows.values()), "have_previous": True,
+                   "inception_note": None, "figures": {}, "timeline": [], "memorisation": [], "cleaning": [],
+                   "protocol": [], "commit": "abc"})
+    assert "not comparable (other extractor)" in page
+    previous["protocol"]["extractor_sha256"] = "a" * 64
+    assert metric_rows(metrics, previous)[0]["delta"] == pytest.approx(-1.0)
