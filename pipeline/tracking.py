@@ -197,6 +197,23 @@ def _import_mlflow() -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+def _kept_copy(event: Mapping[str, Any], artifacts_dir: Path | None) -> Path:
+    """Where an artifact event's bytes are: the journal's preserved copy if there is one, else the original.
+
+    A preserved file sits in a folder of its own under its original name, because MLflow names a
+    logged file after its basename (see StageRun._preserve_artifact).
+    """
+    original = Path(event["path"])
+    if artifacts_dir is not None:
+        kept_file = artifacts_dir / f"{event['copy']}.file" / original.name
+        if kept_file.is_file():
+            return kept_file
+        kept_dir = artifacts_dir / event["copy"]
+        if kept_dir.is_dir():
+            return kept_dir
+    return original
+
+
 class _MlflowWriter:
     """Applies journal events to one MLflow run through the low-level client."""
 
@@ -204,11 +221,12 @@ class _MlflowWriter:
         self.mlflow = mlflow
         self.uri = uri
         self.root = root
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        with _sqlite_init_lock(uri):
+            # Creating the client opens the store, which creates and migrates a fresh SQLite file.
+            self.client = mlflow.MlflowClient(tracking_uri=uri)
+            self.client.search_experiments(max_results=1)
         self.run_id: str | None = None
         self.parent_id: str | None = None
-        with _sqlite_init_lock(uri):
-            self.client.search_experiments(max_results=1)  # creates/migrates a fresh SQLite store
 
     def _experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -267,9 +285,7 @@ class _MlflowWriter:
             for k, v in event["tags"].items():
                 c.set_tag(self.run_id, k, str(v))
         elif kind == "artifact":
-            src = Path(event["path"])
-            if artifacts_dir is not None and (artifacts_dir / event["copy"]).exists():
-                src = artifacts_dir / event["copy"]
+            src = _kept_copy(event, artifacts_dir)
             if src.is_dir():
                 c.log_artifacts(self.run_id, str(src), event.get("artifact_path"))
             else:
@@ -290,14 +306,13 @@ class _MlflowWriter:
         """Log a generator as an MLflow pytorch model (loadable with mlflow.pytorch.load_model)."""
         from .models import load_generator  # noqa: PLC0415
 
-        src = Path(event["path"])
-        if artifacts_dir is not None and (artifacts_dir / event["copy"]).exists():
-            src = artifacts_dir / event["copy"]
-        generator, info = load_generator(src, device="cpu")
+        generator, info = load_generator(_kept_copy(event, artifacts_dir), device="cpu")
         from mlflow.models import infer_signature  # noqa: PLC0415
         import numpy as np  # noqa: PLC0415
         import torch  # noqa: PLC0415
 
+        # Two latents, not one: the model is exported (pt2, no pickle) from this example, and
+        # torch.export specialises a batch dimension of size 1, which would accept no other size.
         z = torch.randn(2, info["nz"], generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             out = generator(z).numpy()
@@ -311,7 +326,7 @@ class _MlflowWriter:
         try:
             with mlflow.start_run(run_id=self.run_id, nested=True):
                 mlflow.pytorch.log_model(generator, name=event.get("artifact_path", "generator"),
-                                         signature=signature, input_example=z.numpy()[:1],
+                                         signature=signature, input_example=z.numpy(),
                                          pip_requirements=requirements)
         finally:
             # Leaving start_run ends the run; it is still running until its own "end" event.
@@ -348,6 +363,7 @@ class StageRun:
         self._lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._n_events = 0
+        self._ended = False
         self._files: list[tuple[int, dict[str, Any]]] = []  # artifact/model events, for preservation
         self._queue: queue.Queue[tuple[int, dict[str, Any]] | None] = queue.Queue()
         self._sender: threading.Thread | None = None
@@ -458,12 +474,17 @@ class StageRun:
             self._journal.flush()
             if event["type"] in ("artifact", "model"):
                 self._files.append((index, event))
+            elif event["type"] == "end":
+                self._ended = True
         if self._sender is not None and self._sender.is_alive():
             self._queue.put((index, event))
 
     def _write_state(self) -> None:
+        # Complete means ended *and* all sent: a journal whose process died after sending its last
+        # event but before ending (kill -9) must still be picked up by mlflow-sync and closed.
         with self._state_lock:
-            state = dict(self._state, events=self._n_events, complete=self._state["sent"] >= self._n_events)
+            complete = self._ended and self._state["sent"] >= self._n_events
+            state = dict(self._state, events=self._n_events, complete=complete)
             _write_json_atomic(self.dir / "state.json", state)
 
     def _send_loop(self, mlflow: Any) -> None:
@@ -479,8 +500,10 @@ class StageRun:
                 continue
             error = None
             # A few tries per event ride out a SQLite "database is locked" under parallel
-            # experiments or a server restart; MLflow's own HTTP retries are capped low.
-            for delay in (*_SEND_RETRY_DELAYS_S, None):
+            # experiments. Over HTTP, MLflow's client already retries (capped by
+            # _bounded_http_env), so an outage is declared after one bounded call.
+            delays = () if str(self._state["uri"]).startswith(("http:", "https:")) else _SEND_RETRY_DELAYS_S
+            for delay in (*delays, None):
                 try:
                     if writer is None:
                         writer = _MlflowWriter(mlflow, self._state["uri"], self.root)
@@ -522,12 +545,14 @@ class StageRun:
         if event["type"] not in ("artifact", "model"):
             return
         src = Path(event["path"])
-        dst = self.dir / "artifacts" / event["copy"]
-        dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
-            shutil.copytree(src, dst, dirs_exist_ok=True)
+            shutil.copytree(src, self.dir / "artifacts" / event["copy"], dirs_exist_ok=True)
         elif src.exists():
+            dst = self.dir / "artifacts" / f"{event['copy']}.file" / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
+        else:
+            log.warning("artifact %s is gone; the replay of %s will lack it", src, self.dir.name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -126,9 +126,14 @@ def built_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def copy_project(built: Path, dest: Path) -> Path:
-    """A private copy of a built project (git history, workspace, DVC cache), without its run journals."""
+    """A private copy of a built project (git history, workspace, DVC cache).
+
+    Without its run journals and training work directories: a test's train stage trains (instead
+    of resuming the finished run of the same config) and its journals are its own.
+    """
     shutil.copytree(built, dest, symlinks=True)
-    shutil.rmtree(dest / ".pipeline" / "tracking", ignore_errors=True)
+    for private in ("tracking", "train"):
+        shutil.rmtree(dest / ".pipeline" / private, ignore_errors=True)
     return dest
 
 
