@@ -50,7 +50,8 @@ def _umask() -> int:
     return mask
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -74,7 +75,7 @@ def remove_stale_temps(directory: Path, name: str) -> list[Path]:
         return removed
     for entry in entries:
         m = _TMP_RE.match(entry.name)
-        if not m or m["name"] != name or int(m["pid"]) == os.getpid() or _pid_alive(int(m["pid"])):
+        if not m or m["name"] != name or int(m["pid"]) == os.getpid() or pid_alive(int(m["pid"])):
             continue
         path = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
@@ -163,6 +164,29 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy ``src`` to ``dst`` through :func:`atomic_write` (temp, fsync, rename)."""
+    with open(src, "rb") as fin, atomic_write(dst) as fout:
+        shutil.copyfileobj(fin, fout, _CHUNK)
+
+
+def try_flock(path: str | os.PathLike) -> int | None:
+    """An exclusive advisory lock on ``path`` without waiting: its descriptor, or None if another process holds it.
+
+    The kernel drops the lock when the holder exits, however it exits (kill -9 included), so a
+    lock never goes stale. Close the descriptor to release it.
+    """
+    import fcntl  # noqa: PLC0415 - POSIX only
+
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

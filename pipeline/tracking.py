@@ -47,7 +47,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .io import project_root
+from .io import project_root, try_flock
 
 log = logging.getLogger(__name__)
 
@@ -138,17 +138,6 @@ def flush_timeout(status: str | None = None) -> float:
         log.warning("PIPELINE_TRACKING_FLUSH_S=%r is not a number; using %.0f s", raw, _FLUSH_TIMEOUT_S)
         timeout = _FLUSH_TIMEOUT_S
     return min(timeout, _KILLED_FLUSH_TIMEOUT_S) if status == "KILLED" else timeout
-
-
-def _try_lock(path: Path) -> int | None:
-    """An exclusive flock on ``path`` without waiting: the fd, or None when another process holds it."""
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def _unlock(fd: int | None) -> None:
@@ -358,7 +347,7 @@ class StageRun:
         self.dir.mkdir(parents=True, exist_ok=True)
         # Held while this process lives: mlflow-sync leaves a journal alone while its lock is taken,
         # and the kernel drops it when the process dies, however it dies.
-        self._live_fd = _try_lock(self.dir / _LIVE_LOCK)
+        self._live_fd = try_flock(self.dir / _LIVE_LOCK)
         self._journal = open(self.dir / "journal.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -615,7 +604,7 @@ def sync(root: Path | None = None, *, uri: str | None = None) -> list[tuple[str,
     uri = uri or tracking_uri(root)
     results: list[tuple[str, str, str]] = []
     for d in pending_journals(root):
-        fd = _try_lock(d / _LIVE_LOCK)  # also keeps two syncs from replaying one journal twice
+        fd = try_flock(d / _LIVE_LOCK)  # also keeps two syncs from replaying one journal twice
         if fd is None:
             results.append((d.name, "running", "its stage is still running; it sends its own events"))
             continue

@@ -168,3 +168,35 @@ def test_corrupted_cached_tensor_is_detected_by_its_hash_before_training(project
     assert "modified" in dvc("status", "augment", cwd=project).stdout
     dvc("checkout", "--force", "data/augmented", cwd=project)
     assert load_split(project / "data" / "augmented", "train").images.shape[0] > 0
+
+
+def test_two_trainings_of_one_config_at_once_do_not_share_a_checkpoint(project: Path) -> None:
+    """A steps sweep run in parallel (`dvc queue start -j 2`): same config key, two processes."""
+    import yaml  # noqa: PLC0415
+
+    base = yaml.safe_load((project / "params.yaml").read_text())
+    for name, steps in (("a", 30), ("b", 40)):
+        params = {**base, "train": {**base["train"], "steps": steps, "log_every": 5}}
+        (project / f"params_{name}.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    procs = {name: subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--params", f"params_{name}.yaml",
+                                     "--models", f"models_{name}", "--reports", f"reports/train_{name}"],
+                                    cwd=project, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    start_new_session=True) for name in ("a", "b")}
+    errs = {}
+    try:
+        for name, proc in procs.items():
+            errs[name] = proc.communicate(timeout=400)[1].decode(errors="replace")
+    finally:
+        for proc in procs.values():
+            kill_group(proc)
+    for name, steps in (("a", 30), ("b", 40)):
+        assert procs[name].returncode == 0, errs[name][-3000:]
+        log = [json.loads(x) for x in (project / "reports" / f"train_{name}" / "log.jsonl").read_text().splitlines()]
+        loss_steps = [r["step"] for r in log if "loss_d" in r]
+        assert loss_steps == list(range(5, steps + 1, 5)), (name, loss_steps)
+        summary = json.loads((project / "reports" / f"train_{name}" / "summary.json").read_text())
+        assert summary["steps"] == steps
+        assert load_checkpoint(project / f"models_{name}" / "checkpoint.pt")["step"] == steps
+    assert sum("another training run of the same config" in e for e in errs.values()) == 1, errs
+    # The shared directory holds one run's state; the private one is gone after publishing.
+    assert len([d for d in (project / ".pipeline" / "train").iterdir() if d.is_dir()]) == 1
