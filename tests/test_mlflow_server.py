@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -171,6 +172,42 @@ def test_server_outage_during_training_costs_nothing_and_mlflow_sync_replays_it(
     assert journal_state(journal)["complete"]
     again = pipeline("mlflow-sync", cwd=project, env=env)
     assert "nothing to sync" in again.stdout
+
+
+def test_a_hung_server_delays_the_end_of_a_stage_by_the_flush_bound_only(
+        project: Path, mlflow_server: MlflowServer) -> None:
+    """A server that accepts connections and never answers (hung, not down): the stage still ends.
+
+    The stage waits PIPELINE_TRACKING_FLUSH_S for its sender (60 s by default, 5 s here), keeps a
+    copy of every artifact the sender could not send, and mlflow-sync delivers the run later to
+    whichever server it is pointed at.
+    """
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(64)  # the kernel completes handshakes; nobody ever reads or answers
+        env = tool_env(PIPELINE_TRACKING="1", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{blackhole.getsockname()[1]}",
+                       MLFLOW_EXPERIMENT_NAME="hung", PIPELINE_TRACKING_FLUSH_S="5")
+        proc = pipeline("clean", cwd=project, env=env)
+        exited = time.time()
+    (journal,) = journals(project, "clean")
+    events = journal_events(journal)
+    # From the run's end to the process's exit: the 5 s bound plus interpreter shutdown. Unbounded,
+    # it would be the hung call's 10 s timeout times MLflow's 3 tries.
+    waited = exited - events[-1]["time_ms"] / 1000
+    assert 5 <= waited < 9, waited
+    assert "did not take the run's last events within 5 s" in proc.stderr
+    state = journal_state(journal)
+    assert not state["complete"] and state["sent"] == 0 and events[-1]["status"] == "FINISHED"
+    (artifact,) = [e for e in events if e["type"] == "artifact"]
+    assert (journal / "artifacts" / f"{artifact['copy']}.file" / "clean_report.json").is_file()
+
+    (project / "reports" / "clean_report.json").unlink()  # the original is gone by the time of the sync
+    synced = pipeline("mlflow-sync", "--tracking-uri", mlflow_server.uri, cwd=project, env=env)
+    assert f"{journal.name}: synced:" in synced.stdout, synced.stdout
+    client = mlflow_server.client()
+    (run,) = runs(client, "hung", **{"pipeline.stage": "clean"})
+    assert run.info.status == "FINISHED" and "accepted" in run.data.metrics
+    assert artifact_files(client, run.info.run_id) == {"clean/clean_report.json"}
 
 
 def test_a_failing_stage_ends_its_run_failed(project: Path, mlflow_server: MlflowServer) -> None:
