@@ -61,9 +61,16 @@ def journal_metric_steps(events: list[dict[str, Any]], key: str) -> list[int]:
     return sorted(e["step"] for e in events if e["type"] == "metrics" and key in e["metrics"])
 
 
+def _as_if_from_a_terminal() -> None:
+    # A job started in the background by a non-interactive shell (CI runners, `nohup … &`)
+    # inherits SIGINT ignored, and Python then keeps it ignored; Ctrl-C means a foreground job.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_train(project: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "pipeline", "train"], cwd=project, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=_as_if_from_a_terminal)
 
 
 def wait_for_server_metrics(server: MlflowServer, experiment: str, key: str = "loss_d", points: int = 1) -> Any:
