@@ -12,8 +12,9 @@ waits on the network on its hot path, and a tracking failure never fails a stage
   runs whose process died without ending them (kill -9, OOM, power loss) as KILLED.
 
 Bounds: the training loop only appends a journal line and puts the event on a queue, so a dead or
-hung server costs it nothing. The sender retries an event a few times (SQLite "database is
-locked", a server restart) and MLflow's HTTP client is capped at a 10 s timeout and 2 retries.
+hung server costs it nothing. The sender tries an event three times against a SQLite store
+("database is locked" under parallel experiments); over HTTP, MLflow's client retries on its own,
+capped here at a 10 s timeout and 2 retries.
 At the end of a stage the process waits at most ``PIPELINE_TRACKING_FLUSH_S`` seconds (default
 60; 10 when the stage was killed, so a scheduler's grace period is not exceeded) for the sender,
 then copies whatever was not sent into the journal and exits; ``mlflow-sync`` finishes the job.
@@ -42,8 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 

@@ -22,6 +22,8 @@ from pipeline.data.tensors import load_split
 from pipeline.errors import CheckpointError
 from pipeline.training.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow
+
 
 def _open_files(pid: int) -> set[str]:
     """Paths the process has open right now (from /proc)."""

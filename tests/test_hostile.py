@@ -25,6 +25,8 @@ from PIL import Image
 from conftest import pipeline, set_params, tool_env
 from pipeline.errors import CheckpointError
 
+pytestmark = pytest.mark.slow
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints whose pickle runs code
 # ---------------------------------------------------------------------------------------------

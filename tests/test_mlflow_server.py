@@ -21,6 +21,8 @@ import pytest
 
 from conftest import (MlflowServer, dvc, kill_group, pipeline, set_params, tool_env, wait_for)
 
+pytestmark = pytest.mark.slow
+
 
 def tracked_env(server: MlflowServer, experiment: str) -> dict[str, str]:
     return tool_env(PIPELINE_TRACKING="1", MLFLOW_TRACKING_URI=server.uri, MLFLOW_EXPERIMENT_NAME=experiment)
@@ -201,7 +203,7 @@ def test_a_hung_server_delays_the_end_of_a_stage_by_the_flush_bound_only(
     # From the run's end to the process's exit: the 5 s bound plus interpreter shutdown. Unbounded,
     # it would be the hung call's 10 s timeout times MLflow's 3 tries.
     waited = exited - events[-1]["time_ms"] / 1000
-    assert 5 <= waited < 9, waited
+    assert 5 <= waited < 15, waited
     assert "did not take the run's last events within 5 s" in proc.stderr
     state = journal_state(journal)
     assert not state["complete"] and state["sent"] == 0 and events[-1]["status"] == "FINISHED"

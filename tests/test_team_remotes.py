@@ -9,6 +9,7 @@ stays usable by the whole group.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -17,10 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import (VENV_BIN, cache_objects, copy_project, dvc, free_port, git, md5_file, run, set_params, tool_env,
-                      wait_for)
+from conftest import (VENV_BIN, cache_objects, copy_project, dvc, free_port, git, kill_group, md5_file, run,
+                      set_params, tool_env, wait_for)
 from pipeline.data.tensors import load_split
 from pipeline.errors import DataError
+
+pytestmark = pytest.mark.slow
 
 STAGES = ("download", "clean", "preprocess", "augment", "evaluator", "train", "evaluate", "report")
 
@@ -202,7 +205,7 @@ class Sshd:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
+            kill_group(self.proc, signal.SIGTERM)  # sshd and any connection it forked
             self.proc.wait(timeout=30)
 
 

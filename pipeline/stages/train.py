@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..io import atomic_copy, pid_alive, read_json, staged_dir, try_flock, work_dir, write_json
+from ..io import atomic_copy, pid_alive, staged_dir, try_flock, work_dir, write_json
 from ..params import Params, to_dict
 from .common import add_common, device_from, run_stage, set_determinism, set_threads
 
