@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _mlflow_sync(args: argparse.Namespace) -> int:
+    """Replay journals that did not reach MLflow; exit 1 while any could not be sent."""
     from .stages.common import setup_logging  # noqa: PLC0415
     from .tracking import pending_journals, sync  # noqa: PLC0415
 
@@ -81,8 +83,13 @@ def _mlflow_sync(args: argparse.Namespace) -> int:
         print(f"error: MLflow is still unreachable ({type(exc).__name__}: {exc}); the journals are kept, try again later",
               file=sys.stderr)
         return 1
-    for name, run_id in results:
-        print(f"  {name} -> run {run_id}")
+    for name, outcome, detail in results:
+        print(f"  {name}: {outcome}: {detail}")
+    failed = [name for name, outcome, _ in results if outcome == "failed"]
+    if failed:
+        print(f"error: {len(failed)} journal(s) could not be sent (see above); they are kept, run mlflow-sync again",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -233,6 +240,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(signal, "SIGXFSZ"):
+        # A write past `ulimit -f` then fails with a clear error instead of killing the process
+        # silently (see pipeline.stages.common.ignore_sigxfsz).
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     command = next((a for a in argv if not a.startswith("-")), None)
     _audit_imports(command)
     args = build_parser(command).parse_args(argv)

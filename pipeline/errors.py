@@ -32,6 +32,10 @@ class ArchiveError(DataError):
     """An archive is hostile or too large; nothing of it was extracted."""
 
 
+class StorageError(UserError):
+    """The disk refused a write: file-size limit (``ulimit -f``), full disk or quota; nothing partial is left."""
+
+
 class CheckpointError(UserError):
     """A checkpoint is missing, corrupt, of another format, or refused by the safe loader."""
 

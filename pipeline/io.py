@@ -9,9 +9,11 @@ final name, and a reader sees either the old file or the new one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,17 +22,114 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, StorageError
 
 _CHUNK = 1 << 20
 
+# Errors that mean "the storage refused the bytes", which a user can fix (raise the limit, free
+# space) and which must not leave a partial file behind. EFBIG is what a write past the process
+# file-size limit (RLIMIT_FSIZE, `ulimit -f`) returns once SIGXFSZ is ignored (run_stage does).
+STORAGE_ERRNOS = frozenset({errno.EFBIG, errno.ENOSPC, errno.EDQUOT})
+
+# Temporary siblings are named ".<final name>.<pid>.<random>.tmp": the pid lets a later writer
+# remove what a killed process (kill -9, OOM, power loss) left behind, and only that.
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
 
 def _umask() -> int:
-    # os.umask can only be read by setting it; set it straight back (single-threaded at call sites
-    # that matter, and the value is the same either way).
+    """The process umask, read without changing it (os.umask would race with other threads)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        status = ""  # not Linux: fall back to the set-and-restore idiom below
+    for line in status.splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (someone else's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temps(directory: Path, name: str) -> list[Path]:
+    """Remove temporary siblings of ``directory/name`` whose writing process no longer exists.
+
+    A process killed with SIGKILL cannot clean up; its temporary file or folder stays beside the
+    final name (never under it). Writers call this before writing the same name again, so such
+    leftovers do not pile up or show up as untracked files. Temps of live processes are kept.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        m = _TMP_RE.match(entry.name)
+        if not m or m["name"] != name or int(m["pid"]) == os.getpid() or pid_alive(int(m["pid"])):
+            continue
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        removed.append(path)
+    return removed
+
+
+def storage_error(path: str | os.PathLike, exc: OSError) -> StorageError:
+    """A user-facing error for a write the storage refused, naming the file and the fix."""
+    path = Path(path)
+    if exc.errno == errno.EFBIG:
+        import resource  # noqa: PLC0415 - POSIX only, and only needed here
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        limit = ("no process limit is set, so the filesystem's maximum file size was reached"
+                 if soft == resource.RLIM_INFINITY else
+                 f"the process file-size limit (RLIMIT_FSIZE, `ulimit -f`) is {soft} bytes")
+        return StorageError(f"writing {path}: file too large: {limit}. Nothing was written under {path}. "
+                            "Raise the limit (`ulimit -f unlimited`) or make the file smaller "
+                            "(for tensor shards: lower preprocess.shard_mb).")
+    if exc.errno == errno.EDQUOT:
+        return StorageError(f"writing {path}: disk quota exceeded on {path.parent}. Nothing was written under "
+                            f"{path}. Free space in your quota (e.g. `dvc gc`) or ask for a larger quota.")
+    return StorageError(f"writing {path}: no space left on the device holding {path.parent}. Nothing was written "
+                        f"under {path}. Free space (e.g. `dvc gc -w`, old checkpoints in .pipeline/) and re-run.")
+
+
+def _storage_errno(exc: OSError, tmp: str) -> int | None:
+    """The storage errno behind a failed write, or None when it is some other error.
+
+    C writers (numpy's tofile, Arrow) report a short write as an OSError without an errno; the
+    temporary file's size against the file-size limit, or a full filesystem, tells what happened.
+    """
+    if exc.errno in STORAGE_ERRNOS:
+        return exc.errno
+    if exc.errno is not None:
+        return None
+    import resource  # noqa: PLC0415 - POSIX only
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        size = os.stat(tmp).st_size
+        free = os.statvfs(os.path.dirname(tmp)).f_bavail
+    except OSError:
+        return None
+    if soft != resource.RLIM_INFINITY and size >= soft:
+        return errno.EFBIG
+    if free == 0:
+        return errno.ENOSPC
+    return None
 
 
 @contextlib.contextmanager
@@ -38,11 +137,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
     """Open a temporary sibling of ``path`` for writing; rename it to ``path`` on success.
 
     On any exception (including KeyboardInterrupt and an exceeded file-size limit) the temporary
-    file is removed and ``path`` is left as it was.
+    file is removed and ``path`` is left as it was. A full disk, a quota or the file-size limit
+    raise :class:`~pipeline.errors.StorageError` naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
@@ -52,10 +153,40 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
             os.fchmod(fh.fileno(), 0o666 & ~_umask())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        code = _storage_errno(exc, tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if code is not None:
+            raise storage_error(path, OSError(code, os.strerror(code))) from exc
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy ``src`` to ``dst`` through :func:`atomic_write` (temp, fsync, rename)."""
+    with open(src, "rb") as fin, atomic_write(dst) as fout:
+        shutil.copyfileobj(fin, fout, _CHUNK)
+
+
+def try_flock(path: str | os.PathLike) -> int | None:
+    """An exclusive advisory lock on ``path`` without waiting: its descriptor, or None if another process holds it.
+
+    The kernel drops the lock when the holder exits, however it exits (kill -9 included), so a
+    lock never goes stale. Close the descriptor to release it.
+    """
+    import fcntl  # noqa: PLC0415 - POSIX only
+
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -84,8 +215,19 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> str:
     """Save ``array`` atomically in .npy format (never pickled) and return the file's sha256."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.hasobject:
+        raise ValueError(f"{path}: object arrays would need pickle; refusing to save")
     with atomic_write(path) as fh:
-        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+        # np.save's bytes, written through Python rather than numpy's C tofile(): a refused write
+        # (file-size limit, full disk) then raises OSError with its errno instead of a bare
+        # "N requested and M written", so the user gets told what happened.
+        header = np.lib.format.header_data_from_array_1_0(array)
+        try:
+            np.lib.format.write_array_header_1_0(fh, header)
+        except ValueError:  # header too long for format 1.0 (huge shapes): numpy's fallback
+            np.lib.format.write_array_header_2_0(fh, header)
+        fh.write(memoryview(array.reshape(-1)).cast("B"))
     return sha256_file(path)
 
 
@@ -142,11 +284,16 @@ def staged_dir(final_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory that becomes ``final_dir`` when the block succeeds."""
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".tmp", dir=final_dir.parent))
+    remove_stale_temps(final_dir.parent, final_dir.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.{os.getpid()}.", suffix=".tmp", dir=final_dir.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
         replace_dir(tmp, final_dir)
+    except StorageError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Name the file as the user knows it (under final_dir), not its temporary location.
+        raise StorageError(str(exc).replace(str(tmp), str(final_dir))) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -176,7 +176,8 @@ class Train:
     collapse_patience: int = spec(3, "... for this many evaluations in a row", ge=1)
     stop_on_collapse: bool = spec(False, "stop training when a collapse is detected")
     resume: bool = spec(True, "continue from the run's last checkpoint when its params match")
-    init_from: str | None = spec(None, "start from another run's checkpoint or generator file (transfer)")
+    init_from: str | None = spec(None, "start from another run's checkpoint or generator file (transfer); "
+                                       "a path inside the project")
     freeze_d_layers: int = spec(0, "with init_from: freeze this many first D layers", ge=0)
     precision: Literal["fp32", "bf16"] = spec("fp32", "autocast precision on CUDA (bf16 is faster)")
     channels_last: bool = spec(True, "channels_last memory format on CUDA")
@@ -351,7 +352,47 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
-    return validate(Params, raw)
+    params = validate(Params, raw)
+    check_paths(params, path.resolve().parent)
+    return params
+
+
+# Path-valued keys and where they may point. Data inputs (data.path, data.mirrors) and the
+# sha256-pinned Inception weights may live anywhere: users point at their own folders and shared
+# files, and DVC reproduces the result through the download stage's recorded hashes. A transfer
+# source (train.init_from) is a model file that changes what train computes but is not a DVC
+# dependency of the stage, so it must sit inside the project, where it is versioned with the
+# commit (`dvc add` / `dvc import` it there); a path that climbs out could not be reproduced by a
+# teammate's clone and would let `-S train.init_from=...` read any file the user can read.
+PROJECT_PATH_KEYS = ("train.init_from",)
+
+
+def check_paths(params: Params, project_dir: Path) -> None:
+    """Reject path params of :data:`PROJECT_PATH_KEYS` that leave ``project_dir``.
+
+    The check is lexical (``..`` and absolute paths), not through symlinks: DVC's symlink cache
+    type legitimately links workspace files into a cache that lives outside the project.
+    """
+    import os  # noqa: PLC0415
+
+    root = os.path.normpath(os.path.abspath(project_dir))
+    for key in PROJECT_PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(params, section), name)
+        if value is None:
+            continue
+        if not value.strip() or "\x00" in value:
+            raise ParamsError(f"{key}: {value!r} is not a usable path; use a path inside the project or null")
+        if "://" in value:
+            raise ParamsError(f"{key}: {value!r} is a URL; download the file into the project "
+                              "(e.g. `dvc import-url URL models/transfer.pt`) and give that path")
+        full = os.path.normpath(os.path.join(root, os.path.expanduser(value)))
+        if full != root and not full.startswith(root + os.sep):
+            raise ParamsError(
+                f"{key}: {value!r} is outside the project ({root}). It must be a path inside the project so that "
+                "the result can be reproduced from the commit: copy the file in and track it "
+                "(`dvc add models/transfer.pt`, or `dvc import` it from another repository), then set "
+                f"{key}: models/transfer.pt")
 
 
 def to_dict(obj: Any) -> Any:

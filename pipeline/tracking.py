@@ -8,7 +8,18 @@ waits on the network on its hot path, and a tracking failure never fails a stage
 * MLflow not installed, or the server down at start: the run is journaled locally only.
 * The server goes away midway: the sender notes how far it got, copies the artifacts into the
   journal, and stops trying (so training goes on at full speed).
-* ``python -m pipeline mlflow-sync`` later replays every journal that is not fully sent.
+* ``python -m pipeline mlflow-sync`` later replays every journal that is not fully sent, and ends
+  runs whose process died without ending them (kill -9, OOM, power loss) as KILLED.
+
+Bounds: the training loop only appends a journal line and puts the event on a queue, so a dead or
+hung server costs it nothing. The sender tries an event three times against a SQLite store
+("database is locked" under parallel experiments); over HTTP, MLflow's client retries on its own,
+capped here at a 10 s timeout and 2 retries.
+At the end of a stage the process waits at most ``PIPELINE_TRACKING_FLUSH_S`` seconds (default
+60; 10 when the stage was killed, so a scheduler's grace period is not exceeded) for the sender,
+then copies whatever was not sent into the journal and exits; ``mlflow-sync`` finishes the job.
+A running stage holds a lock on its journal, so ``mlflow-sync`` never replays (or marks KILLED)
+a run that is still going.
 
 Runs are grouped: every stage run of one ``dvc repro`` (or ``dvc exp run``) is a child of one
 parent run, found through a group key (``PIPELINE_RUN_GROUP`` if set, else the pid and start time
@@ -19,26 +30,33 @@ root (``mlruns.db``), whatever directory DVC runs the stage in, with artifacts i
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import queue
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .io import project_root
+from .io import project_root, try_flock
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT_DEFAULT = "pipeline"
 GROUP_TAG = "pipeline.group"
-_FLUSH_TIMEOUT_S = 60.0
+_FLUSH_TIMEOUT_S = 60.0  # default end-of-stage wait for the sender (PIPELINE_TRACKING_FLUSH_S)
+_KILLED_FLUSH_TIMEOUT_S = 10.0  # after SIGTERM/Ctrl-C: schedulers send SIGKILL ~30 s later
+_SEND_RETRY_DELAYS_S = (1.0, 3.0)  # an event is tried 1 + len(...) times before the sender gives up
+_LIVE_LOCK = "live.lock"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +129,50 @@ def _bounded_http_env() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
+def flush_timeout(status: str | None = None) -> float:
+    """Seconds a finishing stage waits for unsent events (PIPELINE_TRACKING_FLUSH_S, default 60)."""
+    raw = os.environ.get("PIPELINE_TRACKING_FLUSH_S")
+    try:
+        timeout = float(raw) if raw else _FLUSH_TIMEOUT_S
+    except ValueError:
+        log.warning("PIPELINE_TRACKING_FLUSH_S=%r is not a number; using %.0f s", raw, _FLUSH_TIMEOUT_S)
+        timeout = _FLUSH_TIMEOUT_S
+    return min(timeout, _KILLED_FLUSH_TIMEOUT_S) if status == "KILLED" else timeout
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Serialise the first touch of a SQLite store across processes.
+
+    MLflow creates the tables and runs its migrations on first use without a lock, so two stages
+    (parallel ``dvc exp`` jobs) opening a fresh ``mlruns.db`` at once make one of them fail with
+    "duplicate column". The lock lives in the temp dir, keyed by the URI, as MLflow's own job
+    store does; a read-only descriptor suffices for flock, so any user can take it.
+    """
+    if not uri.startswith("sqlite:"):
+        yield
+        return
+    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    fd = os.open(Path(tempfile.gettempdir()) / f"pipeline-mlflow-{key}.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    """state.json is read by mlflow-sync in another process: never let it see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 def _import_mlflow() -> Any:
     try:
         import mlflow  # noqa: PLC0415 - optional, heavy, and absent on GPU machines
@@ -124,6 +186,23 @@ def _import_mlflow() -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+def _kept_copy(event: Mapping[str, Any], artifacts_dir: Path | None) -> Path:
+    """Where an artifact event's bytes are: the journal's preserved copy if there is one, else the original.
+
+    A preserved file sits in a folder of its own under its original name, because MLflow names a
+    logged file after its basename (see StageRun._preserve_artifact).
+    """
+    original = Path(event["path"])
+    if artifacts_dir is not None:
+        kept_file = artifacts_dir / f"{event['copy']}.file" / original.name
+        if kept_file.is_file():
+            return kept_file
+        kept_dir = artifacts_dir / event["copy"]
+        if kept_dir.is_dir():
+            return kept_dir
+    return original
+
+
 class _MlflowWriter:
     """Applies journal events to one MLflow run through the low-level client."""
 
@@ -131,8 +210,12 @@ class _MlflowWriter:
         self.mlflow = mlflow
         self.uri = uri
         self.root = root
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        with _sqlite_init_lock(uri):
+            # Creating the client opens the store, which creates and migrates a fresh SQLite file.
+            self.client = mlflow.MlflowClient(tracking_uri=uri)
+            self.client.search_experiments(max_results=1)
         self.run_id: str | None = None
+        self.parent_id: str | None = None
 
     def _experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -191,9 +274,7 @@ class _MlflowWriter:
             for k, v in event["tags"].items():
                 c.set_tag(self.run_id, k, str(v))
         elif kind == "artifact":
-            src = Path(event["path"])
-            if artifacts_dir is not None and (artifacts_dir / event["copy"]).exists():
-                src = artifacts_dir / event["copy"]
+            src = _kept_copy(event, artifacts_dir)
             if src.is_dir():
                 c.log_artifacts(self.run_id, str(src), event.get("artifact_path"))
             else:
@@ -202,12 +283,11 @@ class _MlflowWriter:
             self._log_model(event, artifacts_dir)
         elif kind == "end":
             c.set_terminated(self.run_id, status=event["status"], end_time=event["time_ms"])
-            parent = getattr(self, "parent_id", None)
-            if parent:
-                # The parent reads FINISHED after each stage (FAILED if a stage failed), so a
-                # pipeline is never left RUNNING; the next stage does not reopen it.
-                c.set_terminated(parent, status="FAILED" if event["status"] == "FAILED" else "FINISHED",
-                                 end_time=event["time_ms"])
+            if self.parent_id:
+                # The parent takes the status of its latest stage after each stage (FINISHED,
+                # FAILED or KILLED), so a pipeline is never left RUNNING; the next stage does not
+                # reopen it.
+                c.set_terminated(self.parent_id, status=event["status"], end_time=event["time_ms"])
         else:  # pragma: no cover - journal written by this module
             raise ValueError(f"unknown journal event {kind!r}")
 
@@ -223,10 +303,7 @@ class _MlflowWriter:
         """
         from .models import load_generator  # noqa: PLC0415
 
-        src = Path(event["path"])
-        if artifacts_dir is not None and (artifacts_dir / event["copy"]).exists():
-            src = artifacts_dir / event["copy"]
-        generator, info = load_generator(src, device="cpu")
+        generator, info = load_generator(_kept_copy(event, artifacts_dir), device="cpu")
         import numpy as np  # noqa: PLC0415
         import torch  # noqa: PLC0415
         from mlflow.models import ModelSignature  # noqa: PLC0415
@@ -247,12 +324,19 @@ class _MlflowWriter:
         signature = ModelSignature(inputs=Schema(inputs),
                                    outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]), "images")]))
         mlflow = self.mlflow
+        # Pinned requirements: left to infer them, MLflow re-imports the model in a subprocess,
+        # which takes ~15 s per stage on a CPU machine.
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
         # log_model works through the fluent API: point it at our store and attach it to our run.
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id, nested=True):
-            mlflow.pytorch.log_model(generator, name=event.get("artifact_path", "generator"), signature=signature,
-                                     input_example=example, serialization_format="pt2",
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        try:
+            with mlflow.start_run(run_id=self.run_id, nested=True):
+                mlflow.pytorch.log_model(generator, name=event.get("artifact_path", "generator"), signature=signature,
+                                         input_example=example, serialization_format="pt2",
+                                         pip_requirements=requirements)
+        finally:
+            # Leaving start_run ends the run; it is still running until its own "end" event.
+            self.client.update_run(self.run_id, status="RUNNING")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,12 +362,18 @@ class StageRun:
         self.local_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{stage}-{uuid.uuid4().hex[:8]}"
         self.dir = journal_dir(self.root) / self.local_id
         self.dir.mkdir(parents=True, exist_ok=True)
+        # Held while this process lives: mlflow-sync leaves a journal alone while its lock is taken,
+        # and the kernel drops it when the process dies, however it dies.
+        self._live_fd = try_flock(self.dir / _LIVE_LOCK)
         self._journal = open(self.dir / "journal.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._lock = threading.Lock()
+        self._state_lock = threading.Lock()
         self._n_events = 0
+        self._ended = False
+        self._files: list[tuple[int, dict[str, Any]]] = []  # artifact/model events, for preservation
         self._queue: queue.Queue[tuple[int, dict[str, Any]] | None] = queue.Queue()
         self._sender: threading.Thread | None = None
-        self._state = {"uri": None, "sent": 0, "run_id": None, "error": None}
+        self._state: dict[str, Any] = {"uri": None, "sent": 0, "run_id": None, "error": None}
         if enabled is None:
             enabled = os.environ.get("PIPELINE_TRACKING", "1") != "0"
         self._enabled = enabled
@@ -327,17 +417,25 @@ class StageRun:
             status = "FAILED"
             self.set_tags({"pipeline.error": f"{exc_type.__name__}: {exc}"[:5000]})
         self._emit({"type": "end", "status": status})
-        self.close()
+        self.close(status)
 
-    def close(self) -> None:
+    def close(self, status: str | None = None) -> None:
+        """Wait (bounded) for the sender; whatever it did not send stays in the journal for mlflow-sync."""
+        timeout = flush_timeout(status)
+        sender_done = True
         if self._sender is not None:
             self._queue.put(None)
-            self._sender.join(timeout=_FLUSH_TIMEOUT_S)
+            self._sender.join(timeout=timeout)
             if self._sender.is_alive():
-                self._state["error"] = f"MLflow did not answer within {_FLUSH_TIMEOUT_S:.0f} s"
+                sender_done = False
+                self._state["error"] = f"MLflow did not take the run's last events within {timeout:.0f} s"
+                self._preserve_unsent()
         with self._lock:
             self._journal.close()
         self._write_state()
+        if sender_done:
+            _unlock(self._live_fd)  # else the kernel drops it at exit, when the sender cannot send any more
+            self._live_fd = None
         if self._state["error"]:
             log.warning("MLflow tracking incomplete for %s (%s); the local journal %s has everything; "
                         "replay it with `python -m pipeline mlflow-sync`", self.stage, self._state["error"], self.dir)
@@ -380,15 +478,23 @@ class StageRun:
             self._n_events += 1
             self._journal.write(json.dumps(event, default=str) + "\n")
             self._journal.flush()
+            if event["type"] in ("artifact", "model"):
+                self._files.append((index, event))
+            elif event["type"] == "end":
+                self._ended = True
         if self._sender is not None and self._sender.is_alive():
             self._queue.put((index, event))
 
     def _write_state(self) -> None:
-        state = dict(self._state, events=self._n_events, complete=self._state["sent"] >= self._n_events)
-        (self.dir / "state.json").write_text(json.dumps(state, indent=2))
+        # Complete means ended *and* all sent: a journal whose process died after sending its last
+        # event but before ending (kill -9) must still be picked up by mlflow-sync and closed.
+        with self._state_lock:
+            complete = self._ended and self._state["sent"] >= self._n_events
+            state = dict(self._state, events=self._n_events, complete=complete)
+            _write_json_atomic(self.dir / "state.json", state)
 
     def _send_loop(self, mlflow: Any) -> None:
-        writer = None
+        writer: _MlflowWriter | None = None
         failed = False
         while True:
             item = self._queue.get()
@@ -398,30 +504,61 @@ class StageRun:
             if failed:
                 self._preserve_artifact(event)
                 continue
-            try:
-                if writer is None:
-                    writer = _MlflowWriter(mlflow, self._state["uri"], self.root)
-                writer.apply(event, None)
-                self._state["sent"] = index + 1
-                self._state["run_id"] = writer.run_id
-            except Exception as exc:  # noqa: BLE001 - any tracking failure must not fail the stage
+            error = None
+            # A few tries per event ride out a SQLite "database is locked" under parallel
+            # experiments. Over HTTP, MLflow's client already retries (capped by
+            # _bounded_http_env), so an outage is declared after one bounded call.
+            delays = () if str(self._state["uri"]).startswith(("http:", "https:")) else _SEND_RETRY_DELAYS_S
+            for delay in (*delays, None):
+                try:
+                    if writer is None:
+                        writer = _MlflowWriter(mlflow, self._state["uri"], self.root)
+                    writer.apply(event, None)
+                    error = None
+                    break
+                except Exception as exc:  # noqa: BLE001 - any tracking failure must not fail the stage
+                    error = f"{type(exc).__name__}: {str(exc)[:500]}"
+                    if delay is None:
+                        break
+                    log.info("MLflow call failed (%s); retrying in %.0f s", error, delay)
+                    time.sleep(delay)
+            if error is None:
+                with self._state_lock:
+                    self._state["sent"] = index + 1
+                    self._state["run_id"] = writer.run_id
+            else:
+                # Stop trying for the rest of this stage: the journal has everything and the
+                # training loop must not pay for a dead server; mlflow-sync replays it later.
                 failed = True
-                self._state["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
-                log.warning("MLflow unavailable (%s); continuing with the local journal only", self._state["error"])
+                self._state["error"] = error
+                log.warning("MLflow unavailable (%s); continuing with the local journal only", error)
                 self._preserve_artifact(event)
             self._write_state()
 
+    def _preserve_unsent(self) -> None:
+        """Copy the files of events the sender has not sent yet into the journal (end-of-stage timeout)."""
+        sent = int(self._state["sent"])
+        for index, event in list(self._files):
+            if index >= sent:
+                self._preserve_artifact(event)
+
     def _preserve_artifact(self, event: Mapping[str, Any]) -> None:
-        """Copy an unsent artifact into the journal so a later replay logs what this run made."""
+        """Copy an unsent artifact into the journal so a later replay logs what this run made.
+
+        The original may be gone by then: a queued ``dvc exp`` runs in a temporary workspace that
+        is deleted afterwards, and the next ``dvc repro`` overwrites models/ and reports/.
+        """
         if event["type"] not in ("artifact", "model"):
             return
         src = Path(event["path"])
-        dst = self.dir / "artifacts" / event["copy"]
-        dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
-            shutil.copytree(src, dst, dirs_exist_ok=True)
+            shutil.copytree(src, self.dir / "artifacts" / event["copy"], dirs_exist_ok=True)
         elif src.exists():
+            dst = self.dir / "artifacts" / f"{event['copy']}.file" / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
+        else:
+            log.warning("artifact %s is gone; the replay of %s will lack it", src, self.dir.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,33 +580,55 @@ def pending_journals(root: Path | None = None) -> list[Path]:
     return out
 
 
-def sync(root: Path | None = None, *, uri: str | None = None) -> list[tuple[str, str]]:
-    """Replay every incomplete journal into MLflow; return (journal, outcome) pairs."""
+def _replay(mlflow: Any, d: Path, uri: str, root: Path) -> str:
+    """Send what one journal's live sender did not; return the run id."""
+    state_file = d / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    events = [json.loads(line) for line in (d / "journal.jsonl").read_text().splitlines() if line.strip()]
+    if not events:
+        raise ValueError("empty journal (the stage died before its first event)")
+    sent = int(state.get("sent", 0)) if state.get("uri") == uri and state.get("run_id") else 0
+    writer = _MlflowWriter(mlflow, uri, root)
+    if sent:
+        # Continue the run that the outage interrupted instead of making a second one.
+        writer.apply(dict(events[0], run_id=state["run_id"]), d / "artifacts")
+    for i, event in enumerate(events):
+        if i < sent:
+            continue
+        writer.apply(event, d / "artifacts")
+        state.update(uri=uri, sent=i + 1, run_id=writer.run_id)
+        _write_json_atomic(state_file, state)  # a sync interrupted midway resumes here
+    if events[-1]["type"] != "end":
+        # The stage process died without ending its run (kill -9, OOM, a lost machine): the run
+        # may sit RUNNING on the server; record honestly that it was killed.
+        writer.apply({"type": "end", "status": "KILLED", "time_ms": int(time.time() * 1000)}, None)
+    state.update(uri=uri, sent=len(events), run_id=writer.run_id, error=None, complete=True, events=len(events))
+    _write_json_atomic(state_file, state)
+    return writer.run_id or "?"
+
+
+def sync(root: Path | None = None, *, uri: str | None = None) -> list[tuple[str, str, str]]:
+    """Replay every incomplete journal into MLflow; return (journal, outcome, detail) triples.
+
+    outcome is "synced" (detail: the run id), "running" (its stage still holds the journal's lock;
+    left alone) or "failed" (detail: the error; the journal is kept for the next try).
+    """
     root = root or project_root()
     mlflow = _import_mlflow()
     if mlflow is None:
         raise RuntimeError("mlflow is not installed here; run mlflow-sync where it is")
     _bounded_http_env()
     uri = uri or tracking_uri(root)
-    results = []
+    results: list[tuple[str, str, str]] = []
     for d in pending_journals(root):
-        state_file = d / "state.json"
-        state = json.loads(state_file.read_text()) if state_file.exists() else {}
-        events = [json.loads(line) for line in (d / "journal.jsonl").read_text().splitlines() if line.strip()]
-        sent = int(state.get("sent", 0)) if state.get("uri") == uri else 0
-        writer = _MlflowWriter(mlflow, uri, root)
-        if sent and state.get("run_id"):
-            # Continue the run that the outage interrupted instead of making a second one.
-            start = dict(events[0], run_id=state["run_id"])
-            writer.apply(start, d / "artifacts")
-        for i, event in enumerate(events):
-            if i < sent:
-                continue
-            writer.apply(event, d / "artifacts")
-        if events and events[-1]["type"] != "end":
-            # The stage process died without ending its run (kill -9): record that honestly.
-            writer.apply({"type": "end", "status": "KILLED", "time_ms": int(time.time() * 1000)}, None)
-        state.update(uri=uri, sent=len(events), run_id=writer.run_id, error=None, complete=True, events=len(events))
-        state_file.write_text(json.dumps(state, indent=2))
-        results.append((d.name, writer.run_id or "?"))
+        fd = try_flock(d / _LIVE_LOCK)  # also keeps two syncs from replaying one journal twice
+        if fd is None:
+            results.append((d.name, "running", "its stage is still running; it sends its own events"))
+            continue
+        try:
+            results.append((d.name, "synced", _replay(mlflow, d, uri, root)))
+        except Exception as exc:  # noqa: BLE001 - report per journal and go on with the others
+            results.append((d.name, "failed", f"{type(exc).__name__}: {str(exc)[:300]}"))
+        finally:
+            _unlock(fd)
     return results

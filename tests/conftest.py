@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from helpers_eval import TinyData, TinyRun, build_tiny_data, run_model
 from helpers_http import Server, serve
+from helpers_team import built_project, mlflow_server, project  # noqa: F401 - fixtures
 from helpers_project import tiny_params
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..io import STORAGE_ERRNOS, storage_error
 from ..params import Params, load_params, to_dict
 
 log = logging.getLogger("pipeline")
@@ -35,6 +36,17 @@ def _sigterm_to_interrupt(signum: int, frame: Any) -> None:
     # SIGTERM (dvc queue kill, a scheduler's preemption) becomes KeyboardInterrupt so that the
     # same cleanup runs as for Ctrl-C: training saves a checkpoint, the run ends KILLED.
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def ignore_sigxfsz() -> None:
+    """Turn "file size limit exceeded" from a silent kill into an error we can report.
+
+    By default a write past RLIMIT_FSIZE (``ulimit -f``) kills the process with SIGXFSZ (and a
+    core dump), so the user sees no message. Ignored, the write fails with EFBIG instead, which
+    pipeline.io turns into a StorageError naming the file and the limit (exit status 2).
+    """
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +81,7 @@ def run_stage(stage: str, args: argparse.Namespace, body: Callable[[Params, Any]
     """Load params, run ``body(params, run)`` inside a tracked run, map errors to exit codes."""
     setup_logging(getattr(args, "verbose", False))
     signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    ignore_sigxfsz()
     t0 = time.perf_counter()
     try:
         params = load_params(args.params)  # fails before any work on a bad params.yaml
@@ -78,6 +91,12 @@ def run_stage(stage: str, args: argparse.Namespace, body: Callable[[Params, Any]
             run.log_metrics({**numeric, "stage_seconds": time.perf_counter() - t0})
     except UserError as exc:
         log.error("%s failed: %s", stage, exc)
+        return 2
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        # A write outside pipeline.io's atomic helpers (a library's own file) hit the same wall.
+        log.error("%s failed: %s", stage, storage_error(exc.filename or "an output file", exc))
         return 2
     except KeyboardInterrupt:
         log.error("%s interrupted", stage)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..io import read_json, staged_dir, work_dir, write_json
+from ..io import atomic_copy, pid_alive, staged_dir, try_flock, work_dir, write_json
 from ..params import Params, to_dict
 from .common import add_common, device_from, run_stage, set_determinism, set_threads
 
@@ -65,6 +65,7 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
     from ..training.loop import Trainer, resolve_config  # noqa: PLC0415
 
     info = dist_utils.from_env()
+    lock_fd: int | None = None
     set_determinism(params)
     set_threads(params.train.num_threads)
     device = device_from(params)
@@ -93,7 +94,7 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
 
         key = _digest({k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}, data_hash, eval_hash,
                       info.world_size)
-        workdir = work_dir("train", key)
+        workdir, lock_fd, private = _claim_workdir(key, info)
 
         def log_fn(values: dict[str, float], step: int) -> None:
             if tracker is not None:
@@ -114,10 +115,8 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
         # Publish: every declared output is written beside its final name and renamed last.
         models_dir.mkdir(parents=True, exist_ok=True)
         trainer.save_generator(models_dir / "generator.pt")
-        shutil.copyfile(workdir / "best.pt", models_dir / ".best.pt.tmp")
-        os.replace(models_dir / ".best.pt.tmp", models_dir / "best.pt")
-        shutil.copyfile(trainer.ckpt_path, models_dir / ".checkpoint.pt.tmp")
-        os.replace(models_dir / ".checkpoint.pt.tmp", models_dir / "checkpoint.pt")
+        atomic_copy(workdir / "best.pt", models_dir / "best.pt")
+        atomic_copy(trainer.ckpt_path, models_dir / "checkpoint.pt")
         with staged_dir(reports_dir) as tmp:
             shutil.copyfile(workdir / "log.jsonl", tmp / "log.jsonl")
             write_curves(workdir / "log.jsonl", tmp)
@@ -137,9 +136,40 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
         out = {"final_step": result.step, "collapsed": float(result.collapsed)}
         if result.best_score is not None:
             out.update(best_score=result.best_score, best_step=result.best_step)
+        if private:
+            shutil.rmtree(workdir, ignore_errors=True)  # published; nothing else can resume from it
         return out
     finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
         dist_utils.shutdown(info)
+
+
+def _claim_workdir(key: str, info: Any) -> tuple[Path, int | None, bool]:
+    """The run's work directory, locked for this process: (directory, lock descriptor, private?).
+
+    Configs that differ only in keys that do not change what is computed (train.steps, logging
+    intervals) share a key, so that a longer run resumes a shorter one. Two such runs at once
+    (``dvc queue start -j 2`` on a steps sweep) would write one checkpoint and one step log over
+    each other; the second therefore trains in a private directory, without resuming, and removes
+    it once its outputs are published. Under DDP the ranks share the directory (one checkpoint
+    per rank) and no lock is taken.
+    """
+    workdir = work_dir("train", key)
+    if info.enabled:
+        return workdir, None, False
+    fd = try_flock(workdir / ".lock")
+    if fd is not None:
+        return workdir, fd, False
+    base = workdir.parent
+    for stale in base.glob(f"{key}-pid*"):  # private directories of runs that were killed
+        pid = stale.name.rsplit("-pid", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    private = work_dir("train", f"{key}-pid{os.getpid()}")
+    log.warning("another training run of the same config is using %s; this one trains in %s from step 0 "
+                "(no resume) and removes it when done", workdir, private)
+    return private, try_flock(private / ".lock"), True
 
 
 def _launch_torchrun(args: argparse.Namespace, n: int) -> int:
