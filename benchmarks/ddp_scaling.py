@@ -95,12 +95,16 @@ def child(args: argparse.Namespace) -> None:
     dist_utils.shutdown(info)
 
 
-def launch(n: int, extra: list[str], env: dict[str, str]) -> dict[str, Any]:
+def launch(n: int, extra: list[str], env: dict[str, str], *, timeout_s: float = 180) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         result = fh.name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            str(Path(__file__).resolve()), "--child", "--result", result, *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        # A hung collective must not take the other points with it: record it and go on.
+        return {"error": f"timed out after {timeout_s:.0f} s", "stderr_tail": str(exc.stderr or "")[-2000:]}
     if proc.returncode != 0:
         return {"error": proc.stderr[-3000:]}
     return json.loads(Path(result).read_text())

@@ -499,7 +499,10 @@ class Trainer:
 
     def _graph_wanted(self) -> bool:
         c = self.cfg
-        return (self.cuda and bool(c["cuda_graph"]) and not self.is_vae and not c["sync_bn"]
+        # Under DDP, interleaving captured steps (NCCL all-reduce in the graph) with eager lazy-R1
+        # steps hung on 2 H200s (benchmarks/results/ddp_scaling_h200.json): such runs stay eager.
+        ddp_with_r1 = self.info.enabled and c["r1_gamma"] > 0
+        return (self.cuda and bool(c["cuda_graph"]) and not self.is_vae and not c["sync_bn"] and not ddp_with_r1
                 and not c["diffaug"] and c["instance_noise"] == 0 and c["gp_weight"] == 0 and c["grad_clip"] == 0)
 
     def _graph_body(self) -> None:
