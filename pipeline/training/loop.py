@@ -99,8 +99,15 @@ class Trainer:
         self._use_graph = self._graph_wanted()
         # Data: the whole set on the device as uint8 when it fits; this rank's shard only.
         shard = slice(self.info.rank, None, self.info.world_size)
-        self.images = images[shard].to(self.device)
+        shard_images = images[shard]
+        self.data_on_device = self._fits_on_device(shard_images)
+        if self.data_on_device:
+            self.images = shard_images.to(self.device)
+        else:  # too large for the GPU: pinned host memory, one host-to-device copy per batch
+            self.images = shard_images.cpu().pin_memory() if self.cuda else shard_images.cpu()
         self.labels = labels[shard].to(self.device)
+        log.info("training data: %d images %s uint8 (%.0f MiB) %s", len(self.images), tuple(self.images.shape[1:]),
+                 self.images.numel() / 2**20, f"on {self.device}" if self.data_on_device else "in pinned host memory")
         if len(self.images) < cfg["batch_size"]:
             raise UserError(f"train.batch_size={cfg['batch_size']} is larger than the {len(self.images)} training images "
                             "(per process); lower it")
@@ -300,8 +307,19 @@ class Trainer:
         self.pos += b
         return idx
 
+    def _fits_on_device(self, images: torch.Tensor) -> bool:
+        """Keep the dataset on the GPU when it takes at most half of the free device memory."""
+        if not self.cuda:
+            return True
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return images.numel() * images.element_size() <= free // 2
+
     def _images(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = self.images.index_select(0, idx).float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
+        if self.data_on_device:
+            x = self.images.index_select(0, idx)
+        else:
+            x = self.images.index_select(0, idx.cpu()).to(self.device, non_blocking=True)
+        x = x.float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = self.labels.index_select(0, idx) if self.cfg["num_classes"] else None
@@ -502,8 +520,9 @@ class Trainer:
         # Under DDP, interleaving captured steps (NCCL all-reduce in the graph) with eager lazy-R1
         # steps hung on 2 H200s (benchmarks/results/ddp_scaling_h200.json): such runs stay eager.
         ddp_with_r1 = self.info.enabled and c["r1_gamma"] > 0
-        return (self.cuda and bool(c["cuda_graph"]) and not self.is_vae and not c["sync_bn"] and not ddp_with_r1
-                and not c["diffaug"] and c["instance_noise"] == 0 and c["gp_weight"] == 0 and c["grad_clip"] == 0)
+        return (self.cuda and self.data_on_device and bool(c["cuda_graph"]) and not self.is_vae
+                and not c["sync_bn"] and not ddp_with_r1 and not c["diffaug"] and c["instance_noise"] == 0
+                and c["gp_weight"] == 0 and c["grad_clip"] == 0)
 
     def _graph_body(self) -> None:
         self._in_graph_body = True
