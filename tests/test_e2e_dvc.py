@@ -19,7 +19,8 @@ from helpers_project import make_project, run, tiny_params, venv_env, write_para
 
 # Modules a stage imports only for some params (a download source, Inception weights): declared,
 # though the tiny default run does not import them.
-CONDITIONAL = {"pipeline/data/archive.py", "pipeline/data/fetch.py", "pipeline/metrics/inception.py"}
+CONDITIONAL = {"pipeline/data/archive.py", "pipeline/data/fetch.py", "pipeline/data/images.py",
+               "pipeline/metrics/inception.py"}
 STAGES = ["download", "clean", "preprocess", "augment", "evaluator", "train", "evaluate", "report"]
 
 
