@@ -191,7 +191,11 @@ class Trainer:
 
     @property
     def key(self) -> str:
-        return config_key(self.cfg, ignore=NON_SEMANTIC_KEYS)
+        """What a checkpoint must match to be resumed: the semantic config and the models' layout
+        (every tensor's name and shape), so a checkpoint of older model code is never loaded."""
+        modules = {"vae": self.vae} if self.is_vae else {"g": self.g, "d": self.d}
+        layout = {n: {k: list(v.shape) for k, v in m.state_dict().items()} for n, m in modules.items()}
+        return config_key({**self.cfg, "_layout": layout}, ignore=NON_SEMANTIC_KEYS)
 
     def state(self) -> dict[str, Any]:
         models = {"vae": self.vae.state_dict()} if self.is_vae else {"g": self.g.state_dict(), "d": self.d.state_dict()}
@@ -250,7 +254,11 @@ class Trainer:
         if int(ckpt["step"]) > self.cfg["steps"]:
             log.info("not resuming: checkpoint is at step %d, past train.steps=%d", ckpt["step"], self.cfg["steps"])
             return False
-        self.load_state(ckpt)
+        try:
+            self.load_state(ckpt)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: matches this config but cannot be loaded ({str(exc).splitlines()[0][:200]}); "
+                                  "delete it to start afresh") from None
         self._truncate_log(self.step)
         log.info("resumed from %s at step %d", path, self.step)
         return True
