@@ -37,9 +37,21 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def write_curves(log_path: Path, out_dir: Path) -> None:
-    """log.jsonl -> losses.csv (every logged step) and scores.csv (in-loop evaluator scores) for DVC plots."""
+# Wall-clock figures differ between two runs of the same commit; they go to MLflow and the private
+# work directory's log, not into DVC outputs (which must be byte-identical between identical runs).
+TIMING_KEYS = ("images_per_s",)
+
+
+def read_log(log_path: Path) -> list[dict[str, Any]]:
     rows = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()] if log_path.exists() else []
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def write_curves(log_path: Path, out_dir: Path) -> None:
+    """log.jsonl -> log.jsonl without timings, losses.csv (every logged step) and scores.csv
+    (in-loop evaluator scores) for DVC plots."""
+    rows = read_log(log_path)
+    (out_dir / "log.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     # The VAE's objective is its "generator objective": one column name for every model, so
     # `dvc plots diff` can compare a VAE run with a GAN run.
     losses = [dict(r, loss_g=r["loss"]) if "loss" in r and "loss_g" not in r else r for r in rows if "score" not in r]
@@ -118,7 +130,6 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
         atomic_copy(workdir / "best.pt", models_dir / "best.pt")
         atomic_copy(trainer.ckpt_path, models_dir / "checkpoint.pt")
         with staged_dir(reports_dir) as tmp:
-            shutil.copyfile(workdir / "log.jsonl", tmp / "log.jsonl")
             write_curves(workdir / "log.jsonl", tmp)
             shutil.copytree(workdir / "grids", tmp / "grids")
             summary = {"steps": result.step, "best_score": result.best_score, "best_step": result.best_step,

@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -93,8 +95,12 @@ class Trainer:
         self._use_graph = False
         self._in_graph_body = False
         self._reuse_fake = cfg["arch"] != "vae" and cfg["n_critic"] == 1
-        # Models are initialised from the seed (identical on every rank) and broadcast anyway.
+        # Models are initialised from the seed (identical on every rank) and broadcast anyway. The
+        # Python and NumPy generators are seeded too: the loop does not draw from them, but they are
+        # saved in checkpoints, which must be byte-identical between identical runs.
         torch.manual_seed(cfg["seed"])
+        random.seed(cfg["seed"])
+        np.random.seed(cfg["seed"] % 2**32)
         self._build_models()
         self._use_graph = self._graph_wanted()
         # Data: the whole set on the device as uint8 when it fits; this rank's shard only.
