@@ -33,16 +33,6 @@ def previous_metrics(metrics_path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=20)
-        return (out.stdout.strip() or "none") + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-
-
 def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path, metrics_path: Path,
         details_path: Path, clean_report: Path, figures_dir: Path, html_path: Path) -> dict[str, Any]:
     import numpy as np  # noqa: PLC0415
@@ -136,7 +126,6 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
                      ("skipped (links, hidden, special files)", cleaning["skipped"]),
                      *[(f"rejected: {k2}", v) for k2, v in cleaning["rejected_by_reason"].items()],
                      *[(f"repaired: {k2}", v) for k2, v in cleaning["repaired"].items()]],
-        "commit": _commit(),
     }
     write_text(html_path, render(ctx))
     log.info("report: %s (%d figures)", html_path, len(figs))
