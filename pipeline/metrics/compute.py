@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models import latents
 from . import math as M
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,7 @@ def sample(generator: nn.Module, n: int, *, nz: int, num_classes: int = 0, seed:
     same images on any device up to kernel rounding.
     """
     generator = generator.eval()
-    g = torch.Generator().manual_seed(seed)
-    z_all = torch.randn(n, nz, generator=g)
+    z_all = latents(n, nz, seed)
     y_all = None
     if num_classes:
         y_all = labels if labels is not None else torch.arange(n) % num_classes

@@ -42,6 +42,12 @@ GENERATORS = {"dcgan": DCGANGenerator, "resnet": ResNetGenerator}
 DISCRIMINATORS = {"dcgan": DCGANDiscriminator, "resnet": ResNetDiscriminator}
 
 
+def latents(n: int, nz: int, seed: int) -> torch.Tensor:
+    """The n latents [n, nz] drawn for ``seed``: one CPU generator, so the same seed gives the same
+    images on any device (sampling for metrics, grids and the report's nearest pairs all use it)."""
+    return torch.randn(n, nz, generator=torch.Generator().manual_seed(seed))
+
+
 def recipe(name: str) -> dict[str, Any]:
     try:
         return dict(RECIPES[name])

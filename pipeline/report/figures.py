@@ -12,11 +12,7 @@ from torch import nn
 
 from ..imaging import make_grid, png_bytes, to_uint8
 from ..io import write_bytes
-
-
-def latents(n: int, nz: int, seed: int) -> torch.Tensor:
-    """The latents :func:`pipeline.metrics.compute.sample` draws for ``seed`` (same generator, same order)."""
-    return torch.randn(n, nz, generator=torch.Generator().manual_seed(seed))
+from ..models import latents
 
 
 @torch.no_grad()

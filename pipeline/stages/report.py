@@ -40,7 +40,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
 
     from ..data.tensors import load_split  # noqa: PLC0415
     from ..imaging import make_grid, png_bytes, to_uint8  # noqa: PLC0415
-    from ..models import load_generator  # noqa: PLC0415
+    from ..models import latents, load_generator  # noqa: PLC0415
     from ..report import figures as F  # noqa: PLC0415
     from ..report.html import render  # noqa: PLC0415
 
@@ -59,7 +59,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
     with staged_dir(figures_dir) as tmp:
         # Fixed-seed grid: the first grid_n latents of the evaluation seed (the same images every run).
         y = (torch.arange(r.grid_n) % k) if k else None
-        samples = F.generate(generator, F.latents(r.grid_n, nz, seed), y, device=device)
+        samples = F.generate(generator, latents(r.grid_n, nz, seed), y, device=device)
         # Scale 2: a grid of 8 28x28 digits is 484 px wide, so real and generated fit side by side.
         F.save_png(samples, tmp / "samples.png", nrow=r.grid_nrow, scale=2)
         # A seeded random choice: test splits are often stored class-sorted.
@@ -72,7 +72,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
         nearest_pairs = []
         if closest:
             # The memorisation metric used the first draw: latents of the base seed, in order.
-            z_all = F.latents(metrics["protocol"]["generated_samples"], nz, seed)
+            z_all = latents(metrics["protocol"]["generated_samples"], nz, seed)
             fake_idx = [c["sample"] for c in closest]
             yk = (torch.tensor(fake_idx) % k) if k else None
             fake = F.generate(generator, z_all[fake_idx], yk, device=device)

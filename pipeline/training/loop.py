@@ -298,8 +298,7 @@ class Trainer:
                     report["new"].append(f"{name}.{key}")
         self.ema.shadow.load_state_dict(self.g.state_dict())
         if freeze_d_layers and self.d is not None:
-            layers = [m for m in self.d.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-            for m in layers[:freeze_d_layers]:
+            for m in self._d_layers()[:freeze_d_layers]:
                 for pname, p in m.named_parameters():
                     p.requires_grad_(False)
                     report["frozen"].append(pname)
@@ -449,10 +448,13 @@ class Trainer:
         self.opt_g.step()
         return out
 
+    def _d_layers(self) -> list[nn.Module]:
+        """D's weight layers in order (what train.freeze_d_layers counts)."""
+        return [m for m in self.d.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
     def _refreeze(self) -> None:
         if self.transfer and self.transfer["frozen"] and self.d is not None:
-            layers = [m for m in self.d.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-            for m in layers[: self.cfg["freeze_d_layers"]]:
+            for m in self._d_layers()[: self.cfg["freeze_d_layers"]]:
                 m.requires_grad_(False)
 
     def _vae_step(self, idx: torch.Tensor, want_norm: bool) -> dict[str, torch.Tensor]:
