@@ -182,6 +182,8 @@ class Train:
     precision: Literal["fp32", "bf16"] = spec("fp32", "autocast precision on CUDA (bf16 is faster)")
     channels_last: bool = spec(True, "channels_last memory format on CUDA")
     cuda_graph: bool = spec(True, "on CUDA, capture each plain GAN step (D and G) in one CUDA graph")
+    compile: bool = spec(False, "torch.compile the models' forward and backward (fuses BatchNorm and "
+                                "activations; the first steps compile, for about a minute)")
     devices: int | Literal["all"] = spec(1, "GPUs: 1, N or all (N > 1 runs DDP through torchrun)")
     sync_bn: bool = spec(False, "synchronise BatchNorm statistics across DDP processes")
     num_threads: int = spec(0, "CPU threads for torch (0 = all cores)", ge=0)

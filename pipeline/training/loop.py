@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # when only they change (the step budget, how often things are logged or saved, the run mode).
 NON_SEMANTIC_KEYS = ("steps", "log_every", "checkpoint_every", "grid_every", "eval_every", "eval_samples",
                      "collapse_margin", "collapse_patience", "stop_on_collapse", "resume", "num_threads",
-                     "devices", "cuda_graph")
+                     "devices", "cuda_graph", "compile")
 
 
 def resolve_config(train: dict[str, Any], *, seed: int, image_shape: tuple[int, int, int], num_classes: int) -> dict[str, Any]:
@@ -192,6 +192,16 @@ class Trainer:
             self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg["lr_g"], betas=betas, **fused)
             self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg["lr_d"], betas=betas, **fused)
         self.loss = None if self.is_vae else get_loss(cfg["loss"])
+        # The training steps call these; with train.compile they are torch.compile'd views of the
+        # same modules (same parameters; checkpoints and the EMA see the plain modules). R1's double
+        # backward always goes through the plain D (compiled graphs have no double backward).
+        self.g_run, self.d_run, self.vae_run = self.g, self.d, (self.vae if self.is_vae else None)
+        if cfg["compile"]:
+            if self.is_vae:
+                self.vae_run = torch.compile(self.vae, dynamic=False)
+            else:
+                self.g_run = torch.compile(self.g, dynamic=False)
+                self.d_run = torch.compile(self.d, dynamic=False)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -396,15 +406,15 @@ class Trainer:
         sigma = self._noise_sigma()
         if self._reuse_fake:
             with self._autocast():
-                fake_g = self.g(z, yz)
+                fake_g = self.g_run(z, yz)
             fake = fake_g.detach()
         else:
             with torch.no_grad(), self._autocast():
-                fake = self.g(z, yz)
+                fake = self.g_run(z, yz)
             fake_g = None
         with self._autocast():
-            real_logits = self.d(self._d_input(x, sigma), y).float()
-            fake_logits = self.d(self._d_input(fake.to(x.dtype), sigma), yz).float()
+            real_logits = self.d_run(self._d_input(x, sigma), y).float()
+            fake_logits = self.d_run(self._d_input(fake.to(x.dtype), sigma), yz).float()
             loss = self.loss.d(real_logits, fake_logits, cfg["label_smoothing"])
         out = {"loss_d": loss.detach(), "d_real": real_logits.mean().detach(), "d_fake": fake_logits.mean().detach(),
                "p_real": torch.sigmoid(real_logits).mean().detach(), "p_fake": torch.sigmoid(fake_logits).mean().detach()}
@@ -432,10 +442,10 @@ class Trainer:
         self.d.requires_grad_(False)  # no D parameter gradients in the G step
         with self._autocast():
             if fake is None:
-                fake = self.g(z, y)
+                fake = self.g_run(z, y)
             if self.channels_last:
                 fake = fake.contiguous(memory_format=torch.channels_last)
-            loss = self.loss.g(self.d(self._d_input(fake, sigma), y).float())
+            loss = self.loss.g(self.d_run(self._d_input(fake, sigma), y).float())
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self.d.requires_grad_(True)
@@ -463,7 +473,7 @@ class Trainer:
         warm = cfg["kl_warmup_steps"]
         beta = cfg["kl_weight"] * (min(1.0, self.step / warm) if warm else 1.0)
         with self._autocast():
-            logits, mu, logvar = self.vae(x, y)
+            logits, mu, logvar = self.vae_run(x, y)
         nll, kl = vae_terms(x.float(), logits.float(), mu.float(), logvar.float(), recon=cfg["recon"])
         loss = (nll + beta * kl).mean()
         self.opt_g.zero_grad(set_to_none=True)
