@@ -88,7 +88,7 @@ def child(args: argparse.Namespace) -> None:
                 sync()
                 dist_utils.barrier(info)
                 rates.append(args.steps * args.per_gpu_batch * info.world_size / (time.perf_counter() - t0))
-            out.update(images_per_s=float(np.median(rates)), rounds=rates, graph=tr._graph is not None)
+            out.update(images_per_s=float(np.median(rates)), rounds=rates, graphs=tr.graphs_captured)
         tr._check_guard()
     if info.is_main:
         Path(args.result).write_text(json.dumps(out))

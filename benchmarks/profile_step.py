@@ -2,7 +2,7 @@
 
 For each configuration (batch size, precision, CUDA graph, torch.compile, lazy R1) it records:
 
-* start-up: seconds of the first steps (cuDNN autotuning, torch.compile, graph capture);
+* start-up: seconds of the first 64 steps (cuDNN autotuning, torch.compile, graph capture);
 * steady step time and images/s (median of 3 timed rounds);
 * one Fashion-MNIST epoch (ceil(60,000 / batch) steps, lazy-R1 eager steps included);
 * a torch.profiler trace of steady steps: kernels per step, GPU busy fraction (kernel time /
@@ -26,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -62,13 +63,14 @@ def parse_configs(text: str) -> list[tuple[str, dict[str, Any]]]:
 
 # Kernel families, first match wins (cuDNN/CUTLASS names carry fprop/dgrad/wgrad).
 FAMILIES = [
+    ("layout_convert", r"nchwtonhwc|nhwctonchw|transpose"),
     ("conv_dgrad", r"dgrad|bwd_data|backward_data|dconv"),
     ("conv_wgrad", r"wgrad|bwd_filter|backward_filter|wconv"),
-    ("conv_fprop", r"fprop|fwd|xmma|implicit|conv|cutlass|sm90_|sm80_|gemm|nhwc"),
+    ("conv_fprop", r"fprop|fwd|xmma|implicit|conv|cutlass|sm90_|sm80_|gemm"),
     ("triton_fused", r"^triton_"),
     ("batchnorm", r"batch_norm|batchnorm|bn_|welford"),
     ("optimizer", r"multi_tensor|adam"),
-    ("copy_convert", r"copy|memcpy|memset|nchwtonhwc|nhwctonchw|transpose|cat"),
+    ("copy", r"copy|memcpy|memset|cat"),
     ("reduce", r"reduce"),
     ("elementwise", r"elementwise|vectorized|unrolled|index"),
 ]
@@ -137,19 +139,55 @@ def profile_steps(tr: Trainer, steps: int) -> dict[str, Any]:
     }
 
 
+def attribute(cfg_train: dict[str, Any], images: torch.Tensor, families: tuple[str, ...] = ("copy", "layout_convert")
+              ) -> list[dict[str, Any]]:
+    """Which operators (with their callers and input shapes) launch the copy and layout-conversion
+    kernels: one eager step of the same configuration, profiled with shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eager = {**cfg_train, "compile": False, "cuda_graph": False}
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = build(eager, images, Path(tmp))
+        for _ in range(3):
+            tr.train_step()
+        while tr.cfg["r1_gamma"] > 0 and tr.step % tr.cfg["r1_every"] == 0:
+            tr.train_step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            tr.train_step()
+            torch.cuda.synchronize()
+    rows: dict[tuple[str, ...], list[float]] = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA or not ev.kernels:
+            continue
+        for k in ev.kernels:
+            fam = family(k.name)
+            if fam not in families:
+                continue
+            chain, p = [], ev.cpu_parent
+            while p is not None and len(chain) < 3:
+                chain.append(p.name)
+                p = p.cpu_parent
+            key = (fam, ev.name, " < ".join(chain), str(ev.input_shapes)[:120], k.name[:80])
+            rows[key][0] += k.duration
+            rows[key][1] += 1
+    out = [{"family": f, "op": op, "called_from": ch, "input_shapes": sh, "kernel": kn, "us": v[0], "count": v[1]}
+           for (f, op, ch, sh, kn), v in rows.items()]
+    return sorted(out, key=lambda r: -r["us"])[:25]
+
+
 def run_config(name: str, cfg_train: dict[str, Any], images: torch.Tensor, peak: float) -> dict[str, Any]:
     b = cfg_train["batch_size"]
     with tempfile.TemporaryDirectory() as tmp:
         tr = build(cfg_train, images, Path(tmp))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(20):  # compile, autotune, capture; steps 0 and 16 are eager lazy-R1 steps when R1 is on
+        for _ in range(64):  # compile, autotune, capture (lazy R1 every 16 steps: its graph is captured by step 48)
             tr.train_step()
         torch.cuda.synchronize()
         startup = time.perf_counter() - t0
-        row: dict[str, Any] = {"train": cfg_train, "startup_seconds_first_20_steps": startup,
-                               "graph_captured": tr._graph is not None}
-        # steady graph (or eager) step: step numbers that are not R1 steps
+        row: dict[str, Any] = {"train": cfg_train, "startup_seconds_first_64_steps": startup,
+                               "graphs_captured": tr.graphs_captured}
         r1 = tr.cfg["r1_gamma"] > 0
         every = tr.cfg["r1_every"] if r1 else 0
 
@@ -163,13 +201,16 @@ def run_config(name: str, cfg_train: dict[str, Any], images: torch.Tensor, peak:
         row["plain_step_ms"] = sec * 1e3
         row["plain_images_per_s"] = b / sec
         if r1:
-            while tr.step % every:
-                tr.train_step()
-            torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            tr.train_step()  # the eager R1 step
-            torch.cuda.synchronize()
-            row["r1_step_ms"] = (time.perf_counter() - t1) * 1e3
+            times = []
+            for _ in range(5):
+                while tr.step % every:
+                    tr.train_step()
+                torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                tr.train_step()  # a lazy-R1 step
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t1)
+            row["r1_step_ms"] = float(np.median(times)) * 1e3
         # one epoch at the natural R1 cadence
         steps = math.ceil(60000 / b)
         epochs = []
@@ -191,6 +232,7 @@ def run_config(name: str, cfg_train: dict[str, Any], images: torch.Tensor, peak:
         row["conv_achieved_tflops"] = conv / (conv_us * 1e-6) / 1e12 if conv_us else None
         row["conv_fraction_of_peak"] = row["conv_achieved_tflops"] / peak if conv_us else None
         tr._check_guard()
+    row["copy_attribution_eager_step"] = attribute(cfg_train, images)
     return row
 
 
@@ -228,7 +270,7 @@ def main() -> None:
             print(f"   error: {row['error']}", flush=True)
             continue
         p = row["profile"]
-        print(f"   start-up {row['startup_seconds_first_20_steps']:.1f} s; plain step {row['plain_step_ms']:.3f} ms = "
+        print(f"   start-up {row['startup_seconds_first_64_steps']:.1f} s; plain step {row['plain_step_ms']:.3f} ms = "
               f"{row['plain_images_per_s']:.0f} img/s, MFU {row['mfu_plain_vs_bf16_peak']:.3f}; epoch {row['epoch_seconds']:.3f} s"
               + (f"; R1 step {row['r1_step_ms']:.1f} ms" if "r1_step_ms" in row else ""), flush=True)
         print(f"   {p['kernels_per_step']:.0f} kernels/step, GPU busy {p['gpu_busy_fraction']:.2f}, convs at "

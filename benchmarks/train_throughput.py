@@ -55,7 +55,7 @@ def engine_rate(images: torch.Tensor, batch: int, mode: dict[str, Any], seconds:
         sec = cuda_time(tr.train_step, warmup=0, iters=iters)
         tr._check_guard()
         return {"images_per_s": batch / sec, "step_ms": sec * 1e3, "iters_per_round": iters,
-                "graph_captured": tr._graph is not None}
+                "graphs_captured": tr.graphs_captured}
 
 
 def classic_rate(train_x, batch: int, seconds: float) -> dict[str, Any]:

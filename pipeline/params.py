@@ -181,7 +181,7 @@ class Train:
     freeze_d_layers: int = spec(0, "with init_from: freeze this many first D layers", ge=0)
     precision: Literal["fp32", "bf16"] = spec("fp32", "autocast precision on CUDA (bf16 is faster)")
     channels_last: bool = spec(True, "channels_last memory format on CUDA")
-    cuda_graph: bool = spec(True, "on CUDA, capture each plain GAN step (D and G) in one CUDA graph")
+    cuda_graph: bool = spec(True, "on CUDA, capture each GAN step (D, G, lazy R1) in CUDA graphs")
     compile: bool = spec(False, "torch.compile the models' forward and backward (fuses BatchNorm and "
                                 "activations; the first steps compile, for about a minute)")
     devices: int | Literal["all"] = spec(1, "GPUs: 1, N or all (N > 1 runs DDP through torchrun)")

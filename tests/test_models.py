@@ -190,3 +190,32 @@ def test_recipes() -> None:
     assert recipe("wgan_gp")["n_critic"] == 5 and recipe("sngan")["spectral_norm"] is True
     with pytest.raises(UserError, match="available: dcgan, sngan, wgan_gp, vae"):
         recipe("biggan")
+
+
+@pytest.mark.parametrize("mbstd", [False, True])
+def test_channels_last_dcgan_computes_what_the_nchw_one_does(mbstd: bool) -> None:
+    """The CUDA fast path's layout: 1-channel tensors get real channels_last strides, and the layers
+    meeting a 1x1 map become a matrix product and a weighted sum; values and gradients match NCHW."""
+    import copy
+
+    from pipeline.models.layers import channels_last_strided, to_channels_last
+
+    torch.manual_seed(0)
+    g = build_generator("dcgan", nz=16, ngf=8, channels=1, size=32)
+    d = build_discriminator("dcgan", ndf=8, channels=1, size=32, mbstd=mbstd)
+    g_cl, d_cl = to_channels_last(copy.deepcopy(g)), to_channels_last(copy.deepcopy(d))
+    for m in (g_cl, d_cl):
+        for p in m.parameters():
+            if p.dim() == 4:
+                assert p.stride() == torch.empty_like(p, memory_format=torch.channels_last).stride()
+    x = torch.randn(6, 1, 32, 32)
+    assert x.stride() != channels_last_strided(x).stride() and torch.equal(channels_last_strided(x), x)
+    z = torch.randn(6, 16)
+    ref = d(x).sum() + d(g(z)).sum()
+    out = d_cl(channels_last_strided(x)).sum() + d_cl(channels_last_strided(g_cl(z))).sum()
+    assert torch.allclose(ref, out, rtol=1e-5, atol=1e-5)
+    ref.backward()
+    out.backward()
+    for (name, a), b in zip([*g.named_parameters(), *d.named_parameters()], [*g_cl.parameters(), *d_cl.parameters()],
+                            strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5), name

@@ -34,8 +34,8 @@ class DCGANGenerator(nn.Module):
     def logits(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Pre-tanh output a, with image = tanh(a) and (image + 1) / 2 = sigmoid(2a) (used by the VAE's BCE)."""
         h = z.reshape(z.shape[0], self.nz, 1, 1)
-        for conv, norm in zip(self.convs, self.norms, strict=True):
-            h = conv(h)
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            h = _project(z, conv.weight) if i == 0 and _is_channels_last(conv.weight) else conv(h)
             h = norm(h, y) if self.num_classes else norm(h)
             h = torch.relu(h)
         return self.out(h)
@@ -74,8 +74,28 @@ class DCGANDiscriminator(nn.Module):
         feats = h
         if self.mbstd is not None:
             h = self.mbstd(h)
-        out = self.head(h).reshape(-1)
+        if _is_channels_last(self.head.weight):
+            out = (h * self.head.weight).sum(dim=(1, 2, 3))  # the head's window is the whole map
+        else:
+            out = self.head(h).reshape(-1)
         if self.num_classes:
             assert y is not None, "a conditional discriminator needs labels"
             out = out + (self.embed(y) * feats.sum(dim=(2, 3))).sum(dim=1)
         return out
+
+
+# In channels_last (the CUDA fast path) the two layers that meet a 1x1 map are written as what they
+# are, a matrix product and a weighted sum, instead of convolutions: a [N, C, 1, 1] tensor has no
+# definite memory format, so cuDNN converted layouts around them and torch.compile's shape
+# propagation disagreed with cuDNN about their gradients' strides. Same parameters, same result.
+
+
+def _is_channels_last(weight: torch.Tensor) -> bool:
+    return weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
+def _project(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """ConvTranspose2d(nz, C, s0, stride 1, padding 0) of a 1x1 input: z [N, nz] @ weight [nz, C, s0, s0],
+    returned as [N, C, s0, s0] in channels_last strides."""
+    nz, c, s0, _ = weight.shape
+    return (z.reshape(-1, nz) @ weight.permute(0, 2, 3, 1).reshape(nz, s0 * s0 * c)).reshape(-1, s0, s0, c).permute(0, 3, 1, 2)

@@ -31,7 +31,7 @@ from ..errors import CheckpointError, TrainingDiverged, UserError
 from ..imaging import save_grid
 from ..losses import get_loss, gradient_penalty, r1_penalty
 from ..models import build_discriminator, build_generator, build_vae, recipe, save_generator
-from ..models.layers import init_weights
+from ..models.layers import channels_last_strided, init_weights, to_channels_last
 from ..models.vae import vae_terms
 from . import distributed as dist_utils
 from .checkpoint import capture_rng, config_key, load_checkpoint, restore_rng, save_checkpoint
@@ -93,7 +93,6 @@ class Trainer:
             raise UserError(f"training images are {tuple(images.shape[1:])}, the config says {(c, h, w)}")
 
         self._use_graph = False
-        self._in_graph_body = False
         self._reuse_fake = cfg["arch"] != "vae" and cfg["n_critic"] == 1
         # Models are initialised from the seed (identical on every rank) and broadcast anyway. The
         # Python and NumPy generators are seeded too: the loop does not draw from them, but they are
@@ -102,7 +101,6 @@ class Trainer:
         random.seed(cfg["seed"])
         np.random.seed(cfg["seed"] % 2**32)
         self._build_models()
-        self._use_graph = self._graph_wanted()
         # Data: the whole set on the device as uint8 when it fits; this rank's shard only.
         shard = slice(self.info.rank, None, self.info.world_size)
         shard_images = images[shard]
@@ -117,6 +115,7 @@ class Trainer:
         if len(self.images) < cfg["batch_size"]:
             raise UserError(f"train.batch_size={cfg['batch_size']} is larger than the {len(self.images)} training images "
                             "(per process); lower it")
+        self._use_graph = self._graph_wanted()  # needs to know where the data lives
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg["seed"] * 7919 + 1 + self.info.rank)
         self.perm = torch.empty(0, dtype=torch.long, device=self.device)
@@ -139,9 +138,10 @@ class Trainer:
         self._bad_vals = torch.zeros(len(self._GUARDED), device=self.device)
         self._bad_present = torch.zeros(len(self._GUARDED), dtype=torch.bool, device=self.device)
         self._present: dict[tuple[bool, ...], torch.Tensor] = {}
-        self._graph: torch.cuda.CUDAGraph | None = None
+        # One captured graph per R1 pattern of a step (which D iterations apply lazy R1).
+        self._graphs: dict[tuple[bool, ...], torch.cuda.CUDAGraph] = {}
+        self._warm: dict[tuple[bool, ...], int] = {}
         self._static: dict[str, Any] | None = None
-        self._warm = 0
         self.transfer: dict[str, Any] | None = None
 
     # -- construction ---------------------------------------------------------------------------
@@ -179,7 +179,7 @@ class Trainer:
         for m in modules:
             m.to(self.device)
             if self.channels_last:
-                m.to(memory_format=torch.channels_last)
+                to_channels_last(m)
             dist_utils.broadcast_module(m, self.info)
         self.ema = EMA(self.g, decay=cfg["ema_decay"], start_step=cfg["ema_start"])
         # Fused Adam on CUDA; capturable so its step counters live on the device (CUDA graphs).
@@ -344,7 +344,7 @@ class Trainer:
             x = self.images.index_select(0, idx.cpu()).to(self.device, non_blocking=True)
         x = x.float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = channels_last_strided(x)
         y = self.labels.index_select(0, idx) if self.cfg["num_classes"] else None
         return x, y
 
@@ -376,11 +376,17 @@ class Trainer:
                               cache_enabled=not self._use_graph) if self.cuda else torch.autocast("cpu", enabled=False)
 
     def _d_input(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """What D sees: augmented and noised (in fp32) when configured, then in the dtype D computes
+        in (bf16 under bf16 autocast, where the first convolution would cast it anyway). Real and
+        fake batches reach D in one dtype: no round trips through fp32, one compiled graph of D."""
+        if self.cfg["diffaug"] or sigma > 0:
+            x = x.float()
         if self.cfg["diffaug"]:
             x = diff_augment(x, self.cfg["diffaug"], self.gen)
         if sigma > 0:
             x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=self.gen)
-        return x
+        x = x.to(self.autocast_dtype or torch.float32)
+        return channels_last_strided(x) if self.channels_last else x
 
     def _noise_sigma(self) -> float:
         s0 = self.cfg["instance_noise"]
@@ -396,7 +402,7 @@ class Trainer:
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
             else torch.zeros((), device=self.device)
 
-    def _d_step(self, idx: torch.Tensor, z: torch.Tensor, d_iter: int, want_norm: bool
+    def _d_step(self, idx: torch.Tensor, z: torch.Tensor, r1_now: bool, want_norm: bool
                 ) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None] | None]:
         """One D update; with a single critic step it also returns the fake batch (with its graph)
         and labels for the G step to reuse, as the classic DCGAN loop does: one G forward per step."""
@@ -414,7 +420,7 @@ class Trainer:
             fake_g = None
         with self._autocast():
             real_logits = self.d_run(self._d_input(x, sigma), y).float()
-            fake_logits = self.d_run(self._d_input(fake.to(x.dtype), sigma), yz).float()
+            fake_logits = self.d_run(self._d_input(fake, sigma), yz).float()
             loss = self.loss.d(real_logits, fake_logits, cfg["label_smoothing"])
         out = {"loss_d": loss.detach(), "d_real": real_logits.mean().detach(), "d_fake": fake_logits.mean().detach(),
                "p_real": torch.sigmoid(real_logits).mean().detach(), "p_fake": torch.sigmoid(fake_logits).mean().detach()}
@@ -423,7 +429,7 @@ class Trainer:
             gp = gradient_penalty(self.d, x, fake.to(x.dtype), y, generator=self.gen)
             total = total + cfg["gp_weight"] * gp
             out["gp"] = gp.detach()
-        if self._r1_due(d_iter) and not self._in_graph_body:
+        if r1_now:
             r1 = r1_penalty(self.d, x, y)
             total = total + (cfg["r1_gamma"] / 2) * r1 * cfg["r1_every"]  # lazy: scaled by the interval
             out["r1"] = r1.detach()
@@ -443,8 +449,6 @@ class Trainer:
         with self._autocast():
             if fake is None:
                 fake = self.g_run(z, y)
-            if self.channels_last:
-                fake = fake.contiguous(memory_format=torch.channels_last)
             loss = self.loss.g(self.d_run(self._d_input(fake, sigma), y).float())
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
@@ -487,11 +491,15 @@ class Trainer:
         self.opt_g.step()
         return out
 
-    def _r1_due(self, d_iter: int) -> bool:
-        return self.cfg["r1_gamma"] > 0 and d_iter % self.cfg["r1_every"] == 0
+    def _r1_pattern(self) -> tuple[bool, ...]:
+        """Which of this step's D iterations apply lazy R1 (every r1_every-th D iteration)."""
+        if self.is_vae:
+            return ()
+        n, every = self.cfg["n_critic"], self.cfg["r1_every"]
+        return tuple(self.cfg["r1_gamma"] > 0 and (self.step * n + i) % every == 0 for i in range(n))
 
-    def _compute(self, draws: dict[str, Any], want_norm: bool) -> dict[str, torch.Tensor]:
-        """All device work of one step given its draws; returns device scalars (no host sync)."""
+    def _compute(self, draws: dict[str, Any], want_norm: bool, r1: tuple[bool, ...]) -> dict[str, torch.Tensor]:
+        """All device work of one step given its draws and R1 pattern; returns device scalars (no host sync)."""
         if self.is_vae:
             self.vae.train()
             return self._vae_step(draws["idx"][0], want_norm)
@@ -499,8 +507,8 @@ class Trainer:
         self.d.train()
         out: dict[str, torch.Tensor] = {}
         kept = None
-        for i, (idx, z) in enumerate(zip(draws["idx"], draws["zd"], strict=True)):
-            d_out, kept = self._d_step(idx, z, self.step * self.cfg["n_critic"] + i, want_norm)
+        for idx, z, r1_now in zip(draws["idx"], draws["zd"], r1, strict=True):
+            d_out, kept = self._d_step(idx, z, r1_now, want_norm)
             out.update(d_out)
         if kept is not None:
             out.update(self._g_step(None, kept[1], want_norm, fake=kept[0]))
@@ -517,12 +525,11 @@ class Trainer:
     def train_step(self, want_norm: bool = False) -> None:
         """One generator step (after n_critic D steps for GANs), eager or replayed from a CUDA graph."""
         draws = self._draw()
-        n = 1 if self.is_vae else self.cfg["n_critic"]
-        lazy_r1_now = not self.is_vae and any(self._r1_due(self.step * n + i) for i in range(n))
-        if self._use_graph and not lazy_r1_now:
-            self._graph_step(draws)
-        else:  # eager: no graph, or a lazy-R1 step (double backward is never captured)
-            out = self._compute(draws, want_norm)
+        r1 = self._r1_pattern()
+        if self._use_graph:
+            self._graph_step(draws, r1)
+        else:
+            out = self._compute(draws, want_norm, r1)
             self._after_compute(out)
             self.ema.update(self.g, self.step + 1)
         self.step += 1
@@ -534,10 +541,12 @@ class Trainer:
     # Small batches are launch-bound: hundreds of kernels per step, each a few microseconds of
     # CPU time. The whole plain GAN step (every D step, the G step, both fused Adam updates, the
     # EMA, the guard and the log accumulators) is captured once and replayed; per step the host
-    # only draws indices and latents into static buffers. Paths that need per-step host decisions
-    # or double backward (instance noise, DiffAugment, gradient penalty, clipping, SyncBN, VAE)
-    # stay eager; with lazy R1, only the steps that apply it (every r1_every-th) run eagerly.
-    # Under DDP the gradient all-reduce (NCCL) is captured with the step.
+    # only draws indices and latents into static buffers. Lazy R1 (double backward on real
+    # images, every r1_every-th D iteration) is a second captured graph sharing the first's memory
+    # pool: eager, an R1 step cost ten plain steps, a third of an epoch at batch 128 (see
+    # benchmarks/results/profile_step_h200.json). Paths that need per-step host decisions (instance
+    # noise, DiffAugment, gradient penalty, clipping, SyncBN, VAE) stay eager. Under DDP the gradient
+    # all-reduce (NCCL) is captured with the step.
 
     _WARMUP_STEPS = 3
 
@@ -550,19 +559,21 @@ class Trainer:
                 and not c["sync_bn"] and not ddp_with_r1 and not c["diffaug"] and c["instance_noise"] == 0
                 and c["gp_weight"] == 0 and c["grad_clip"] == 0)
 
-    def _graph_body(self) -> None:
-        self._in_graph_body = True
-        try:
-            out = self._compute(self._static, want_norm=False)
-        finally:
-            self._in_graph_body = False
+    @property
+    def graphs_captured(self) -> int:
+        """How many step variants (plain, lazy R1) are replayed from CUDA graphs."""
+        return len(self._graphs)
+
+    def _graph_body(self, r1: tuple[bool, ...]) -> None:
+        out = self._compute(self._static, want_norm=False, r1=r1)
         self._after_compute(out)
         self.ema.update_with(self.g, self._dstep)  # _dstep is step + 1 here, as in the eager path
 
-    def _graph_step(self, draws: dict[str, Any]) -> None:
-        if self._graph is not None:
+    def _graph_step(self, draws: dict[str, Any], r1: tuple[bool, ...]) -> None:
+        graph = self._graphs.get(r1)
+        if graph is not None:
             self._load_static(draws)
-            self._graph.replay()
+            graph.replay()
             return
         if self._static is None:
             self._static = {k: ([t.clone() for t in v] if isinstance(v, list) else (None if v is None else v.clone()))
@@ -572,20 +583,22 @@ class Trainer:
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self._graph_body()
+            self._graph_body(r1)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self._warm += 1
-        if self._warm == self._WARMUP_STEPS:
+        self._warm[r1] = self._warm.get(r1, 0) + 1
+        if self._warm[r1] == self._WARMUP_STEPS:
             graph = torch.cuda.CUDAGraph()
+            pool = next(iter(self._graphs.values())).pool() if self._graphs else None
             try:
-                with torch.cuda.graph(graph):  # records only: nothing runs until replay
-                    self._graph_body()
+                with torch.cuda.graph(graph, pool=pool):  # records only: nothing runs until replay
+                    self._graph_body(r1)
             except RuntimeError as exc:
                 # Capture is an optimisation: if this setup cannot be captured, train eagerly.
                 log.warning("CUDA graph capture failed (%s); continuing eagerly", str(exc).splitlines()[0][:200])
                 self._use_graph = False
+                self._graphs.clear()
                 return
-            self._graph = graph
+            self._graphs[r1] = graph
 
     def _load_static(self, draws: dict[str, Any]) -> None:
         for k, v in draws.items():
