@@ -7,7 +7,7 @@ scoring. Recorded: the score-vs-time curve of each, the engine's best score and 
 reached, whether it collapsed afterwards (final within 10% of best), and the classic loop's best
 over 25 epochs (or the time budget).
 
-    python benchmarks/time_to_quality.py [--data DIR] [--seconds 60] [--classic-epochs 25]
+    python benchmarks/time_to_quality.py [--data DIR] [--seconds 60] [--classic-epochs 25] [--compare-fp32]
                                          [--variants 'name:key=value,key=value;...']
 """
 
@@ -60,6 +60,8 @@ class Scorer:
 def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, scorer: Scorer, seconds: float,
                eval_every_epochs: float) -> dict[str, Any]:
     train = {**yaml.safe_load(RECIPE.read_text())["train"], **overrides}
+    if DEVICE == "cpu":  # --smoke: a few steps, nothing to compile
+        train.update(compile=False, steps=min(train["steps"], 40), batch_size=min(train["batch_size"], 64))
     t = validate(Train, train)
     cfg = resolve_config(to_dict(t), seed=0, image_shape=(1, 64, 64), num_classes=0)
     labels = torch.zeros(len(images), dtype=torch.long, device=DEVICE)
@@ -108,6 +110,25 @@ def run_classic(train_x: np.ndarray, scorer: Scorer, *, epochs: int, seconds: fl
             "final_fid": fids[-1], "final_over_best": fids[-1] / fids[best_i]}
 
 
+def compare_runs(bf16: dict[str, Any], fp32: dict[str, Any]) -> dict[str, Any]:
+    """bf16 vs fp32 scores at the same step counts: the last common step, and the mean over the last
+    five common evaluations (one evaluation of a GAN is noisy)."""
+    a = {c["step"]: c["fid"] for c in bf16["curve"]}
+    b = {c["step"]: c["fid"] for c in fp32["curve"]}
+    common = sorted(set(a) & set(b))
+    if not common:
+        return {"error": "no common step: the bf16 run stopped before fp32's first evaluation"}
+    last = common[-1]
+    tail = common[-5:]
+    mean_a, mean_b = float(np.mean([a[s] for s in tail])), float(np.mean([b[s] for s in tail]))
+    return {"step": last, "fid_bf16": a[last], "fid_fp32": b[last], "ratio_at_step": a[last] / b[last],
+            "within_5pct_at_step": abs(a[last] / b[last] - 1) <= 0.05, "last5_steps": tail,
+            "mean_last5_bf16": mean_a, "mean_last5_fp32": mean_b, "ratio_mean_last5": mean_a / mean_b,
+            "within_5pct_mean_last5": abs(mean_a / mean_b - 1) <= 0.05,
+            "best_bf16": min(a.values()), "best_fp32": min(b.values()),
+            "images_per_s_bf16": bf16["images_per_s"], "images_per_s_fp32": fp32["images_per_s"]}
+
+
 def parse_variants(text: str, *, recipe: bool = True) -> list[tuple[str, dict[str, Any]]]:
     out = [("recipe", {})] if recipe else []
     for chunk in filter(None, (c.strip() for c in text.split(";"))):
@@ -126,6 +147,8 @@ def main() -> None:
     ap.add_argument("--classic-seconds", type=float, default=None, help="cap on the classic run's training time")
     ap.add_argument("--variants", default="", help="extra engine variants: 'name:key=value,...;...'")
     ap.add_argument("--skip-classic", action="store_true")
+    ap.add_argument("--compare-fp32", action="store_true",
+                    help="also train the recipe in fp32 to its last step (no time cap) and compare scores step by step")
     ap.add_argument("--skip-recipe", action="store_true", help="run only the --variants")
     ap.add_argument("--name", default="time_to_quality")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script runs")
@@ -152,9 +175,15 @@ def main() -> None:
         result["engine"].append(r)
         print({k: v for k, v in r.items() if k not in ("curve", "train")}, flush=True)
         write_result(args.name, result)
+    rec = next((e for e in result["engine"] if e["name"] == "recipe" and "best_fid" in e), None)
+    if args.compare_fp32 and rec:
+        fp32 = run_engine("recipe_fp32", {"precision": "fp32"}, train64, scorer, float("inf"), args.eval_every)
+        result["engine"].append(fp32)
+        result["bf16_vs_fp32"] = compare_runs(rec, fp32)
+        print({"bf16_vs_fp32": result["bf16_vs_fp32"]}, flush=True)
+        write_result(args.name, result)
     if not args.skip_classic:
         result["classic"] = run_classic(data["train_x"], scorer, epochs=args.classic_epochs, seconds=args.classic_seconds)
-        rec = next((e for e in result["engine"] if e["name"] == "recipe" and "best_fid" in e), None)
         if rec:
             result["recipe_best_vs_classic_best"] = rec["best_fid"] / result["classic"]["best_fid"]
             classic_at = [c for c in result["classic"]["curve"] if c["train_seconds"] <= rec["curve"][-1]["train_seconds"]]
