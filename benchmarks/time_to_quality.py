@@ -110,6 +110,31 @@ def run_classic(train_x: np.ndarray, scorer: Scorer, *, epochs: int, seconds: fl
             "final_fid": fids[-1], "final_over_best": fids[-1] / fids[best_i]}
 
 
+def goals(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's time-to-quality goals next to what this run measured. An epoch's time is the
+    median wall-clock between evaluations one epoch apart (start-up and compiling excluded)."""
+    rec = next(e for e in result["engine"] if e["name"] == "recipe")
+    c = rec["curve"]
+    spans = [(b["train_seconds"] - a["train_seconds"]) / (b["epochs"] - a["epochs"]) for a, b in zip(c, c[1:])
+             if b["epochs"] - a["epochs"] > 0.9]
+    out: dict[str, Any] = {
+        "best_fid_within_60s": {"measured_seconds": rec["best_at_seconds"], "goal_at_most": 60.0,
+                                "met": bool(rec["best_at_seconds"] < 60.0)},
+        "epoch_seconds": {"measured": float(np.median(spans)) if spans else None, "goal_at_most": 1.0,
+                          "met": bool(spans) and float(np.median(spans)) < 1.0},
+    }
+    if "classic" in result:
+        out["better_than_classic_best"] = {"recipe_best": rec["best_fid"], "classic_best": result["classic"]["best_fid"],
+                                           "met": bool(rec["best_fid"] < result["classic"]["best_fid"])}
+    if "bf16_vs_fp32" in result and "ratio_at_step" in result["bf16_vs_fp32"]:
+        cmp = result["bf16_vs_fp32"]
+        out["bf16_within_5pct_of_fp32"] = {"ratio_at_last_step": cmp["ratio_at_step"],
+                                           "ratio_mean_last5": cmp["ratio_mean_last5"],
+                                           "met_at_last_step": cmp["within_5pct_at_step"],
+                                           "met_mean_last5": cmp["within_5pct_mean_last5"]}
+    return out
+
+
 def compare_runs(bf16: dict[str, Any], fp32: dict[str, Any]) -> dict[str, Any]:
     """bf16 vs fp32 scores at the same step counts: the last common step, and the mean over the last
     five common evaluations (one evaluation of a GAN is noisy)."""
@@ -190,6 +215,8 @@ def main() -> None:
             if classic_at:
                 result["classic_best_within_same_wallclock"] = min(c["fid"] for c in classic_at)
         print({k: v for k, v in result["classic"].items() if k != "curve"}, flush=True)
+    if rec:
+        result["goals"] = goals(result)
     print(f"wrote {write_result(args.name, result)}")
 
 

@@ -82,6 +82,19 @@ def flops_per_image(images: torch.Tensor, batch: int) -> float:
         return count_flops(tr.train_step) / batch
 
 
+def goals(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's throughput goals next to what this run measured."""
+    rows = result["results"]
+
+    def fastest(batch: int, key: str) -> float:
+        return rows.get(f"batch_{batch}", {}).get("engine_fastest", {}).get(key, float("nan"))
+
+    checks = {"batch_64_images_per_s": (fastest(64, "images_per_s"), 30000.0),
+              "batch_512_images_per_s": (fastest(512, "images_per_s"), 80000.0),
+              "batch_512_mfu": (fastest(512, "mfu_vs_bf16_peak"), 0.25)}
+    return {k: {"measured": v, "goal_at_least": g, "met": bool(v >= g)} for k, (v, g) in checks.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="Fashion-MNIST IDX directory")
@@ -120,6 +133,7 @@ def main() -> None:
         write_result("train_throughput", result)
     epoch_s = 60000 / result["results"].get("batch_512", {}).get("engine_fastest", {}).get("images_per_s", float("nan"))
     result["fmnist_epoch_seconds_fastest_b512"] = epoch_s
+    result["goals"] = goals(result)
     path = write_result("train_throughput", result)
     print(f"wrote {path}")
     for b, row in result["results"].items():
