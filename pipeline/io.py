@@ -51,14 +51,22 @@ def _umask() -> int:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (someone else's counts)."""
+    """Whether a process with this id exists and can still write (someone else's counts).
+
+    A killed process whose parent died with it is a zombie until the system reaps it, which can
+    take a while under some init processes; it writes nothing more, so it counts as gone.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # someone else's live process
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): existing is all we know
+    return state not in ("Z", "X")
 
 
 def remove_stale_temps(directory: Path, name: str) -> list[Path]:

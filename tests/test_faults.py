@@ -202,3 +202,19 @@ def test_two_trainings_of_one_config_at_once_do_not_share_a_checkpoint(project: 
     assert sum("another training run of the same config" in e for e in errs.values()) == 1, errs
     # The shared directory holds one run's state; the private one is gone after publishing.
     assert len([d for d in (project / ".pipeline" / "train").iterdir() if d.is_dir()]) == 1
+
+
+def test_a_zombie_writer_counts_as_gone() -> None:
+    """A killed stage whose parent (dvc) was killed with it lingers as a zombie until init reaps it;
+    its temporary output must still be cleaned up on the next run."""
+    from pipeline.io import pid_alive
+
+    child = subprocess.Popen(["true"])
+    try:
+        wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", 30,
+                 "the child to exit (unreaped)")
+        assert not pid_alive(child.pid)
+        assert pid_alive(os.getpid())
+    finally:
+        child.wait()
+    assert not pid_alive(child.pid)
