@@ -183,7 +183,7 @@ class Train:
     channels_last: bool = spec(True, "channels_last memory format on CUDA")
     cuda_graph: bool = spec(True, "on CUDA, capture each GAN step (D, G, lazy R1) in CUDA graphs")
     compile: bool = spec(False, "torch.compile the models' forward and backward (fuses BatchNorm and "
-                                "activations; the first steps compile, for about a minute)")
+                                "activations; the first steps compile: about 25 s on an H200, cached on disk)")
     devices: int | Literal["all"] = spec(1, "GPUs: 1, N or all (N > 1 runs DDP through torchrun)")
     sync_bn: bool = spec(False, "synchronise BatchNorm statistics across DDP processes")
     num_threads: int = spec(0, "CPU threads for torch (0 = all cores)", ge=0)

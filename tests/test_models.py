@@ -198,12 +198,13 @@ def test_channels_last_dcgan_computes_what_the_nchw_one_does(mbstd: bool) -> Non
     meeting a 1x1 map become a matrix product and a weighted sum; values and gradients match NCHW."""
     import copy
 
-    from pipeline.models.layers import channels_last_strided, to_channels_last
+    from pipeline.models.layers import channels_last_strided
 
     torch.manual_seed(0)
     g = build_generator("dcgan", nz=16, ngf=8, channels=1, size=32)
     d = build_discriminator("dcgan", ndf=8, channels=1, size=32, mbstd=mbstd)
-    g_cl, d_cl = to_channels_last(copy.deepcopy(g)), to_channels_last(copy.deepcopy(d))
+    g_cl = copy.deepcopy(g).to(memory_format=torch.channels_last)
+    d_cl = copy.deepcopy(d).to(memory_format=torch.channels_last)
     for m in (g_cl, d_cl):
         for p in m.parameters():
             if p.dim() == 4:

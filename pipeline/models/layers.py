@@ -107,28 +107,11 @@ def channels_last_strided(x: torch.Tensor) -> torch.Tensor:
     ``x.contiguous(memory_format=torch.channels_last)`` returns a 1-channel [N, 1, H, W] batch as
     it is (its NCHW strides already count as channels_last-contiguous), and cuDNN then ran the
     backward of the layer that reads it in NCHW, converting its 64-channel gradient to and from
-    NHWC (a tenth of a DCGAN step at batch 512 on an H200: benchmarks/results/profile_step_h200.json).
+    NHWC (a tenth of a DCGAN step at batch 512 on an H200:
+    benchmarks/results/raw/profile_before_layout_fix_h200.json).
     """
     if x.dim() != 4:
         return x
     target = torch.empty_like(x, memory_format=torch.channels_last)
     return x if target.stride() == x.stride() else target.copy_(x)
 
-
-def to_channels_last(module: nn.Module) -> nn.Module:
-    """``module.to(memory_format=torch.channels_last)``, including weights with one input or output
-    channel (a 1-channel image's first and last layers).
-
-    PyTorch leaves such a weight in its NCHW strides, since with a size-1 channel dimension it
-    already counts as channels_last-contiguous; but cuDNN picks a convolution's layout from the
-    strides, so it ran those layers in NCHW and converted their 64-channel activations and
-    gradients to and from NHWC every step (about a fifth of a DCGAN step on an H200: see
-    benchmarks/results/profile_step_h200.json). Here every 4-D parameter gets channels_last strides.
-    """
-    module.to(memory_format=torch.channels_last)
-    for p in module.parameters():
-        if p.dim() == 4:
-            target = torch.empty_like(p, memory_format=torch.channels_last)
-            if target.stride() != p.stride():
-                p.data = target.copy_(p.data)
-    return module

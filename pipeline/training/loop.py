@@ -31,7 +31,7 @@ from ..errors import CheckpointError, TrainingDiverged, UserError
 from ..imaging import save_grid
 from ..losses import get_loss, gradient_penalty, r1_penalty
 from ..models import build_discriminator, build_generator, build_vae, recipe, save_generator
-from ..models.layers import channels_last_strided, init_weights, to_channels_last
+from ..models.layers import channels_last_strided, init_weights
 from ..models.vae import vae_terms
 from . import distributed as dist_utils
 from .checkpoint import capture_rng, config_key, load_checkpoint, restore_rng, save_checkpoint
@@ -179,7 +179,7 @@ class Trainer:
         for m in modules:
             m.to(self.device)
             if self.channels_last:
-                to_channels_last(m)
+                m.to(memory_format=torch.channels_last)
             dist_utils.broadcast_module(m, self.info)
         self.ema = EMA(self.g, decay=cfg["ema_decay"], start_step=cfg["ema_start"])
         # Fused Adam on CUDA; capturable so its step counters live on the device (CUDA graphs).
@@ -544,9 +544,9 @@ class Trainer:
     # only draws indices and latents into static buffers. Lazy R1 (double backward on real
     # images, every r1_every-th D iteration) is a second captured graph sharing the first's memory
     # pool: eager, an R1 step cost ten plain steps, a third of an epoch at batch 128 (see
-    # benchmarks/results/profile_step_h200.json). Paths that need per-step host decisions (instance
-    # noise, DiffAugment, gradient penalty, clipping, SyncBN, VAE) stay eager. Under DDP the gradient
-    # all-reduce (NCCL) is captured with the step.
+    # benchmarks/results/raw/profile_initial_h200.json). Paths that need per-step host decisions
+    # (instance noise, DiffAugment, gradient penalty, clipping, SyncBN, VAE) stay eager. Under DDP
+    # the gradient all-reduce (NCCL) is captured with the step.
 
     _WARMUP_STEPS = 3
 
