@@ -129,6 +129,36 @@ def measured_peak_tflops(dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> 
     return 2 * n**3 / sec / 1e12
 
 
+def make_trainer(train: dict[str, Any], images: torch.Tensor, workdir: Path, device: str = "cuda") -> Any:
+    """The pipeline's Trainer for ``train`` (params.train keys) on uint8 [N, 1, H, W] ``images``
+    (unlabelled, seed 0), validated like params.yaml."""
+    from pipeline.params import Train, to_dict, validate  # noqa: PLC0415
+    from pipeline.training.loop import Trainer, resolve_config  # noqa: PLC0415
+
+    cfg = resolve_config(to_dict(validate(Train, train)), seed=0, image_shape=tuple(images.shape[1:]), num_classes=0)
+    labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
+    return Trainer(cfg, images, labels, device=device, workdir=workdir, progress=False)
+
+
+def step_flops(train: dict[str, Any], images: torch.Tensor) -> tuple[float, float]:
+    """(convolution FLOPs, all FLOPs) of one plain training step, forward and backward, counted by
+    torch's flop counter on an eager fp32 NCHW twin of ``train`` (a replayed CUDA graph dispatches
+    no operators to count, and the channels_last path writes two layers as non-convolutions)."""
+    import tempfile  # noqa: PLC0415
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    eager = {**train, "compile": False, "cuda_graph": False, "precision": "fp32", "channels_last": False,
+             "r1_gamma": 0.0, "steps": 10**9}
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = make_trainer(eager, images, Path(tmp))
+        tr.train_step()
+        with FlopCounterMode(display=False) as counter:
+            tr.train_step()
+    conv = sum(n for op, n in counter.get_flop_counts().get("Global", {}).items() if "conv" in str(op))
+    return float(conv), float(counter.get_total_flops())
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 

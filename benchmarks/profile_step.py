@@ -30,11 +30,10 @@ import numpy as np
 import torch
 import yaml
 
-from common import (ROOT, cuda_time, find_fmnist, load_fmnist, machine, measured_peak_tflops, resize_on_device,
-                    write_result)
+from common import (ROOT, cuda_time, find_fmnist, load_fmnist, machine, make_trainer, measured_peak_tflops,
+                    resize_on_device, step_flops, write_result)
 
-from pipeline.params import Train, to_dict, validate  # noqa: E402
-from pipeline.training.loop import Trainer, resolve_config  # noqa: E402
+from pipeline.training.loop import Trainer  # noqa: E402
 
 ARCH = {"model": "dcgan", "nz": 100, "ngf": 64, "ndf": 64, "ema_decay": 0.999}
 FAST = {"precision": "bf16", "channels_last": True, "cuda_graph": True}
@@ -84,28 +83,6 @@ def family(name: str) -> str:
     return "other"
 
 
-def build(cfg_train: dict[str, Any], images: torch.Tensor, workdir: Path) -> Trainer:
-    t = validate(Train, {**cfg_train, "steps": 10**9})
-    cfg = resolve_config(to_dict(t), seed=0, image_shape=(1, 64, 64), num_classes=0)
-    labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
-    return Trainer(cfg, images, labels, device="cuda", workdir=workdir, progress=False)
-
-
-def step_flops(cfg_train: dict[str, Any], images: torch.Tensor) -> tuple[float, float]:
-    """(convolution FLOPs, all FLOPs) of one plain step, forward and backward, counted by torch's
-    flop counter on an eager fp32 twin (a replayed CUDA graph dispatches no operators to count)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    eager = {**cfg_train, "compile": False, "cuda_graph": False, "precision": "fp32", "r1_gamma": 0.0}
-    with tempfile.TemporaryDirectory() as tmp:
-        tr = build(eager, images, Path(tmp))
-        tr.train_step()
-        with FlopCounterMode(display=False) as counter:
-            tr.train_step()
-    conv = sum(n for op, n in counter.get_flop_counts().get("Global", {}).items() if "conv" in str(op))
-    return float(conv), float(counter.get_total_flops())
-
-
 def profile_steps(tr: Trainer, steps: int) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -145,9 +122,9 @@ def attribute(cfg_train: dict[str, Any], images: torch.Tensor, families: tuple[s
     kernels: one eager step of the same configuration, profiled with shapes."""
     from torch.profiler import ProfilerActivity, profile
 
-    eager = {**cfg_train, "compile": False, "cuda_graph": False}
+    eager = {**cfg_train, "compile": False, "cuda_graph": False, "steps": 10**9}
     with tempfile.TemporaryDirectory() as tmp:
-        tr = build(eager, images, Path(tmp))
+        tr = make_trainer(eager, images, Path(tmp))
         for _ in range(3):
             tr.train_step()
         while tr.cfg["r1_gamma"] > 0 and tr.step % tr.cfg["r1_every"] == 0:
@@ -179,7 +156,7 @@ def attribute(cfg_train: dict[str, Any], images: torch.Tensor, families: tuple[s
 def run_config(name: str, cfg_train: dict[str, Any], images: torch.Tensor, peak: float) -> dict[str, Any]:
     b = cfg_train["batch_size"]
     with tempfile.TemporaryDirectory() as tmp:
-        tr = build(cfg_train, images, Path(tmp))
+        tr = make_trainer({**cfg_train, "steps": 10**9}, images, Path(tmp))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(64):  # compile, autotune, capture (lazy R1 every 16 steps: its graph is captured by step 48)

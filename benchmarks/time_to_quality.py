@@ -23,13 +23,11 @@ import numpy as np
 import torch
 import yaml
 
-from common import ROOT, find_fmnist, load_fmnist, machine, resize_on_device, write_result
+from common import ROOT, find_fmnist, load_fmnist, machine, make_trainer, resize_on_device, write_result
 
 from pipeline.metrics.compute import sample  # noqa: E402
 from pipeline.metrics.evaluator import extract, train_evaluator  # noqa: E402
 from pipeline.metrics.math import frechet_distance, gaussian_stats  # noqa: E402
-from pipeline.params import Train, to_dict, validate  # noqa: E402
-from pipeline.training.loop import Trainer, resolve_config  # noqa: E402
 
 RECIPE = ROOT / "benchmarks" / "recipes" / "fmnist-gpu.yaml"
 N_EVAL = 5000
@@ -62,12 +60,10 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
     train = {**yaml.safe_load(RECIPE.read_text())["train"], **overrides}
     if DEVICE == "cpu":  # --smoke: a few steps, nothing to compile
         train.update(compile=False, steps=min(train["steps"], 40), batch_size=min(train["batch_size"], 64))
-    t = validate(Train, train)
-    cfg = resolve_config(to_dict(t), seed=0, image_shape=(1, 64, 64), num_classes=0)
-    labels = torch.zeros(len(images), dtype=torch.long, device=DEVICE)
     curve: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        tr = Trainer(cfg, images, labels, device=DEVICE, workdir=Path(tmp), progress=False)
+        tr = make_trainer(train, images, Path(tmp), device=DEVICE)
+        cfg = tr.cfg
         chunk = max(1, round(eval_every_epochs * len(images) / cfg["batch_size"]))
         spent = 0.0
         while spent < seconds and tr.step < cfg["steps"]:

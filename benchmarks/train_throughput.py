@@ -25,11 +25,8 @@ from typing import Any
 
 import torch
 
-from common import (count_flops, cuda_time, find_fmnist, load_fmnist, machine, measured_peak_tflops,
-                    resize_on_device, write_result)
-
-from pipeline.params import Train, to_dict, validate  # noqa: E402
-from pipeline.training.loop import Trainer, resolve_config  # noqa: E402
+from common import (cuda_time, find_fmnist, load_fmnist, machine, make_trainer, measured_peak_tflops, resize_on_device,
+                    step_flops, write_result)
 
 ARCH = {"model": "dcgan", "nz": 100, "ngf": 64, "ndf": 64, "ema_decay": 0.999}
 MODES = {
@@ -40,16 +37,9 @@ MODES = {
 }
 
 
-def make_trainer(images: torch.Tensor, batch: int, mode: dict[str, Any], workdir: Path) -> Trainer:
-    t = validate(Train, {**ARCH, **mode, "batch_size": batch, "steps": 10**9})
-    cfg = resolve_config(to_dict(t), seed=0, image_shape=(1, 64, 64), num_classes=0)
-    labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
-    return Trainer(cfg, images, labels, device="cuda", workdir=workdir, progress=False)
-
-
 def engine_rate(images: torch.Tensor, batch: int, mode: dict[str, Any], seconds: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        tr = make_trainer(images, batch, mode, Path(tmp))
+        tr = make_trainer({**ARCH, **mode, "batch_size": batch, "steps": 10**9}, images, Path(tmp))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(10):  # warm-up: cuDNN autotuning, torch.compile, graph capture
@@ -73,13 +63,6 @@ def classic_rate(train_x, batch: int, seconds: float) -> dict[str, Any]:
     seen = run.images_seen
     spent = run.train(seconds=seconds)
     return {"images_per_s": (run.images_seen - seen) / spent, "workers": 2, "seconds": spent}
-
-
-def flops_per_image(images: torch.Tensor, batch: int) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        tr = make_trainer(images, batch, MODES["engine_fp32"], Path(tmp))
-        tr.train_step()
-        return count_flops(tr.train_step) / batch
 
 
 def goals(result: dict[str, Any]) -> dict[str, Any]:
@@ -113,7 +96,7 @@ def main() -> None:
     result["peak_bf16_tflops"] = measured_peak_tflops(torch.bfloat16)
     result["peak_tf32_tflops"] = measured_peak_tflops(torch.float32)
     for batch in (int(b) for b in args.batches.split(",")):
-        row: dict[str, Any] = {"flops_per_image": flops_per_image(images, batch)}
+        row: dict[str, Any] = {"flops_per_image": step_flops({**ARCH, "batch_size": batch}, images)[1] / batch}
         try:
             row["classic"] = classic_rate(data["train_x"], batch, args.seconds)
         except Exception as exc:  # noqa: BLE001 - record and keep measuring the rest
