@@ -129,6 +129,13 @@ def measured_peak_tflops(dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> 
     return 2 * n**3 / sec / 1e12
 
 
+def parse_overrides(text: str) -> dict[str, Any]:
+    """'key=value,key=value' (YAML values) -> {key: value}: train overrides given on a command line."""
+    import yaml  # noqa: PLC0415
+
+    return {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in text.split(",") if kv)}
+
+
 def make_trainer(train: dict[str, Any], images: torch.Tensor, workdir: Path, device: str = "cuda") -> Any:
     """The pipeline's Trainer for ``train`` (params.train keys) on uint8 [N, 1, H, W] ``images``
     (unlabelled, seed 0), validated like params.yaml."""

@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from common import (ROOT, cuda_time, find_fmnist, load_fmnist, machine, make_trainer, measured_peak_tflops,
-                    resize_on_device, step_flops, write_result)
+                    parse_overrides, resize_on_device, step_flops, write_result)
 
 from pipeline.training.loop import Trainer  # noqa: E402
 
@@ -56,8 +56,7 @@ def parse_configs(text: str) -> list[tuple[str, dict[str, Any]]]:
         name, _, kvs = label.partition(":")
         if name not in CONFIGS:
             raise SystemExit(f"--configs: unknown configuration {name!r}; known: {sorted(CONFIGS)}")
-        over = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
-        out.append((label, {**CONFIGS[name], **over}))
+        out.append((label, {**CONFIGS[name], **parse_overrides(kvs)}))
     return out
 
 # Kernel families, first match wins (cuDNN/CUTLASS names carry fprop/dgrad/wgrad).
@@ -153,7 +152,7 @@ def attribute(cfg_train: dict[str, Any], images: torch.Tensor, families: tuple[s
     return sorted(out, key=lambda r: -r["us"])[:25]
 
 
-def run_config(name: str, cfg_train: dict[str, Any], images: torch.Tensor, peak: float) -> dict[str, Any]:
+def run_config(cfg_train: dict[str, Any], images: torch.Tensor, peak: float) -> dict[str, Any]:
     b = cfg_train["batch_size"]
     with tempfile.TemporaryDirectory() as tmp:
         tr = make_trainer({**cfg_train, "steps": 10**9}, images, Path(tmp))
@@ -238,7 +237,7 @@ def main() -> None:
     for name, train in configs:
         print(f"== {name}", flush=True)
         try:
-            row = run_config(name, train, images, result["peak_bf16_tflops"])
+            row = run_config(train, images, result["peak_bf16_tflops"])
         except Exception as exc:  # noqa: BLE001 - record and keep profiling the rest
             row = {"train": train, "error": repr(exc)[:2000]}
         result["configs"][name] = row

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import yaml
 
-from common import ROOT, find_fmnist, load_fmnist, machine, make_trainer, resize_on_device, write_result
+from common import (ROOT, find_fmnist, load_fmnist, machine, make_trainer, parse_overrides, resize_on_device,
+                    write_result)
 
 from pipeline.metrics.compute import sample  # noqa: E402
 from pipeline.metrics.evaluator import extract, train_evaluator  # noqa: E402
@@ -154,8 +155,7 @@ def parse_variants(text: str, *, recipe: bool = True) -> list[tuple[str, dict[st
     out = [("recipe", {})] if recipe else []
     for chunk in filter(None, (c.strip() for c in text.split(";"))):
         name, _, kvs = chunk.partition(":")
-        over = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
-        out.append((name, over))
+        out.append((name, parse_overrides(kvs)))
     return out
 
 
