@@ -139,10 +139,10 @@ def parse_overrides(text: str) -> dict[str, Any]:
 def make_trainer(train: dict[str, Any], images: torch.Tensor, workdir: Path, device: str = "cuda") -> Any:
     """The pipeline's Trainer for ``train`` (params.train keys) on uint8 [N, 1, H, W] ``images``
     (unlabelled, seed 0), validated like params.yaml."""
-    from pipeline.params import Train, to_dict, validate  # noqa: PLC0415
-    from pipeline.training.loop import Trainer, resolve_config  # noqa: PLC0415
+    from pipeline.training.config import resolve  # noqa: PLC0415
+    from pipeline.training.loop import Trainer  # noqa: PLC0415
 
-    cfg = resolve_config(to_dict(validate(Train, train)), seed=0, image_shape=tuple(images.shape[1:]), num_classes=0)
+    cfg = resolve(train, seed=0, image_shape=tuple(images.shape[1:]), num_classes=0)
     labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
     return Trainer(cfg, images, labels, device=device, workdir=workdir, progress=False)
 

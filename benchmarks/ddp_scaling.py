@@ -30,9 +30,10 @@ import yaml
 
 from common import ROOT, find_fmnist, load_fmnist, machine, resize_on_device, write_result
 
-from pipeline.params import Train, to_dict, validate  # noqa: E402
+
 from pipeline.training import distributed as dist_utils  # noqa: E402
-from pipeline.training.loop import Trainer, resolve_config  # noqa: E402
+from pipeline.training.config import resolve  # noqa: E402
+from pipeline.training.loop import Trainer  # noqa: E402
 
 RECIPE = ROOT / "benchmarks" / "recipes" / "fmnist-gpu.yaml"
 
@@ -52,7 +53,7 @@ def child(args: argparse.Namespace) -> None:
     train = {**yaml.safe_load(RECIPE.read_text())["train"], "batch_size": args.per_gpu_batch, "steps": 10**9}
     if args.cpu_dry_run:
         train.update(ngf=8, ndf=8, nz=16, precision="fp32", channels_last=False, cuda_graph=False)
-    cfg = resolve_config(to_dict(validate(Train, train)), seed=args.seed, image_shape=(1, size, size), num_classes=0)
+    cfg = resolve(train, seed=args.seed, image_shape=(1, size, size), num_classes=0)
     labels = torch.zeros(len(images), dtype=torch.long, device=device)
     out: dict[str, Any] = {"world_size": info.world_size, "per_gpu_batch": args.per_gpu_batch}
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +73,7 @@ def child(args: argparse.Namespace) -> None:
                 net, _ = load_evaluator(Path(args.evaluator), device=device)
                 test = resize_on_device(data["test_x"], size, device)
                 real = gaussian_stats(extract(net, test, device=device)[0])
-                imgs, _ = sample(tr.ema.shadow, 5000, nz=cfg["nz"], seed=1, device=device, batch_size=1000)
+                imgs, _ = sample(tr.ema.shadow, 5000, nz=cfg.nz, seed=1, device=device, batch_size=1000)
                 out["fid"] = frechet_distance(real, gaussian_stats(extract(net, imgs, device=device)[0]))
             out["images_seen"] = args.quality_steps * args.per_gpu_batch * info.world_size
         else:
@@ -88,8 +89,8 @@ def child(args: argparse.Namespace) -> None:
                 sync()
                 dist_utils.barrier(info)
                 rates.append(args.steps * args.per_gpu_batch * info.world_size / (time.perf_counter() - t0))
-            out.update(images_per_s=float(np.median(rates)), rounds=rates, graphs=tr.graphs_captured)
-        tr._check_guard()
+            out.update(images_per_s=float(np.median(rates)), rounds=rates, graphs=tr.executor.captured)
+        tr.check()
     if info.is_main:
         Path(args.result).write_text(json.dumps(out))
     dist_utils.shutdown(info)

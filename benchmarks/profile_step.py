@@ -126,7 +126,7 @@ def attribute(cfg_train: dict[str, Any], images: torch.Tensor, families: tuple[s
         tr = make_trainer(eager, images, Path(tmp))
         for _ in range(3):
             tr.train_step()
-        while tr.cfg["r1_gamma"] > 0 and tr.step % tr.cfg["r1_every"] == 0:
+        while tr.cfg.r1_gamma > 0 and tr.step % tr.cfg.r1_every == 0:
             tr.train_step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
@@ -163,14 +163,14 @@ def run_config(cfg_train: dict[str, Any], images: torch.Tensor, peak: float) -> 
         torch.cuda.synchronize()
         startup = time.perf_counter() - t0
         row: dict[str, Any] = {"train": cfg_train, "startup_seconds_first_64_steps": startup,
-                               "graphs_captured": tr.graphs_captured}
-        r1 = tr.cfg["r1_gamma"] > 0
-        every = tr.cfg["r1_every"] if r1 else 0
+                               "graphs_captured": tr.executor.captured}
+        r1 = tr.cfg.r1_gamma > 0
+        every = tr.cfg.r1_every if r1 else 0
 
         def plain() -> None:
             if r1 and tr.step % every == 0:
                 tr.step += 1  # skip the R1 step number: this timing is of plain steps only
-                tr._dstep.add_(1)
+                tr.monitor.step.add_(1)
             tr.train_step()
 
         sec = cuda_time(plain, warmup=5, iters=200)
@@ -207,7 +207,7 @@ def run_config(cfg_train: dict[str, Any], images: torch.Tensor, peak: float) -> 
         row["conv_flops_per_step"] = conv
         row["conv_achieved_tflops"] = conv / (conv_us * 1e-6) / 1e12 if conv_us else None
         row["conv_fraction_of_peak"] = row["conv_achieved_tflops"] / peak if conv_us else None
-        tr._check_guard()
+        tr.check()
     row["copy_attribution_eager_step"] = attribute(cfg_train, images)
     return row
 

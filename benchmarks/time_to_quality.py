@@ -65,24 +65,24 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
     with tempfile.TemporaryDirectory() as tmp:
         tr = make_trainer(train, images, Path(tmp), device=DEVICE)
         cfg = tr.cfg
-        chunk = max(1, round(eval_every_epochs * len(images) / cfg["batch_size"]))
+        chunk = max(1, round(eval_every_epochs * len(images) / cfg.batch_size))
         spent = 0.0
-        while spent < seconds and tr.step < cfg["steps"]:
+        while spent < seconds and tr.step < cfg.steps:
             _sync()
             t0 = time.perf_counter()
-            for _ in range(min(chunk, cfg["steps"] - tr.step)):  # no host sync inside a chunk
+            for _ in range(min(chunk, cfg.steps - tr.step)):  # no host sync inside a chunk
                 tr.train_step()
             _sync()
             spent += time.perf_counter() - t0
-            tr._check_guard()
-            curve.append({"train_seconds": spent, "step": tr.step, "epochs": tr.step * cfg["batch_size"] / len(images),
-                          "fid": scorer.fid(tr.ema.shadow, cfg["nz"])})
+            tr.check()
+            curve.append({"train_seconds": spent, "step": tr.step, "epochs": tr.step * cfg.batch_size / len(images),
+                          "fid": scorer.fid(tr.ema.shadow, cfg.nz)})
     fids = [c["fid"] for c in curve]
     best_i = int(np.argmin(fids))
     return {"name": name, "train": train, "curve": curve, "best_fid": fids[best_i],
             "best_at_seconds": curve[best_i]["train_seconds"], "best_at_epochs": curve[best_i]["epochs"],
             "final_fid": fids[-1], "final_within_10pct_of_best": fids[-1] <= 1.1 * fids[best_i],
-            "images_per_s": curve[-1]["step"] * cfg["batch_size"] / curve[-1]["train_seconds"]}
+            "images_per_s": curve[-1]["step"] * cfg.batch_size / curve[-1]["train_seconds"]}
 
 
 def run_classic(train_x: np.ndarray, scorer: Scorer, *, epochs: int, seconds: float | None) -> dict[str, Any]:

@@ -49,9 +49,9 @@ def engine_rate(images: torch.Tensor, batch: int, mode: dict[str, Any], seconds:
         probe = cuda_time(tr.train_step, warmup=0, iters=20)
         iters = max(20, int(seconds / 3 / probe))
         sec = cuda_time(tr.train_step, warmup=0, iters=iters)
-        tr._check_guard()
+        tr.check()
         return {"images_per_s": batch / sec, "step_ms": sec * 1e3, "iters_per_round": iters, "startup_seconds": startup,
-                "graphs_captured": tr.graphs_captured}
+                "graphs_captured": tr.executor.captured}
 
 
 def classic_rate(train_x, batch: int, seconds: float) -> dict[str, Any]:

@@ -11,6 +11,14 @@ import numpy as np
 from .io import write_bytes
 
 
+def normalize(images: "np.ndarray | object") -> "np.ndarray | object":
+    """uint8 pixels (tensor or array) -> float in [-1, 1]: x / 127.5 - 1, the one pixel scale of every
+    model, metric and figure (:func:`to_uint8` is its inverse)."""
+    if hasattr(images, "float"):
+        return images.float() / 127.5 - 1.0  # type: ignore[union-attr]
+    return np.asarray(images).astype(np.float32) / 127.5 - 1.0
+
+
 def to_uint8(images: "np.ndarray | object") -> np.ndarray:
     """Float images in [-1, 1] (tensor or array, [N, C, H, W]) -> uint8 [N, C, H, W]."""
     if hasattr(images, "detach"):

@@ -70,9 +70,14 @@ def get_loss(name: str) -> GANLoss:
 
 
 def gradient_penalty(d: Callable[..., torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
-                     y: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """WGAN-GP (Gulrajani et al. 2017): E[(||grad_x D(x_hat)|| - 1)^2] on random interpolates."""
-    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype, generator=generator)
+                     y: torch.Tensor | None, generator: torch.Generator | None = None, *,
+                     alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): E[(||grad_x D(x_hat)|| - 1)^2] on random interpolates.
+
+    alpha: the interpolation weights [N] in [0, 1] (drawn here from ``generator`` when not given)."""
+    if alpha is None:
+        alpha = torch.rand(real.shape[0], device=real.device, generator=generator)
+    alpha = alpha.to(real.dtype).view(-1, 1, 1, 1)
     x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
     out = d(x_hat, y)
     (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)

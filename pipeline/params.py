@@ -26,9 +26,13 @@ from .errors import ParamsError
 
 
 def spec(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
-         le: float | None = None, lt: float | None = None, default_factory: Any = None) -> Any:
-    """A dataclass field with its help text and numeric bounds (checked by :func:`validate`)."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
+         le: float | None = None, lt: float | None = None, default_factory: Any = None, semantic: bool = True) -> Any:
+    """A dataclass field with its help text and numeric bounds (checked by :func:`validate`).
+
+    semantic=False marks a key that does not change what is computed (a step budget, how often
+    something is logged or saved, how fast a step runs): a checkpoint stays resumable, and a work
+    directory reusable, when only such keys change (see :func:`non_semantic_keys`)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "semantic": semantic}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -138,7 +142,7 @@ DiffAug = Literal["translation", "cutout", "color"]
 class Train:
     model: Model = spec("dcgan", "recipe: dcgan, sngan (ResNet + spectral norm + hinge), wgan_gp, vae")
     conditional: bool = spec(False, "class-conditional G (conditional BN) and projection D; needs labels")
-    steps: int = spec(3000, "generator optimizer steps", ge=1)
+    steps: int = spec(3000, "generator optimizer steps", ge=1, semantic=False)
     batch_size: int = spec(64, "images per step (per process under DDP)", ge=2)
     nz: int = spec(64, "latent dimension", ge=1)
     ngf: int = spec(32, "generator width (channels of its last hidden layer)", ge=4)
@@ -167,26 +171,26 @@ class Train:
     kl_weight: float = spec(1.0, "VAE: beta, the weight of the KL term", ge=0)
     kl_warmup_steps: int = spec(500, "VAE: steps over which the KL weight ramps up from 0", ge=0)
     recon: Literal["bce", "mse"] = spec("bce", "VAE reconstruction likelihood")
-    checkpoint_every: int = spec(500, "steps between checkpoints", ge=1)
-    log_every: int = spec(25, "steps between log lines (the only host syncs of the loop)", ge=1)
-    grid_every: int = spec(250, "steps between fixed-seed sample grids", ge=1)
-    eval_every: int = spec(500, "steps between in-loop evaluator scores (best checkpoint kept)", ge=1)
-    eval_samples: int = spec(1000, "generated images per in-loop score", ge=10)
-    collapse_margin: float = spec(0.5, "collapse: score worse than best by this fraction ...", gt=0)
-    collapse_patience: int = spec(3, "... for this many evaluations in a row", ge=1)
-    stop_on_collapse: bool = spec(False, "stop training when a collapse is detected")
-    resume: bool = spec(True, "continue from the run's last checkpoint when its params match")
+    checkpoint_every: int = spec(500, "steps between checkpoints", ge=1, semantic=False)
+    log_every: int = spec(25, "steps between log lines (the only host syncs of the loop)", ge=1, semantic=False)
+    grid_every: int = spec(250, "steps between fixed-seed sample grids", ge=1, semantic=False)
+    eval_every: int = spec(500, "steps between in-loop evaluator scores (best checkpoint kept)", ge=1, semantic=False)
+    eval_samples: int = spec(1000, "generated images per in-loop score", ge=10, semantic=False)
+    collapse_margin: float = spec(0.5, "collapse: score worse than best by this fraction ...", gt=0, semantic=False)
+    collapse_patience: int = spec(3, "... for this many evaluations in a row", ge=1, semantic=False)
+    stop_on_collapse: bool = spec(False, "stop training when a collapse is detected", semantic=False)
+    resume: bool = spec(True, "continue from the run's last checkpoint when its params match", semantic=False)
     init_from: str | None = spec(None, "start from another run's checkpoint or generator file (transfer); "
                                        "a path inside the project")
     freeze_d_layers: int = spec(0, "with init_from: freeze this many first D layers", ge=0)
     precision: Literal["fp32", "bf16"] = spec("fp32", "autocast precision on CUDA (bf16 is faster)")
     channels_last: bool = spec(True, "channels_last memory format on CUDA")
-    cuda_graph: bool = spec(True, "on CUDA, capture each GAN step (D, G, lazy R1) in CUDA graphs")
+    cuda_graph: bool = spec(True, "on CUDA, capture each GAN step (D, G, lazy R1) in CUDA graphs", semantic=False)
     compile: bool = spec(False, "torch.compile the models' forward and backward (fuses BatchNorm and "
-                                "activations; the first steps compile: about 25 s on an H200, cached on disk)")
-    devices: int | Literal["all"] = spec(1, "GPUs: 1, N or all (N > 1 runs DDP through torchrun)")
+                                "activations; the first steps compile: about 25 s on an H200, cached on disk)", semantic=False)
+    devices: int | Literal["all"] = spec(1, "GPUs: 1, N or all (N > 1 runs DDP through torchrun)", semantic=False)
     sync_bn: bool = spec(False, "synchronise BatchNorm statistics across DDP processes")
-    num_threads: int = spec(0, "CPU threads for torch (0 = all cores)", ge=0)
+    num_threads: int = spec(0, "CPU threads for torch (0 = all cores)", ge=0, semantic=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.devices, int) and self.devices < 1:
@@ -395,6 +399,11 @@ def check_paths(params: Params, project_dir: Path) -> None:
                 "the result can be reproduced from the commit: copy the file in and track it "
                 "(`dvc add models/transfer.pt`, or `dvc import` it from another repository), then set "
                 f"{key}: models/transfer.pt")
+
+
+def non_semantic_keys(cls: type = Train) -> tuple[str, ...]:
+    """Keys of a section declared ``semantic=False`` (they do not change what a run computes)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if not f.metadata.get("semantic", True))
 
 
 def to_dict(obj: Any) -> Any:

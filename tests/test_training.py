@@ -21,7 +21,8 @@ from pipeline.data.tensors import load_split
 from pipeline.errors import TrainingDiverged
 from pipeline.params import Params, Train, to_dict, validate
 from pipeline.training.checkpoint import load_checkpoint
-from pipeline.training.loop import Trainer, resolve_config
+from pipeline.training.config import TrainConfig, resolve
+from pipeline.training.loop import Trainer
 
 from helpers_project import ROOT, tiny_params, venv_env, write_params
 
@@ -29,10 +30,9 @@ SMALL = {"batch_size": 8, "ngf": 8, "ndf": 8, "nz": 8, "log_every": 2, "grid_eve
          "checkpoint_every": 100}
 
 
-def _config(tiny_tensors: Path, **train: Any) -> tuple[dict[str, Any], Any]:
+def _config(tiny_tensors: Path, **train: Any) -> tuple[TrainConfig, Any]:
     data = load_split(tiny_tensors / "augmented", "train")
-    t = validate(Train, {**SMALL, **train})
-    cfg = resolve_config(to_dict(t), seed=0, image_shape=data.shape, num_classes=data.num_classes)
+    cfg = resolve({**SMALL, **train}, seed=0, image_shape=data.shape, num_classes=data.num_classes)
     return cfg, data
 
 
@@ -115,10 +115,10 @@ def test_torch_compile_trains_as_eager_does(tiny_tensors: Path, tmp_path: Path) 
     runs = {}
     for compiled in (False, True):
         tr = _trainer(tiny_tensors, tmp_path / str(compiled), steps=4, r1_gamma=1.0, r1_every=2, compile=compiled)
-        assert (tr.d_run is not tr.d) == compiled
+        assert (tr.objective.d_run is not tr.objective.d) == compiled
         for _ in range(4):
             tr.train_step()
-        runs[compiled] = ({k: float(v) / 4 for k, v in tr._acc.items()}, [p.detach().clone() for p in tr.g.parameters()])
+        runs[compiled] = (tr.monitor.means(), [p.detach().clone() for p in tr.objective.g.parameters()])
     (eager, g_eager), (comp, g_comp) = runs[False], runs[True]
     assert eager.keys() == comp.keys() and "r1" in eager
     for k in eager:
@@ -135,12 +135,12 @@ def test_a_changed_config_does_not_resume(tiny_tensors: Path, tmp_path: Path) ->
 
 def test_divergence_is_caught_within_the_step_and_the_checkpoint_stays_good(tiny_tensors: Path, tmp_path: Path) -> None:
     trainer = _trainer(tiny_tensors, tmp_path, steps=6, checkpoint_every=2)
-    trainer.cfg["steps"] = 2
+    trainer.cfg = trainer.cfg.replace(steps=2)
     trainer.run()
     good = load_checkpoint(tmp_path / "checkpoint.pt")
-    trainer.cfg["steps"] = 6
+    trainer.cfg = trainer.cfg.replace(steps=6)
     with torch.no_grad():
-        next(trainer.d.parameters()).fill_(float("nan"))  # what a blown-up update leaves behind
+        next(trainer.objective.d.parameters()).fill_(float("nan"))  # what a blown-up update leaves behind
     with pytest.raises(TrainingDiverged, match=r"training diverged at step 3: loss_d = nan"):
         trainer.run()
     after = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -157,9 +157,9 @@ def test_transfer_reports_matched_and_new_tensors_and_freezes_d_layers(tiny_tens
     report = dst.init_from(tmp_path / "src" / "checkpoint.pt", freeze_d_layers=1)
     assert any(k.startswith("g.") for k in report["matched"])  # same G architecture: copied
     assert any(k.startswith("d.") for k in report["new"])  # wider D: newly initialised
-    frozen = [p.clone() for p in dst.d.trunk[0].parameters()]
+    frozen = [p.clone() for p in dst.objective.d.trunk[0].parameters()]
     dst.run()
-    assert all(torch.equal(a, b) for a, b in zip(frozen, dst.d.trunk[0].parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, dst.objective.d.trunk[0].parameters(), strict=True))
 
 
 # --------------------------------------------------------------------------------------------

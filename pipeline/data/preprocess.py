@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from ..imaging import normalize
 from ..io import ShardWriter
 from .clean import CleanOptions, Row, load_item, rows_of
 from .images import ImageRejected, normalise_array, pixel_hash
@@ -277,4 +278,4 @@ def build_tensors(clean: pd.DataFrame, raw_dir: Path, out_dir: Path, opts: Clean
 
 def to_float(images: Any) -> Any:
     """uint8 tensor/array -> float in [-1, 1] (the recorded normalisation)."""
-    return images.float() / 127.5 - 1.0 if hasattr(images, "float") else images.astype(np.float32) / 127.5 - 1.0
+    return normalize(images)

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from ..errors import CheckpointError
+from ..imaging import normalize
 from ..io import atomic_write, sha256_file
 from ..safeload import safe_load
 
@@ -88,7 +89,7 @@ def train_evaluator(images: np.ndarray, labels: np.ndarray, test_images: np.ndar
         perm = torch.randperm(len(x_all), device=device, generator=gen)
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size : (i + 1) * batch_size]
-            x = x_all[idx].float() / 127.5 - 1
+            x = normalize(x_all[idx])
             # Small random shifts make the features robust to the jitter generators produce.
             dx, dy = torch.randint(-2, 3, (2,), generator=shift_gen).tolist()
             x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
@@ -106,11 +107,11 @@ def train_evaluator(images: np.ndarray, labels: np.ndarray, test_images: np.ndar
                               "train_images": int(len(images)), "test_images": int(len(test_images))}
     with torch.no_grad():
         xt = torch.from_numpy(test_images)
-        outs = torch.cat([net(xt[i : i + 500].to(device).float() / 127.5 - 1).cpu() for i in range(0, len(xt), 500)])
+        outs = torch.cat([net(normalize(xt[i : i + 500].to(device))).cpu() for i in range(0, len(xt), 500)])
     if num_classes:
         report["test_accuracy"] = float((outs.argmax(1).numpy() == test_labels).mean())
     else:
-        report["test_reconstruction_mse"] = float(F.mse_loss(outs, xt.float() / 127.5 - 1).item())
+        report["test_reconstruction_mse"] = float(F.mse_loss(outs, normalize(xt)).item())
     return net, report
 
 
@@ -144,7 +145,7 @@ def extract(net: FeatureNet, images: torch.Tensor | np.ndarray, *, batch_size: i
     feats, probs = [], []
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size].to(device)
-        x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+        x = normalize(x) if x.dtype == torch.uint8 else x.float()
         f = net.features(x)
         feats.append(f.float().cpu())
         if net.head is not None:

@@ -35,7 +35,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # Gulrajani et al. 2017: Wasserstein critic without batch norm, gradient penalty 10, 5 critic steps.
     "wgan_gp": {"arch": "dcgan", "loss": "wasserstein", "d_norm": "layer", "spectral_norm": False, "n_critic": 5,
                 "gp_weight": 10.0},
-    "vae": {"arch": "vae"},
+    # Kingma & Welling 2014 (β-VAE with KL warm-up); the GAN keys are unused by its objective.
+    "vae": {"arch": "vae", "objective": "vae", "loss": "nonsaturating", "d_norm": "none", "spectral_norm": False,
+            "n_critic": 1, "gp_weight": 0.0},
 }
 
 GENERATORS = {"dcgan": DCGANGenerator, "resnet": ResNetGenerator}
@@ -73,6 +75,29 @@ def build_discriminator(arch: str, **kwargs: Any) -> nn.Module:
 
 def build_vae(**kwargs: Any) -> VAE:
     return VAE(**kwargs)
+
+
+def load_vae(checkpoint: str | Path, *, device: str | torch.device = "cpu") -> tuple[VAE, dict[str, Any]]:
+    """The VAE (encoder and decoder, eval mode) of a training checkpoint, and the run's config.
+
+    The file is checked to be a training checkpoint of a VAE run (format, model entry, recorded
+    config) before anything is built; weights that do not fit the recorded layout are refused."""
+    import json  # noqa: PLC0415
+
+    payload = safe_load(checkpoint)
+    if not isinstance(payload, dict) or payload.get("format") != "pipeline.checkpoint/1":
+        raise CheckpointError(f"{checkpoint}: not a training checkpoint of this pipeline; pass models/checkpoint.pt")
+    models = payload.get("models")
+    if not isinstance(models, dict) or "vae" not in models or not isinstance(payload.get("config"), str):
+        raise CheckpointError(f"{checkpoint}: not the checkpoint of a VAE run (models: {sorted(models or {})})")
+    cfg = json.loads(payload["config"])
+    c, h, _ = cfg["image_shape"]
+    vae = build_vae(nz=cfg["nz"], ngf=cfg["ngf"], ndf=cfg["ndf"], channels=c, size=h, num_classes=cfg["num_classes"])
+    try:
+        vae.load_state_dict(models["vae"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{checkpoint}: weights do not fit the recorded VAE: {str(exc)[:300]}") from None
+    return vae.to(device).eval(), cfg
 
 
 def save_generator(path: str | Path, generator: nn.Module, *, arch: str, kwargs: dict[str, Any],

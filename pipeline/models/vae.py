@@ -34,10 +34,15 @@ class VAE(nn.Module):
         mu, logvar = self.to_stats(self.encoder(x)).chunk(2, dim=1)
         return mu, logvar.clamp(-30.0, 20.0)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (decoder pre-tanh output, mu, logvar) for x, with a reparameterised sample."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, eps: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (decoder pre-tanh output, mu, logvar) for x, with a reparameterised sample
+        z = mu + eps * sigma; eps [N, nz] ~ N(0, I) is drawn here when not given (training passes
+        its own draws, so the step holds no random number generation)."""
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        if eps is None:
+            eps = torch.randn_like(mu)
+        z = mu + eps.to(mu.dtype) * (0.5 * logvar).exp()
         return self.decoder.logits(z, y), mu, logvar
 
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..imaging import normalize
 from ..io import read_json, write_json
 from ..params import Params
 from .common import add_common, device_from, run_stage, set_determinism, set_threads
@@ -24,26 +25,18 @@ def _vae_metrics(checkpoint: Path, test_images: Any, *, device: str, batch_size:
     ``vae_elbo_ci_low/high``: mean ± 1.96 standard errors over test images (the per-image ELBOs
     are independent given the model, so the normal interval of their mean is the honest one).
     """
-    import json  # noqa: PLC0415
-
     import torch  # noqa: PLC0415
 
-    from ..models import build_vae  # noqa: PLC0415
+    from ..models import load_vae  # noqa: PLC0415
     from ..models.vae import vae_terms  # noqa: PLC0415
-    from ..safeload import safe_load  # noqa: PLC0415
 
-    ckpt = safe_load(checkpoint)
-    cfg = json.loads(ckpt["config"])
-    c, h, _ = cfg["image_shape"]
-    vae = build_vae(nz=cfg["nz"], ngf=cfg["ngf"], ndf=cfg["ndf"], channels=c, size=h, num_classes=cfg["num_classes"])
-    vae.load_state_dict(ckpt["models"]["vae"])
-    vae.to(device).eval()
+    vae, cfg = load_vae(checkpoint, device=device)
     torch.manual_seed(seed)
     nlls, kls = [], []
     x_all = torch.from_numpy(test_images)
     with torch.no_grad():
         for i in range(0, len(x_all), batch_size):
-            x = x_all[i : i + batch_size].to(device).float() / 127.5 - 1
+            x = normalize(x_all[i : i + batch_size].to(device))
             logits, mu, logvar = vae(x)
             nll, kl = vae_terms(x, logits, mu, logvar, recon=cfg["recon"])
             nlls.append(nll.double().cpu())

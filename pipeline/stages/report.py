@@ -39,7 +39,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
     import torch  # noqa: PLC0415
 
     from ..data.tensors import load_split  # noqa: PLC0415
-    from ..imaging import make_grid, png_bytes, to_uint8  # noqa: PLC0415
+    from ..imaging import make_grid, normalize, png_bytes, to_uint8  # noqa: PLC0415
     from ..models import latents, load_generator  # noqa: PLC0415
     from ..report import figures as F  # noqa: PLC0415
     from ..report.html import render  # noqa: PLC0415
@@ -82,16 +82,10 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
                 png = png_bytes(make_grid(np.stack([fake[i], real[i]]), nrow=1), scale=3)
                 nearest_pairs.append(dict(c, png=png))
         if info["model"] == "vae":
-            from ..models import build_vae  # noqa: PLC0415
-            from ..safeload import safe_load  # noqa: PLC0415
+            from ..models import load_vae  # noqa: PLC0415
 
-            ckpt = safe_load(models_dir / "checkpoint.pt")
-            cfg = json.loads(ckpt["config"])
-            c, h, _ = cfg["image_shape"]
-            vae = build_vae(nz=nz, ngf=cfg["ngf"], ndf=cfg["ndf"], channels=c, size=h, num_classes=cfg["num_classes"])
-            vae.load_state_dict(ckpt["models"]["vae"])
-            vae.eval()
-            x = torch.from_numpy(test.images[idx[:16]]).float() / 127.5 - 1
+            vae, _ = load_vae(models_dir / "checkpoint.pt")
+            x = normalize(torch.from_numpy(test.images[idx[:16]]))
             with torch.no_grad():
                 mu, _ = vae.encode(x)
                 rec = torch.tanh(vae.decoder.logits(mu))

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..io import atomic_copy, pid_alive, staged_dir, try_flock, work_dir, write_json
-from ..params import Params, to_dict
+from ..params import Params
 from .common import add_common, device_from, run_stage, set_determinism, set_threads
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
     from ..metrics.evaluator import extract, load_evaluator  # noqa: PLC0415
     from ..metrics.math import gaussian_stats  # noqa: PLC0415
     from ..training import distributed as dist_utils  # noqa: PLC0415
-    from ..training.loop import Trainer, resolve_config  # noqa: PLC0415
+    from ..training.config import resolve  # noqa: PLC0415
+    from ..training.loop import Trainer  # noqa: PLC0415
 
     info = dist_utils.from_env()
     lock_fd: int | None = None
@@ -86,8 +87,7 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
     dist_utils.init(info, device)
     try:
         data = load_split(augmented, "train")
-        cfg = resolve_config(to_dict(params.train), seed=params.base.seed, image_shape=data.shape,
-                             num_classes=data.num_classes)
+        cfg = resolve(params.train, seed=params.base.seed, image_shape=data.shape, num_classes=data.num_classes)
         eval_fn = None
         eval_hash = None
         if evaluator_path is not None and evaluator_path.exists() and info.is_main:
@@ -97,15 +97,11 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
             real_stats = gaussian_stats(extract(net, test.images, device=device)[0])
 
             def eval_fn(g: torch.nn.Module) -> float:
-                imgs, _ = sample(g, cfg["eval_samples"], nz=cfg["nz"], num_classes=cfg["num_classes"],
+                imgs, _ = sample(g, cfg.eval_samples, nz=cfg.nz, num_classes=cfg.num_classes,
                                  seed=params.base.seed + 1, device=device)
                 return fid_only(real_stats, extract(net, imgs, device=device)[0])
 
-        data_hash = _digest(data.meta["splits"]["train"])
-        from ..training.loop import NON_SEMANTIC_KEYS  # noqa: PLC0415
-
-        key = _digest({k: v for k, v in cfg.items() if k not in NON_SEMANTIC_KEYS}, data_hash, eval_hash,
-                      info.world_size)
+        key = cfg.key(data=_digest(data.meta["splits"]["train"]), evaluator=eval_hash, world_size=info.world_size)
         workdir, lock_fd, private = _claim_workdir(key, info)
 
         def log_fn(values: dict[str, float], step: int) -> None:
@@ -119,8 +115,8 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
             for stale in ("log.jsonl", "best.pt"):
                 (workdir / stale).unlink(missing_ok=True)
             shutil.rmtree(workdir / "grids", ignore_errors=True)
-            if cfg["init_from"]:
-                trainer.init_from(Path(cfg["init_from"]), freeze_d_layers=cfg["freeze_d_layers"])
+            if cfg.init_from:
+                trainer.init_from(Path(cfg.init_from), freeze_d_layers=cfg.freeze_d_layers)
         result = trainer.run()
         if not info.is_main:
             return {}
@@ -134,7 +130,7 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
             shutil.copytree(workdir / "grids", tmp / "grids")
             summary = {"steps": result.step, "best_score": result.best_score, "best_step": result.best_step,
                        "collapsed": result.collapsed, "stopped_early": result.stopped_early, "resumed": resumed,
-                       "history": result.history, "config": cfg, "device": device, "world_size": info.world_size,
+                       "history": result.history, "config": cfg.to_dict(), "device": device, "world_size": info.world_size,
                        "transfer": result.transfer, "evaluator_sha256": eval_hash}
             write_json(tmp / "summary.json", summary)
         if tracker is not None:

@@ -10,7 +10,6 @@ fsynced and renamed, so a kill -9 midway leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import io
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -66,9 +65,29 @@ def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> 
     return payload
 
 
-def config_key(config: dict[str, Any], *, ignore: tuple[str, ...] = ("steps",)) -> str:
-    """What must match for a checkpoint to be resumed: the config except the step budget etc."""
-    import hashlib  # noqa: PLC0415
+def transfer(path: Path, targets: dict[str, torch.nn.Module]) -> dict[str, Any]:
+    """Copy into ``targets`` every tensor of another run's file whose name and shape match.
 
-    relevant = {k: v for k, v in config.items() if k not in ignore}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    ``path`` is a training checkpoint (its models by name) or a generator file (the generator as
+    ``g``); a target other than g and d with no source of its own name (the VAE) takes the
+    generator's. Returns a report of
+    the tensors matched and newly initialised."""
+    payload = safe_load(path)
+    sources: dict[str, dict[str, torch.Tensor]] = {}
+    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+        sources = dict(payload["models"])
+    elif isinstance(payload, dict) and payload.get("format") == "pipeline.generator/1":
+        sources["g"] = payload["state_dict"]
+    else:
+        raise CheckpointError(f"train.init_from: {path} is neither a checkpoint nor a generator file of this pipeline")
+    report: dict[str, Any] = {"source": str(path), "matched": [], "new": [], "frozen": []}
+    with torch.no_grad():
+        for name, module in targets.items():
+            src = sources.get(name) or (None if name in ("g", "d") else sources.get("g"))
+            for key, tensor in module.state_dict().items():
+                if src is not None and key in src and src[key].shape == tensor.shape:
+                    tensor.copy_(src[key])
+                    report["matched"].append(f"{name}.{key}")
+                else:
+                    report["new"].append(f"{name}.{key}")
+    return report

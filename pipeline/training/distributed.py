@@ -62,19 +62,18 @@ def broadcast_module(module: nn.Module, info: DistInfo) -> None:
 
 def allreduce_grads(params: list[nn.Parameter], info: DistInfo) -> None:
     """Average the gradients of ``params`` over ranks in one flattened collective."""
-    if not info.enabled:
+    allreduce_tensors([p.grad for p in params if p.grad is not None], info)
+
+
+def allreduce_tensors(tensors: list[torch.Tensor], info: DistInfo) -> None:
+    """Average ``tensors`` in place over ranks: one all-reduce of their concatenation."""
+    if not info.enabled or not tensors:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= info.world_size
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset : offset + n].view_as(g))
-        offset += n
+    torch._foreach_copy_(tensors, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in tensors]), tensors,
+                                                                   strict=True)])
 
 
 def allreduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -1,0 +1,331 @@
+"""Training objectives: one per model family, each a step on a batch that returns device tensors.
+
+An objective builds its networks and optimizers, draws everything random a step consumes
+(:meth:`Objective.draw`, outside the step, from the sampler's generator), names the step's
+variant (which phases run: lazy R1 or not, gradient norms or not) and computes the step
+(:meth:`Objective.step`) without host syncs or random number generation, so any executor (eager,
+CUDA graph, compiled) can run it. Gradients are averaged across ranks through ``ctx.sync``, the
+one collective of a phase; the executor decides how it runs.
+
+Adding a model family is a subclass registered in :data:`OBJECTIVES` and named by a recipe
+(``models.RECIPES[...]["objective"]``); the loop does not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..losses import get_loss, gradient_penalty, r1_penalty
+from ..models import build_discriminator, build_generator, build_vae
+from ..models.layers import channels_last_strided, init_weights
+from ..models.vae import vae_terms
+from . import diffaug
+from . import distributed as dist_utils
+from .config import TrainConfig
+from .distributed import DistInfo
+from .sampler import Sampler
+
+Draws = dict[str, Any]  # nested dicts/lists of device tensors
+
+
+@dataclass
+class StepContext:
+    """How a step runs on this process (what the objective must respect, not what it computes)."""
+
+    device: torch.device
+    info: DistInfo = field(default_factory=DistInfo)
+    autocast_dtype: torch.dtype | None = None  # bf16 autocast on CUDA, else None
+    channels_last: bool = False
+    # Averages the gradients of the given parameters across ranks; an executor may replace it
+    # (the CUDA-graph executor runs it between captured segments).
+    sync: Callable[[list[nn.Parameter]], None] = lambda params: None
+
+
+class Objective:
+    """Base: networks, Adam optimizers, state, and the pieces every family's phases share."""
+
+    def __init__(self, cfg: TrainConfig, ctx: StepContext, sampler: Sampler) -> None:
+        self.cfg, self.ctx, self.sampler = cfg, ctx, sampler
+        self.modules: dict[str, nn.Module] = {}  # saved in checkpoints under these names
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.generator: nn.Module  # what the EMA averages and the generator file holds
+        self.generator_spec: tuple[str, dict[str, Any]]  # (architecture, constructor kwargs) of the generator file
+        self.frozen: list[nn.Module] = []  # layers kept fixed (transfer with freeze_d_layers)
+        self.batches_per_step = 1  # real batches a step consumes (throughput counts them)
+
+    # -- construction helpers ----------------------------------------------------------------
+
+    def _place(self, **modules: nn.Module) -> dict[str, nn.Module]:
+        """Initialise, (SyncBN-convert,) move, lay out and broadcast the networks; rank 0's weights win."""
+        ctx, out = self.ctx, {}
+        for name, m in modules.items():
+            init_weights(m, self.cfg.init)
+            if ctx.info.enabled and self.cfg.sync_bn:
+                m = nn.SyncBatchNorm.convert_sync_batchnorm(m)
+            m.to(ctx.device)
+            if ctx.channels_last:
+                m.to(memory_format=torch.channels_last)
+            dist_utils.broadcast_module(m, ctx.info)
+            out[name] = m
+        return out
+
+    def _adam(self, params: Any, lr: float) -> torch.optim.Optimizer:
+        # Fused on CUDA; capturable so its step counters live on the device (CUDA graphs).
+        fused = {"fused": True, "capturable": True} if self.ctx.device.type == "cuda" else {}
+        return torch.optim.Adam(params, lr=lr, betas=(self.cfg.beta1, self.cfg.beta2), **fused)
+
+    def autocast(self) -> Any:
+        # No weight-cast cache: inside a CUDA graph the cached copies would be stale.
+        if self.ctx.device.type != "cuda":
+            return torch.autocast("cpu", enabled=False)
+        return torch.autocast("cuda", dtype=self.ctx.autocast_dtype, enabled=self.ctx.autocast_dtype is not None,
+                              cache_enabled=False)
+
+    def _update(self, loss: torch.Tensor, module: nn.Module, opt: torch.optim.Optimizer, want_norm: bool,
+                norm_key: str, out: dict[str, torch.Tensor], before_sync: Callable[[], None] | None = None) -> None:
+        """Backward, average across ranks, clip, (measure,) step: one optimizer update of ``module``."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if before_sync is not None:
+            before_sync()
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.ctx.sync(params)
+        clipped = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip) if self.cfg.grad_clip > 0 else None
+        if want_norm:
+            grads = [p.grad for p in params if p.grad is not None]
+            out[norm_key] = clipped if clipped is not None else (
+                torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads
+                else torch.zeros((), device=self.ctx.device))
+        opt.step()
+
+    def _ramp(self, step: torch.Tensor, over: int) -> torch.Tensor:
+        """min(1, step / over) as a device scalar (1 when over is 0)."""
+        return (step.float() / over).clamp(max=1.0) if over else torch.ones((), device=step.device)
+
+    # -- the interface -------------------------------------------------------------------------
+
+    def draw(self) -> Draws:
+        raise NotImplementedError
+
+    def variant(self, step: int, want_norm: bool) -> Hashable:
+        """Which phases step ``step`` (0-based) runs; each distinct variant is captured once."""
+        return (want_norm,)
+
+    def step(self, draws: Draws, variant: Hashable, step: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All device work of one step; ``step`` is a 0-dim device tensor (steps done so far)."""
+        raise NotImplementedError
+
+    def compile(self, backend: str = "inductor") -> None:
+        """Run the networks' forward and backward through torch.compile (double backward excluded)."""
+
+    def frozen_candidates(self) -> list[nn.Module]:
+        """Layers that ``freeze_d_layers`` counts, in order."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"models": {n: m.state_dict() for n, m in self.modules.items()},
+                "optim": {n: o.state_dict() for n, o in self.optimizers.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for n, m in self.modules.items():
+            m.load_state_dict(state["models"][n])
+        for n, o in self.optimizers.items():
+            o.load_state_dict(state["optim"][n])
+
+    def layout(self) -> dict[str, dict[str, list[int]]]:
+        """Every tensor's name and shape: a checkpoint resumes only into the same layout."""
+        return {n: {k: list(v.shape) for k, v in m.state_dict().items()} for n, m in self.modules.items()}
+
+
+class GANObjective(Objective):
+    """Alternating D and G updates: n_critic D phases (each optionally with a gradient penalty and
+    lazy R1), then one G phase. With one critic step the G phase reuses the D phase's fake batch
+    and its graph, as the classic DCGAN loop does (one G forward per step)."""
+
+    def __init__(self, cfg: TrainConfig, ctx: StepContext, sampler: Sampler) -> None:
+        super().__init__(cfg, ctx, sampler)
+        c, h, _ = cfg.image_shape
+        common = {"channels": c, "size": h, "num_classes": cfg.num_classes}
+        g_kwargs = {"nz": cfg.nz, "ngf": cfg.ngf, **common}
+        self.modules = self._place(
+            g=build_generator(cfg.arch, **g_kwargs),
+            d=build_discriminator(cfg.arch, ndf=cfg.ndf, norm=cfg.d_norm, spectral_norm=cfg.spectral_norm,
+                                  mbstd=cfg.mbstd, **common))
+        self.g, self.d = self.modules["g"], self.modules["d"]
+        self.generator, self.generator_spec = self.g, (cfg.arch, g_kwargs)
+        self.optimizers = {"g": self._adam(self.g.parameters(), cfg.lr_g), "d": self._adam(self.d.parameters(), cfg.lr_d)}
+        self.loss = get_loss(cfg.loss)
+        self.reuse_fake = cfg.n_critic == 1
+        self.batches_per_step = cfg.n_critic
+        self.g_run, self.d_run = self.g, self.d  # torch.compile'd views after compile(); R1/GP use the plain D
+
+    def compile(self, backend: str = "inductor") -> None:
+        self.g_run = torch.compile(self.g, dynamic=False, backend=backend)
+        self.d_run = torch.compile(self.d, dynamic=False, backend=backend)
+
+    def frozen_candidates(self) -> list[nn.Module]:
+        return [m for m in self.d.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    # -- draws -----------------------------------------------------------------------------------
+
+    def _d_input_draws(self, n: int) -> Draws:
+        cfg, s = self.cfg, self.sampler
+        c, h, w = cfg.image_shape
+        out: Draws = {}
+        if cfg.diffaug:
+            out["aug"] = diffaug.draw(cfg.diffaug, n, h, w, channels=c, device=s.device, g=s.gen)
+        if cfg.instance_noise > 0:
+            out["noise"] = s.randn(n, c, h, w)
+        return out
+
+    def draw(self) -> Draws:
+        cfg, s, b = self.cfg, self.sampler, self.cfg.batch_size
+        d_its = []
+        for _ in range(cfg.n_critic):
+            # Fake images in a D phase take the real batch's labels (the drawn labels are unused).
+            d_its.append({"idx": s.indices(), "z": s.latents(b)[0]})
+        g_it: Draws = {}
+        if not self.reuse_fake:
+            g_it["z"], y = s.latents(b)
+            if y is not None:
+                g_it["y"] = y
+        for it in d_its:
+            it["real"], it["fake"] = self._d_input_draws(b), self._d_input_draws(b)
+            if cfg.gp_weight > 0:
+                it["alpha"] = s.rand(b)
+        g_it["fake"] = self._d_input_draws(b)
+        return {"d": d_its, "g": g_it}
+
+    def variant(self, step: int, want_norm: bool) -> Hashable:
+        n, every = self.cfg.n_critic, self.cfg.r1_every
+        r1 = tuple(self.cfg.r1_gamma > 0 and (step * n + i) % every == 0 for i in range(n))
+        return (r1, want_norm)
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def _d_input(self, x: torch.Tensor, dr: Draws, sigma: torch.Tensor | None) -> torch.Tensor:
+        """What D sees: augmented and noised (in fp32) when configured, then in the dtype D computes
+        in, so real and fake batches reach D in one dtype (one compiled graph of D)."""
+        if "aug" in dr or "noise" in dr:
+            x = x.float()
+        if "aug" in dr:
+            x = diffaug.apply(x, self.cfg.diffaug, dr["aug"])
+        if "noise" in dr:
+            x = x + sigma * dr["noise"]
+        x = x.to(self.ctx.autocast_dtype or torch.float32)
+        return channels_last_strided(x) if self.ctx.channels_last else x
+
+    def step(self, draws: Draws, variant: Hashable, step: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        r1_pattern, want_norm = variant  # type: ignore[misc]
+        self.g.train()
+        self.d.train()
+        sigma = None
+        if cfg.instance_noise > 0:
+            sigma = cfg.instance_noise * (1 - step.float() / cfg.instance_noise_decay_steps).clamp(min=0.0)
+        out: dict[str, torch.Tensor] = {} if sigma is None else {"instance_noise": sigma}
+        kept = None
+        for it, r1_now in zip(draws["d"], r1_pattern, strict=True):
+            kept = self._d_phase(it, r1_now, want_norm, sigma, out)
+        self._g_phase(draws["g"], kept, want_norm, sigma, out)
+        return out
+
+    def _d_phase(self, it: Draws, r1_now: bool, want_norm: bool, sigma: torch.Tensor | None,
+                 out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        cfg = self.cfg
+        x, y = self.sampler.batch(it["idx"])
+        if self.reuse_fake:
+            with self.autocast():
+                fake_g = self.g_run(it["z"], y)
+            fake = fake_g.detach()
+        else:
+            with torch.no_grad(), self.autocast():
+                fake = self.g_run(it["z"], y)
+            fake_g = None
+        with self.autocast():
+            real_logits = self.d_run(self._d_input(x, it["real"], sigma), y).float()
+            fake_logits = self.d_run(self._d_input(fake, it["fake"], sigma), y).float()
+            loss = self.loss.d(real_logits, fake_logits, cfg.label_smoothing)
+        out.update(loss_d=loss.detach(), d_real=real_logits.mean().detach(), d_fake=fake_logits.mean().detach(),
+                   p_real=torch.sigmoid(real_logits).mean().detach(), p_fake=torch.sigmoid(fake_logits).mean().detach())
+        total = loss
+        if cfg.gp_weight > 0:
+            gp = gradient_penalty(self.d, x, fake.to(x.dtype), y, alpha=it["alpha"])
+            total = total + cfg.gp_weight * gp
+            out["gp"] = gp.detach()
+        if r1_now:
+            r1 = r1_penalty(self.d, x, y)
+            total = total + (cfg.r1_gamma / 2) * r1 * cfg.r1_every  # lazy: scaled by the interval
+            out["r1"] = r1.detach()
+        self._update(total, self.d, self.optimizers["d"], want_norm, "grad_norm_d", out)
+        return None if fake_g is None else (fake_g, y)
+
+    def _g_phase(self, it: Draws, kept: tuple[torch.Tensor, torch.Tensor | None] | None, want_norm: bool,
+                 sigma: torch.Tensor | None, out: dict[str, torch.Tensor]) -> None:
+        self.d.requires_grad_(False)  # no D parameter gradients in the G phase
+        with self.autocast():
+            if kept is None:
+                y = it.get("y")
+                fake = self.g_run(it["z"], y)
+            else:
+                fake, y = kept
+            loss = self.loss.g(self.d_run(self._d_input(fake, it["fake"], sigma), y).float())
+        out["loss_g"] = loss.detach()
+
+        def unfreeze_d() -> None:
+            self.d.requires_grad_(True)
+            for m in self.frozen:
+                m.requires_grad_(False)
+
+        self._update(loss, self.g, self.optimizers["g"], want_norm, "grad_norm_g", out, before_sync=unfreeze_d)
+
+
+class VAEObjective(Objective):
+    """β-VAE: reconstruction NLL + β KL, β warmed up linearly over kl_warmup_steps."""
+
+    def __init__(self, cfg: TrainConfig, ctx: StepContext, sampler: Sampler) -> None:
+        super().__init__(cfg, ctx, sampler)
+        c, h, _ = cfg.image_shape
+        common = {"channels": c, "size": h, "num_classes": cfg.num_classes}
+        self.modules = self._place(vae=build_vae(nz=cfg.nz, ngf=cfg.ngf, ndf=cfg.ndf, **common))
+        self.vae = self.modules["vae"]
+        self.generator, self.generator_spec = self.vae.decoder, ("dcgan", {"nz": cfg.nz, "ngf": cfg.ngf, **common})
+        self.optimizers = {"g": self._adam(self.vae.parameters(), cfg.lr_g)}
+        self.vae_run = self.vae
+
+    def compile(self, backend: str = "inductor") -> None:
+        self.vae_run = torch.compile(self.vae, dynamic=False, backend=backend)
+
+    def draw(self) -> Draws:
+        return {"idx": self.sampler.indices(), "eps": self.sampler.randn(self.cfg.batch_size, self.cfg.nz)}
+
+    def step(self, draws: Draws, variant: Hashable, step: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        (want_norm,) = variant  # type: ignore[misc]
+        self.vae.train()
+        x, y = self.sampler.batch(draws["idx"])
+        beta = cfg.kl_weight * self._ramp(step, cfg.kl_warmup_steps)
+        with self.autocast():
+            logits, mu, logvar = self.vae_run(x, y, draws["eps"])
+        nll, kl = vae_terms(x.float(), logits.float(), mu.float(), logvar.float(), recon=cfg.recon)
+        loss = (nll + beta * kl).mean()
+        out = {"loss": loss.detach(), "recon": nll.mean().detach(), "kl": kl.mean().detach(),
+               "elbo": -(nll + kl).mean().detach(), "kl_weight": beta.detach()}
+        self._update(loss, self.vae, self.optimizers["g"], want_norm, "grad_norm", out)
+        return out
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"gan": GANObjective, "vae": VAEObjective}
+
+
+def build_objective(cfg: TrainConfig, ctx: StepContext, sampler: Sampler) -> Objective:
+    try:
+        cls = OBJECTIVES[cfg.objective]
+    except KeyError:
+        raise ValueError(f"unknown objective {cfg.objective!r}; available: {', '.join(OBJECTIVES)}") from None
+    return cls(cfg, ctx, sampler)
