@@ -136,29 +136,34 @@ def parse_overrides(text: str) -> dict[str, Any]:
     return {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in text.split(",") if kv)}
 
 
-def make_trainer(train: dict[str, Any], images: torch.Tensor, workdir: Path, device: str = "cuda") -> Any:
+def make_trainer(train: dict[str, Any], images: torch.Tensor, workdir: Path, device: str = "cuda",
+                 labels: torch.Tensor | None = None) -> Any:
     """The pipeline's Trainer for ``train`` (params.train keys) on uint8 [N, 1, H, W] ``images``
-    (unlabelled, seed 0), validated like params.yaml."""
+    (seed 0; unlabelled unless ``labels`` [N] are given), validated like params.yaml."""
     from pipeline.training.config import resolve  # noqa: PLC0415
     from pipeline.training.loop import Trainer  # noqa: PLC0415
 
-    cfg = resolve(train, seed=0, image_shape=tuple(images.shape[1:]), num_classes=0)
-    labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
+    num_classes = int(labels.max()) + 1 if labels is not None else 0
+    cfg = resolve(train, seed=0, image_shape=tuple(images.shape[1:]), num_classes=num_classes)
+    if labels is None:
+        labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
     return Trainer(cfg, images, labels, device=device, workdir=workdir, progress=False)
 
 
-def step_flops(train: dict[str, Any], images: torch.Tensor) -> tuple[float, float]:
+def step_flops(train: dict[str, Any], images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[float, float]:
     """(convolution FLOPs, all FLOPs) of one plain training step, forward and backward, counted by
     torch's flop counter on an eager fp32 NCHW twin of ``train`` (a replayed CUDA graph dispatches
-    no operators to count, and the channels_last path writes two layers as non-convolutions)."""
+    no operators to count, and the channels_last path writes two layers as non-convolutions).
+    R1 and the gradient penalty are left out (the flop counter cannot follow their double
+    backward), so for wgan_gp the MFU is a lower bound."""
     import tempfile  # noqa: PLC0415
 
     from torch.utils.flop_counter import FlopCounterMode
 
     eager = {**train, "compile": False, "cuda_graph": False, "precision": "fp32", "channels_last": False,
-             "r1_gamma": 0.0, "steps": 10**9}
+             "r1_gamma": 0.0, "gp_weight": 0.0, "steps": 10**9}
     with tempfile.TemporaryDirectory() as tmp:
-        tr = make_trainer(eager, images, Path(tmp))
+        tr = make_trainer(eager, images, Path(tmp), labels=labels)
         tr.train_step()
         with FlopCounterMode(display=False) as counter:
             tr.train_step()
