@@ -3,13 +3,12 @@ CUDA machine with ``python -m pytest benchmarks/gpu_tests -q``).
 
 For every family the same seeded run is trained twice, eagerly and replayed from CUDA graphs,
 for enough steps that every variant (plain, lazy R1, with gradient norms) is captured and
-replayed; the parameters, the EMA and the logged means must agree. Deterministic kernels are
-requested so that the comparison is of the executors, not of cuDNN's algorithm choice.
+replayed; the parameters, the EMA and the logged means must agree. cuDNN's benchmark mode is off,
+so both runs use the same algorithms and the comparison is of the executors alone.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,12 +54,9 @@ def _run(train: dict[str, Any], graph: bool, precision: str, tmp: Path) -> Train
 
 
 @pytest.fixture(autouse=True)
-def _deterministic() -> Any:
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+def _same_algorithms() -> Any:
     torch.backends.cudnn.benchmark = False
     yield
-    torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

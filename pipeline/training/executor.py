@@ -66,6 +66,9 @@ class GraphExecutor(EagerExecutor):
         self.pool: Any = None
         self.enabled = True
         self._recording: list[Any] | None = None  # the plan being captured
+        # One side stream for every warm-up and capture: per-stream library state (cuBLAS
+        # workspaces) is then set up during the warm-ups, never inside a capture.
+        self.stream = torch.cuda.Stream(device=device)
 
     @property
     def captured(self) -> int:
@@ -118,11 +121,10 @@ class GraphExecutor(EagerExecutor):
             return
         # Warm-up steps are real steps, run eagerly on a side stream as capture requires.
         current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
             self.body(static, variant)
-        current.wait_stream(side)
+        current.wait_stream(self.stream)
         self.warm[variant] = self.warm.get(variant, 0) + 1
         if self.warm[variant] == self.WARMUP_STEPS:
             self._capture(static, variant)
@@ -131,15 +133,15 @@ class GraphExecutor(EagerExecutor):
         """Record (nothing runs until replay) the variant's step as a plan of graph segments."""
         torch.cuda.synchronize(self.device)
         self._recording = []
-        side = torch.cuda.Stream(device=self.device)
         try:
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(self.stream):
                 self._begin_segment()
                 self.body(static, variant)
                 self._end_segment()
         except RuntimeError as exc:
-            try:  # close the broken capture so the stream is usable again
-                self._recording[-1].capture_end()  # type: ignore[index]
+            try:  # end the broken capture (it raises once more) so the stream leaves capture mode
+                with torch.cuda.stream(self.stream):
+                    self._recording[-1].capture_end()  # type: ignore[index]
             except (RuntimeError, IndexError):
                 pass
             # Capture is an optimisation: if this step cannot be captured, train eagerly.
@@ -149,7 +151,7 @@ class GraphExecutor(EagerExecutor):
             return
         finally:
             plan, self._recording = self._recording, None
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self.plans[variant] = plan
 
 

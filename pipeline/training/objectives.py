@@ -13,6 +13,7 @@ Adding a model family is a subclass registered in :data:`OBJECTIVES` and named b
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,8 @@ from . import distributed as dist_utils
 from .config import TrainConfig
 from .distributed import DistInfo
 from .sampler import Sampler
+
+log = logging.getLogger(__name__)
 
 Draws = dict[str, Any]  # nested dicts/lists of device tensors
 
@@ -142,6 +145,18 @@ class Objective:
         return {n: {k: list(v.shape) for k, v in m.state_dict().items()} for n, m in self.modules.items()}
 
 
+def _compiled(module: nn.Module, backend: str) -> nn.Module:
+    """torch.compile'd view of ``module``, or the module itself where compiling it is known to be
+    wrong: Inductor drops the copy of spectral norm's power-iteration vector that a training
+    forward saves for backward, so a second forward before the backward fails (PyTorch 2.11-2.14)."""
+    from torch.nn.utils import parametrize  # noqa: PLC0415
+
+    if any(parametrize.is_parametrized(m) for m in module.modules()):
+        log.info("train.compile: %s has spectral norm; it runs uncompiled", type(module).__name__)
+        return module
+    return torch.compile(module, dynamic=False, backend=backend)  # type: ignore[return-value]
+
+
 class GANObjective(Objective):
     """Alternating D and G updates: n_critic D phases (each optionally with a gradient penalty and
     lazy R1), then one G phase. With one critic step the G phase reuses the D phase's fake batch
@@ -165,8 +180,7 @@ class GANObjective(Objective):
         self.g_run, self.d_run = self.g, self.d  # torch.compile'd views after compile(); R1/GP use the plain D
 
     def compile(self, backend: str = "inductor") -> None:
-        self.g_run = torch.compile(self.g, dynamic=False, backend=backend)
-        self.d_run = torch.compile(self.d, dynamic=False, backend=backend)
+        self.g_run, self.d_run = _compiled(self.g, backend), _compiled(self.d, backend)
 
     def frozen_candidates(self) -> list[nn.Module]:
         return [m for m in self.d.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -255,7 +269,10 @@ class GANObjective(Objective):
                    p_real=torch.sigmoid(real_logits).mean().detach(), p_fake=torch.sigmoid(fake_logits).mean().detach())
         total = loss
         if cfg.gp_weight > 0:
-            gp = gradient_penalty(self.d, x, fake.to(x.dtype), y, alpha=it["alpha"])
+            # In the step's precision: under bf16 autocast the penalty's forward and double backward
+            # run in bf16 too (in fp32 they took most of a 5-critic-step WGAN-GP step on an H100).
+            with self.autocast():
+                gp = gradient_penalty(self.d, x, fake.to(x.dtype), y, alpha=it["alpha"]).float()
             total = total + cfg.gp_weight * gp
             out["gp"] = gp.detach()
         if r1_now:
