@@ -3,8 +3,9 @@ CUDA machine with ``python -m pytest benchmarks/gpu_tests -q``).
 
 For every family the same seeded run is trained twice, eagerly and replayed from CUDA graphs,
 for enough steps that every variant (plain, lazy R1, with gradient norms) is captured and
-replayed; the parameters, the EMA and the logged means must agree. cuDNN's benchmark mode is off,
-so both runs use the same algorithms and the comparison is of the executors alone.
+replayed; the parameters, the EMA and the logged means must agree. cuDNN is asked for
+deterministic algorithms (no atomics in fp32 weight gradients), so the comparison is of the
+executors alone.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def _run(train: dict[str, Any], graph: bool, precision: str, tmp: Path) -> Train
 @pytest.fixture(autouse=True)
 def _same_algorithms() -> Any:
     torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
     yield
+    torch.backends.cudnn.deterministic = False
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
