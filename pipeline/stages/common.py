@@ -77,14 +77,18 @@ def tracked(stage: str, params: Params, sections: list[str]) -> Iterator[Any]:
 
 
 def run_stage(stage: str, args: argparse.Namespace, body: Callable[[Params, Any], dict[str, Any] | None],
-              sections: list[str]) -> int:
-    """Load params, run ``body(params, run)`` inside a tracked run, map errors to exit codes."""
+              sections: list[str], *, models: bool = False) -> int:
+    """Load params, run ``body(params, run)`` inside a tracked run, map errors to exit codes.
+
+    ``models``: the stage builds or feeds the generator, so params are also checked against what
+    ``train.model`` supports (:func:`pipeline.params.check_model_fits`) before any work.
+    """
     setup_logging(getattr(args, "verbose", False))
     signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     ignore_sigxfsz()
     t0 = time.perf_counter()
     try:
-        params = load_params(args.params)  # fails before any work on a bad params.yaml
+        params = load_params(args.params, models=models)  # fails before any work on a bad params.yaml
         with tracked(stage, params, sections) as run:
             metrics = body(params, run) or {}
             numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

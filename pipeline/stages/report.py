@@ -9,13 +9,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..io import read_json, staged_dir, write_text
+from ..io import check_replaceable, read_json, staged_dir, write_text
 from ..params import Params
 from .common import add_common, device_from, run_stage, set_threads
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ["report", "base"]
+OWNS = ("*.png",)  # reports/figures holds only the figures
 
 
 def previous_metrics(metrics_path: Path) -> dict[str, Any] | None:
@@ -46,6 +47,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
 
     r = params.report
     seed = params.base.seed
+    check_replaceable(figures_dir, OWNS, option="--figures")  # before any work
     set_threads(0)
     device = device_from(params)
     metrics = read_json(metrics_path)
@@ -56,7 +58,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
     train = load_split(tensors_dir, "train")
     nz, k = info["nz"], info["num_classes"]
     figs: dict[str, Path] = {}
-    with staged_dir(figures_dir) as tmp:
+    with staged_dir(figures_dir, owns=OWNS, option="--figures") as tmp:
         # Fixed-seed grid: the first grid_n latents of the evaluation seed (the same images every run).
         y = (torch.arange(r.grid_n) % k) if k else None
         samples = F.generate(generator, latents(r.grid_n, nz, seed), y, device=device)

@@ -20,17 +20,22 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..io import atomic_copy, pid_alive, staged_dir, try_flock, work_dir, write_json
+from ..errors import OutputError, UserError
+from ..io import atomic_copy, check_replaceable, pid_alive, staged_dir, try_flock, work_dir, write_json
 from ..params import Params, to_dict
 from .common import add_common, device_from, run_stage, set_determinism, set_threads
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ["train", "base"]
+
+# What train writes under --reports (dvc.yaml: its outs and plots there); nothing else is touched.
+REPORT_FILES = ("log.jsonl", "losses.csv", "scores.csv", "summary.json")
+GRIDS_OWNS = ("step_*.png",)  # --reports/grids holds only the step grids
 
 
 def _digest(*parts: Any) -> str:
@@ -78,6 +83,12 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
 
     info = dist_utils.from_env()
     lock_fd: int | None = None
+    if info.is_main:  # before any work: the outputs must be places train may write
+        if reports_dir.exists() and not reports_dir.is_dir():
+            raise OutputError(f"--reports {reports_dir}: is a file; give a folder (default reports/train)")
+        check_replaceable(reports_dir / "grids", GRIDS_OWNS, option="--reports")
+        if models_dir.exists() and not models_dir.is_dir():
+            raise OutputError(f"--models {models_dir}: is a file; give a folder (default models)")
     set_determinism(params)
     set_threads(params.train.num_threads)
     device = device_from(params)
@@ -129,14 +140,22 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
         trainer.save_generator(models_dir / "generator.pt")
         atomic_copy(workdir / "best.pt", models_dir / "best.pt")
         atomic_copy(trainer.ckpt_path, models_dir / "checkpoint.pt")
-        with staged_dir(reports_dir) as tmp:
+        # Each declared output is replaced on its own: reports_dir itself may hold other files (the
+        # .gitignore DVC keeps there, or the rest of reports/ when --reports names it).
+        reports_dir.mkdir(parents=True, exist_ok=True)
+        with staged_dir(reports_dir / "grids", owns=GRIDS_OWNS, option="--reports") as tmp:
+            for png in sorted((workdir / "grids").glob("*.png")):
+                shutil.copy2(png, tmp / png.name)
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp_name:
+            tmp = Path(tmp_name)
             write_curves(workdir / "log.jsonl", tmp)
-            shutil.copytree(workdir / "grids", tmp / "grids")
             summary = {"steps": result.step, "best_score": result.best_score, "best_step": result.best_step,
                        "collapsed": result.collapsed, "stopped_early": result.stopped_early, "resumed": resumed,
                        "history": result.history, "config": cfg, "device": device, "world_size": info.world_size,
                        "transfer": result.transfer, "evaluator_sha256": eval_hash}
             write_json(tmp / "summary.json", summary)
+            for name in REPORT_FILES:
+                atomic_copy(tmp / name, reports_dir / name)
         if tracker is not None:
             tracker.log_artifact(reports_dir / "summary.json", "train")
             tracker.log_artifact(reports_dir / "grids", "train/grids")
@@ -225,4 +244,5 @@ def main(args: argparse.Namespace) -> int:
         run(load_params(args.params), args.data, args.tensors, args.evaluator, args.models, args.reports, progress=False)
         return 0
     return run_stage("train", args, lambda params, tracker: run(
-        params, args.data, args.tensors, args.evaluator, args.models, args.reports, tracker=tracker), SECTIONS)
+        params, args.data, args.tensors, args.evaluator, args.models, args.reports, tracker=tracker), SECTIONS,
+        models=True)
