@@ -23,6 +23,7 @@ def run(params: Params, clean_dir: Path, raw_dir: Path, out_dir: Path, *, progre
 
     from ..data.clean import CleanOptions  # noqa: PLC0415
     from ..data.preprocess import build_tensors  # noqa: PLC0415
+    from ..data.tensors import require_images  # noqa: PLC0415
     from ..errors import DataError  # noqa: PLC0415
 
     p = params.preprocess
@@ -40,6 +41,8 @@ def run(params: Params, clean_dir: Path, raw_dir: Path, out_dir: Path, *, progre
         meta = build_tensors(clean, raw_dir, tmp, opts, size=(height, width), policy=p.resize, filter=p.filter,
                              fill=p.fill, test_fraction=p.test_fraction, seed=params.base.seed,
                              shard_bytes=p.shard_mb << 20, workers=workers(0), progress=progress)
+        # Too few images for a run fails here, with the counts, not later inside the evaluator or FID.
+        require_images(out_dir, **{s: meta["splits"].get(s, {}).get("count", 0) for s in ("train", "test")})
         labels_known = bool((clean.loc[accepted, "label"] >= 0).all())
         class_names = source.get("class_names") or []
         if labels_known and not class_names:

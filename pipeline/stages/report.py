@@ -113,6 +113,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
         "metric_rows": F.metric_rows(metrics, previous),
         "have_previous": previous is not None,
         "inception_note": None if inception.get("computed") else f"Inception-v3 metrics were not computed: {inception.get('reason', '')}",
+        "warning": metrics.get("extractor_warning"),
         "protocol": [(k2, v) for k2, v in prot.items()],
         "figures": figs,
         "timeline": F.grid_timeline(train_reports / "grids"),

@@ -74,7 +74,7 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
         reports_dir: Path, *, tracker: Any = None, progress: bool = True) -> dict[str, Any]:
     import torch  # noqa: PLC0415
 
-    from ..data.tensors import load_split  # noqa: PLC0415
+    from ..data.tensors import load_split, require_images  # noqa: PLC0415
     from ..metrics.compute import fid_only, sample  # noqa: PLC0415
     from ..metrics.evaluator import extract, load_evaluator  # noqa: PLC0415
     from ..metrics.math import gaussian_stats  # noqa: PLC0415
@@ -97,6 +97,9 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
     dist_utils.init(info, device)
     try:
         data = load_split(augmented, "train")
+        require_images(augmented, train=data)
+        if params.train.conditional:
+            _require_every_class(augmented, data)
         cfg = resolve_config(to_dict(params.train), seed=params.base.seed, image_shape=data.shape,
                              num_classes=data.num_classes)
         eval_fn = None
@@ -105,6 +108,8 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
             net, ev_info = load_evaluator(evaluator_path, device=device)
             eval_hash = ev_info["sha256"]
             test = load_split(tensors, "test")
+            require_images(tensors, test=test)
+            _require_fit(evaluator_path, net, test.shape, tensors)
             real_stats = gaussian_stats(extract(net, test.images, device=device)[0])
 
             def eval_fn(g: torch.nn.Module) -> float:
@@ -173,6 +178,32 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
         if lock_fd is not None:
             os.close(lock_fd)
         dist_utils.shutdown(info)
+
+
+def _require_every_class(directory: Path, data: Any) -> None:
+    """train.conditional: every class must have training images (an empty class would be generated from nothing)."""
+    import numpy as np  # noqa: PLC0415
+
+    k = data.num_classes
+    if not k or not (data.labels >= 0).all():
+        raise UserError(f"train.conditional: true needs class labels, and {directory} is unlabeled; "
+                        "set train.conditional: false, or give the dataset class folders")
+    counts = np.bincount(data.labels, minlength=k)
+    empty = [i for i in range(k) if counts[i] == 0]
+    if empty:
+        names = data.meta.get("class_names") or [str(i) for i in range(k)]
+        shown = ", ".join(repr(names[i]) if i < len(names) else str(i) for i in empty)
+        raise UserError(f"train.conditional: class(es) {shown} of {directory} have no training images; a conditional "
+                        "generator cannot learn a class from nothing. Add images to those classes, remove them from "
+                        "the dataset, or set train.conditional: false")
+
+
+def _require_fit(evaluator_path: Path, net: Any, shape: tuple[int, int, int], tensors: Path) -> None:
+    """The offline evaluator must have been trained on images of this shape (channels, size)."""
+    if (net.channels, net.size, net.size) != tuple(shape):
+        raise UserError(f"{evaluator_path} was trained on images {net.channels}x{net.size}x{net.size}, {tensors} holds "
+                        f"{'x'.join(map(str, shape))}: train an evaluator on these tensors "
+                        "(python -m pipeline evaluator --tensors ... --out ...) or pass the matching --evaluator")
 
 
 def _claim_workdir(key: str, info: Any) -> tuple[Path, int | None, bool]:
