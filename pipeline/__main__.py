@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 STAGES = {
+    "inputs": "fingerprint your own data (data.path) so that DVC re-runs download when it changes (data/inputs.json)",
     "download": "fetch the dataset named by data.source into data/raw",
     "clean": "decode, repair, quarantine and dedupe every raw image (data/clean, reports/clean_report.json)",
     "preprocess": "resize and split accepted images into uint8 tensors (data/tensors)",
