@@ -16,7 +16,8 @@ from .common import add_common, device_from, run_stage, set_threads
 log = logging.getLogger(__name__)
 
 SECTIONS = ["report", "base"]
-OWNS = ("*.png",)  # reports/figures holds only the figures
+FIGURES = ("samples", "real", "interpolation", "nearest", "reconstructions", "curves")
+OWNS = tuple(f"{name}.png" for name in FIGURES)  # reports/figures holds only these
 
 
 def previous_metrics(metrics_path: Path) -> dict[str, Any] | None:
@@ -99,7 +100,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
                 rec = torch.tanh(vae.decoder.logits(mu))
             F.save_png(F.pairs_figure(test.images[idx[:16]], to_uint8(rec)), tmp / "reconstructions.png", nrow=8, scale=3)
         F.plot_curves(train_reports / "losses.csv", train_reports / "scores.csv", tmp / "curves.png")
-    for name in ("samples", "real", "interpolation", "nearest", "reconstructions", "curves"):
+    for name in FIGURES:
         if (figures_dir / f"{name}.png").exists():
             figs[name] = figures_dir / f"{name}.png"
     previous = previous_metrics(metrics_path)
