@@ -168,3 +168,84 @@ def test_train_writes_only_its_declared_files_under_reports(tiny_data: Any, tmp_
         train.run(params, tiny_data.augmented, tiny_data.tensors, tiny_data.evaluator, tmp_path / "models2", reports,
                   progress=False)
     assert not (tmp_path / "models2").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule: params are refused before any work when DVC would read them differently, when the model
+# cannot use them, or when a path leaves the project however it is spelled
+# ---------------------------------------------------------------------------------------------
+
+DUPLICATES = {
+    "key in a section": "train:\n  steps: 60\n  batch_size: 8\n  steps: 3000\n",
+    "section": "train:\n  steps: 60\ntrain:\n  steps: 3000\n",
+    "nested mapping": "augment:\n  ops:\n    - name: HorizontalFlip\n      args: {p: 0.5, p: 1.0}\n",
+    "same value twice": "data:\n  limit: 600\n  limit: 600\n",
+}
+
+
+@pytest.mark.parametrize("text", list(DUPLICATES.values()), ids=list(DUPLICATES))
+def test_a_key_given_twice_is_refused_like_dvc_does(tmp_path: Path, cli: Cli, text: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError, match=r"is given twice \(lines \d+ and \d+\); keep one of them"):
+        load_params(path)
+    code, err = cli(["params", "--check", "--params", str(path)], tmp_path)
+    assert code == 2 and "given twice" in err and "Traceback" not in err
+    code, err = cli(["download", "--params", str(path), "--out", str(tmp_path / "raw")], tmp_path)
+    assert code == 2 and "given twice" in err and not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "latin-1 bytes", "binary", "utf-16"])
+def test_a_params_path_that_is_not_a_utf8_file_is_one_clear_line(tmp_path: Path, cli: Cli, kind: str) -> None:
+    path = tmp_path / "params.yaml"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes({"latin-1 bytes": "train:\n  model: caf\xe9\n".encode("latin-1"),
+                          "binary": bytes(range(256)), "utf-16": "train: {}\n".encode("utf-16")}[kind])
+    needle = "is a folder, not a params file" if kind == "folder" else "not UTF-8 text"
+    for argv in (["params", "--check", "--params", str(path)], ["train", "--params", str(path)]):
+        code, err = cli(argv, tmp_path)
+        assert code == 2 and needle in err and "Traceback" not in err, err
+
+
+SIZES = [([28, 64], "is not square"), ([64, 32], "is not square"), ([32, 28], "is not square"),
+         (48, "cannot generate"), (30, "cannot generate"), (100, "cannot generate"), (1000, "cannot generate")]
+
+
+@pytest.mark.parametrize("model", ["dcgan", "sngan", "wgan_gp", "vae"])
+@pytest.mark.parametrize(("size", "needle"), SIZES, ids=[str(s) for s, _ in SIZES])
+def test_a_size_the_model_cannot_generate_is_refused_when_params_are_read(tmp_path: Path, model: str, size: Any,
+                                                                          needle: str) -> None:
+    path = params_file(tmp_path, preprocess={"size": size}, train={"model": model})
+    load_params(path)  # the preprocess section alone is valid: tensors of any size can be made
+    with pytest.raises(ParamsError, match=f"preprocess.size: .*{needle}.*one of 8, 14, 16, 28, 32, 56, 64"):
+        load_params(path, models=True)
+
+
+@pytest.mark.parametrize("size", [14, 28, 32, [64, 64], 128])
+def test_sizes_the_params_accept_are_sizes_every_model_builds_at(tmp_path: Path, size: Any) -> None:
+    """Control: what the check lets through, the models really generate (and discriminate) at."""
+    from pipeline.models import build_discriminator, build_generator, build_vae, recipe  # noqa: PLC0415
+
+    for model in ("dcgan", "sngan", "wgan_gp", "vae"):
+        params = load_params(params_file(tmp_path, preprocess={"size": size}, train={"model": model}), models=True)
+        h, w = params.preprocess.hw
+        arch = recipe(model)["arch"]
+        z = torch.randn(2, 4)
+        if arch == "vae":
+            g = build_vae(nz=4, ngf=4, ndf=4, channels=1, size=h).decoder
+        else:
+            g = build_generator(arch, nz=4, ngf=4, channels=1, size=h)
+            d = build_discriminator(arch, ndf=4, channels=1, size=h)
+            assert d(torch.zeros(2, 1, h, w)).shape[0] == 2
+        assert tuple(g(z).shape) == (2, 1, h, w)
+
+
+def test_preprocess_refuses_a_size_the_model_cannot_generate_before_any_work(tmp_path: Path, cli: Cli) -> None:
+    path = params_file(tmp_path, preprocess={"size": [28, 64]})
+    code, err = cli(["preprocess", "--params", str(path), "--out", str(tmp_path / "tensors")], tmp_path)
+    assert code == 2 and "preprocess.size: [28, 64] is not square" in err and "Traceback" not in err
+    assert not (tmp_path / "tensors").exists()
+    code, err = cli(["params", "--check", "--params", str(path)], tmp_path)
+    assert code == 2 and "is not square" in err
