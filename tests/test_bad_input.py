@@ -249,3 +249,132 @@ def test_preprocess_refuses_a_size_the_model_cannot_generate_before_any_work(tmp
     assert not (tmp_path / "tensors").exists()
     code, err = cli(["params", "--check", "--params", str(path)], tmp_path)
     assert code == 2 and "is not square" in err
+
+
+def _project(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    return project
+
+
+def _init_from(project: Path, value: str) -> Path:
+    return params_file(project, train={"init_from": value})
+
+
+LINKS_OUT = {
+    "file link to an absolute path": ("models/transfer.pt", "{outside}/g.pt"),
+    "folder link to an absolute path": ("models/shared", "{outside}"),
+    "relative link climbing out": ("models/transfer.pt", "../../outside/g.pt"),
+    "link to a link out": ("models/hop.pt", "transfer.pt"),
+}
+
+
+@pytest.mark.parametrize("case", list(LINKS_OUT), ids=list(LINKS_OUT))
+def test_init_from_through_a_link_that_leaves_the_project_is_refused(tmp_path: Path, case: str) -> None:
+    project = _project(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "g.pt").write_bytes(b"weights")
+    link, target = LINKS_OUT[case]
+    (project / link).symlink_to(target.format(outside=outside))
+    if case == "link to a link out":
+        (project / "models/transfer.pt").symlink_to(outside / "g.pt")
+    value = "models/shared/g.pt" if "folder" in case else link
+    with pytest.raises(ParamsError, match=f"train.init_from: '{value}' is a link to {outside / 'g.pt'}, outside"):
+        load_params(_init_from(project, value))
+
+
+OWN_OUTPUTS = ["models/generator.pt", "models/best.pt", "./models/checkpoint.pt", "models/../models/best.pt",
+               "{project}/models/generator.pt", "models/alias.pt"]
+
+
+@pytest.mark.parametrize("value", OWN_OUTPUTS)
+def test_init_from_one_of_the_train_stages_own_outputs_is_refused(tmp_path: Path, value: str) -> None:
+    project = _project(tmp_path)
+    (project / "models/generator.pt").write_bytes(b"weights")
+    (project / "models/alias.pt").symlink_to("generator.pt")
+    with pytest.raises(ParamsError, match="is an output of the train stage .*which DVC deletes before train runs"):
+        load_params(_init_from(project, value.format(project=project)))
+
+
+def test_init_from_links_inside_the_project_or_into_its_dvc_cache_are_accepted(tmp_path: Path) -> None:
+    """Controls: a link that stays inside, and DVC's symlink checkout into a cache outside (cache.dir)."""
+    project = _project(tmp_path)
+    (project / "models/transfer.pt").write_bytes(b"weights")
+    (project / "models/link.pt").symlink_to("transfer.pt")
+    assert load_params(_init_from(project, "models/link.pt")).train.init_from == "models/link.pt"
+    cache = tmp_path / "shared-cache"
+    (cache / "files/md5/ab").mkdir(parents=True)
+    (cache / "files/md5/ab/cdef").write_bytes(b"weights")
+    (project / ".dvc").mkdir()
+    (project / ".dvc/config").write_text(f"[cache]\n    dir = {cache}\n    type = symlink\n")
+    (project / "models/imported.pt").symlink_to(cache / "files/md5/ab/cdef")
+    assert load_params(_init_from(project, "models/imported.pt")).train.init_from == "models/imported.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule: every command line option is checked; a bad one is one line and exit status 2
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def generator_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.models import build_generator, save_generator  # noqa: PLC0415
+
+    path = tmp_path_factory.mktemp("gen") / "generator.pt"
+    kwargs = {"nz": 8, "ngf": 8, "channels": 1, "size": 28, "num_classes": 0}
+    save_generator(path, build_generator("dcgan", **kwargs), arch="dcgan", kwargs=kwargs,
+                   info={"model": "dcgan", "nz": 8, "num_classes": 0, "step": 1, "ema": False})
+    return path
+
+
+SAMPLE_BAD = {
+    "nrow 0": (["--nrow", "0"], "--nrow 0: must be at least 1"),
+    "nrow -1": (["--nrow", "-1"], "--nrow -1: must be at least 1"),
+    "scale 0": (["--scale", "0"], "--scale 0: must be at least 1"),
+    "scale -3": (["--scale", "-3"], "--scale -3: must be at least 1"),
+    "n 0": (["--n", "0"], "--n 0: must be at least 1"),
+    "device tpu": (["--device", "tpu"], "--device tpu: not a device; use cpu, cuda or cuda:N"),
+    "device cuda:x": (["--device", "cuda:x"], "--device cuda:x: not a device"),
+    "device cuda:99": (["--device", "cuda:99"], "CUDA device"),
+    "out an existing folder": (["--out", "{tmp}/folder.png"], "is an existing folder"),
+    "out on a read-only file system": (["--out", "/proc/samples.png"], "cannot write there"),
+    "out under a file": (["--out", "{tmp}/file.txt/g.png"], "cannot write there"),
+    "npz on a read-only file system": (["--out", "/proc/samples.npz"], "cannot write there"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLE_BAD), ids=list(SAMPLE_BAD))
+def test_sample_refuses_bad_options_in_one_line(tmp_path: Path, cli: Cli, generator_file: Path, case: str) -> None:
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    extra, needle = SAMPLE_BAD[case]
+    argv = ["sample", "--checkpoint", str(generator_file), "--n", "4", "--out", str(tmp_path / "g.png")]
+    argv += [a.format(tmp=tmp_path) for a in extra]
+    code, err = cli(argv, tmp_path)
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_sample_with_good_options_writes_the_grid(tmp_path: Path, cli: Cli, generator_file: Path) -> None:
+    code, err = cli(["sample", "--checkpoint", str(generator_file), "--n", "6", "--nrow", "3", "--scale", "1",
+                     "--device", "cpu", "--out", str(tmp_path / "g.png")], tmp_path)
+    assert code == 0, err
+    assert Image.open(tmp_path / "g.png").size == (3 * 30 + 2, 2 * 30 + 2)
+
+
+@pytest.mark.parametrize("argv", [["params"], ["--help"], ["train", "--help"], ["sample", "--help"]],
+                         ids=["params", "help", "train help", "sample help"])
+def test_output_into_a_closed_pipe_is_not_an_error(tmp_path: Path, argv: list[str]) -> None:
+    """`python -m pipeline params | head -1`: the reader leaves early; no BrokenPipeError, no traceback."""
+    env = venv_env()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first write (`| head -0`, `| true`)
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=120)
+    assert "BrokenPipeError" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+    assert code in (0, 141)
