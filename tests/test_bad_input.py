@@ -378,3 +378,184 @@ def test_output_into_a_closed_pipe_is_not_an_error(tmp_path: Path, argv: list[st
     code = proc.wait(timeout=120)
     assert "BrokenPipeError" not in err and "Traceback" not in err and "Exception ignored" not in err, err
     assert code in (0, 141)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule: a dataset input is either used as given or refused / skipped with its reason; nothing is
+# reinterpreted silently (labels, empty classes), nothing crashes (names, permissions)
+# ---------------------------------------------------------------------------------------------
+
+BAD_LABELS = {
+    "negative": (np.array([0, 1, -1, 2] * 5), "label 2 is -1 (5 negative)"),
+    "all -1": (np.full(20, -1), "label 0 is -1 (20 negative)"),
+    "fractional floats": (np.array([0.0, 1.5, 2.0, 3.0] * 5), "label 1 is 1.5 (5 not whole numbers)"),
+    "NaN": (np.array([0.0, np.nan, 1.0, 2.0] * 5), "label 1 is nan"),
+    "strings": (np.array(["cat", "dog"] * 10), "got an array of <U3"),
+    "booleans": (np.array([True, False] * 10), "got an array of bool"),
+}
+
+
+@pytest.mark.parametrize("layout", ["images/labels", "x_train/y_train"])
+@pytest.mark.parametrize("case", list(BAD_LABELS), ids=list(BAD_LABELS))
+def test_npz_labels_that_are_not_class_indices_are_refused_naming_the_file(tmp_path: Path, case: str,
+                                                                           layout: str) -> None:
+    from pipeline.stages import download  # noqa: PLC0415
+
+    labels, needle = BAD_LABELS[case]
+    images = np.random.default_rng(0).integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+    path = tmp_path / "data.npz"
+    if layout == "images/labels":
+        np.savez(path, images=images, labels=labels)
+    else:
+        np.savez(path, x_train=images, y_train=labels)
+    params = validate(Params, tiny_params(data={"source": "npz", "path": str(path), "limit": None}))
+    key = "labels" if layout == "images/labels" else "y_train"
+    with pytest.raises(DataError, match=f"{path}:{key}: labels must be non-negative integers") as err:
+        download.run(params.data, tmp_path / "raw", tmp_path / "cache")
+    assert needle in str(err.value)
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("labels", [np.arange(20) % 4, (np.arange(20) % 4).astype(np.float32),
+                                    (np.arange(20) % 4).astype(np.uint8)], ids=["int64", "whole floats", "uint8"])
+def test_npz_labels_that_are_class_indices_are_accepted(tmp_path: Path, labels: np.ndarray) -> None:
+    from pipeline.data.raw import read_manifest  # noqa: PLC0415
+    from pipeline.stages import download  # noqa: PLC0415
+
+    path = tmp_path / "data.npz"
+    np.savez(path, images=np.zeros((20, 28, 28), np.uint8), labels=labels)
+    params = validate(Params, tiny_params(data={"source": "npz", "path": str(path), "limit": None}))
+    download.run(params.data, tmp_path / "raw", tmp_path / "cache")
+    manifest, _ = read_manifest(tmp_path / "raw")
+    assert manifest["label"].tolist() == (np.arange(20) % 4).tolist()
+
+
+EMPTY_CLASSES = {
+    "empty folder": lambda d: d.mkdir(),
+    "only a hidden file": lambda d: (d.mkdir(), (d / ".DS_Store").write_bytes(b"x")),
+    "only a link": lambda d: (d.mkdir(), (d / "link.png").symlink_to("/etc/hostname")),
+    "only empty subfolders": lambda d: (d / "a" / "b").mkdir(parents=True),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY_CLASSES), ids=list(EMPTY_CLASSES))
+def test_an_empty_class_folder_is_skipped_with_its_reason_not_made_a_class(tmp_path: Path, case: str) -> None:
+    from pipeline.data.sources import scan_folder  # noqa: PLC0415
+
+    photos = tmp_path / "photos"
+    digit_pngs(photos, 6, classes=("cat", "dog"))
+    EMPTY_CLASSES[case](photos / "bird")
+    classes, found, skipped = scan_folder(photos)
+    assert classes == ["cat", "dog"]
+    assert sorted({f.label for f in found}) == [0, 1] and len(found) == 6
+    assert {"path": "bird/", "reason": "empty_folder", "split": ""} in skipped
+
+
+def test_conditional_training_refuses_a_class_without_training_images(tiny_data: Any, tmp_path: Path) -> None:
+    """A class that lost every image after cleaning (or in data.limit) fails train before any step."""
+    from pipeline.data.tensors import load_meta  # noqa: PLC0415
+    from pipeline.io import write_json, write_split  # noqa: PLC0415
+    from pipeline.stages import train  # noqa: PLC0415
+
+    from helpers_eval import eval_params  # noqa: PLC0415
+    from pipeline.data.tensors import load_split  # noqa: PLC0415
+
+    data = load_split(tiny_data.augmented, "train")
+    for missing in ([3], [0, 9]):
+        keep = ~np.isin(data.labels, missing)
+        out = tmp_path / f"augmented-{missing}"
+        out.mkdir()
+        meta = dict(load_meta(tiny_data.augmented))
+        meta["splits"] = {"train": write_split(out, "train", data.images[keep], data.labels[keep])}
+        write_json(out / "meta.json", meta)
+        params = load_params(eval_params(tmp_path / "params.yaml", {"train": {"conditional": True}}))
+        names = ", ".join(repr(meta["class_names"][i]) for i in missing)
+        with in_dir(tmp_path), pytest.raises(UserError, match=f"class\\(es\\) {names} of .* have no training images"):
+            train.run(params, out, tiny_data.tensors, None, tmp_path / "models", tmp_path / "reports", progress=False)
+        assert not (tmp_path / "models").exists()
+
+
+def _tar_with(path: Path, members: dict[bytes, bytes]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(os.fsdecode(name))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("where", ["file in a class folder", "class folder", "flat folder", "tar member"])
+def test_names_that_are_not_utf8_are_skipped_with_their_reason(tmp_path: Path, where: str) -> None:
+    from pipeline.stages import clean, download  # noqa: PLC0415
+
+    photos = tmp_path / "photos"
+    good = digit_pngs(photos, 8, classes=() if where == "flat folder" else ("a", "b"))
+    png = good[0].read_bytes()
+    bad = b"caf\xe9.png"  # latin-1: not valid UTF-8
+    if where == "file in a class folder":
+        (photos / "a" / os.fsdecode(bad)).write_bytes(png)
+        expect = "a/caf\\xe9.png"
+    elif where == "class folder":
+        (photos / os.fsdecode(b"\xff\xfe")).mkdir()
+        (photos / os.fsdecode(b"\xff\xfe") / "x.png").write_bytes(png)
+        expect = "\\xff\\xfe/"
+    elif where == "flat folder":
+        (photos / os.fsdecode(bad)).write_bytes(png)
+        expect = "caf\\xe9.png"
+    else:
+        members = {f"digits/{p.parent.name}/{p.name}".encode(): p.read_bytes() for p in good}
+        members[b"digits/a/" + bad] = png
+        archive = _tar_with(tmp_path / "digits.tar", members)
+        expect = "a/caf\\xe9.png"
+    source = {"source": "archive", "path": str(archive)} if where == "tar member" else \
+        {"source": "folder", "path": str(photos)}
+    params = validate(Params, tiny_params(data={**source, "limit": None, "workers": 1}))
+    with in_dir(tmp_path):
+        download.run(params.data, tmp_path / "raw", tmp_path / "cache")
+        clean.run(params.data, tmp_path / "raw", tmp_path / "clean", tmp_path / "clean_report.json", progress=False)
+    report = json.loads((tmp_path / "clean_report.json").read_text())
+    assert report["accepted"] == 8
+    assert report["skipped_by_reason"] == {"name_not_utf8": 1}, report
+    assert any(expect in e for e in report["examples"]["name_not_utf8"]), report["examples"]
+
+
+def test_unreadable_files_and_class_folders_are_skipped_for_another_user(tmp_path: Path) -> None:
+    """Run as an unprivileged user (root reads everything): a file and a class folder without read permission."""
+    base = Path("/tmp") / f"unreadable-{os.getpid()}"  # not under pytest's 0700 tmp: the other user must reach it
+    shutil.rmtree(base, ignore_errors=True)
+    try:
+        base.mkdir(mode=0o777)
+        os.chmod(base, 0o777)
+        photos = base / "photos"
+        digit_pngs(photos, 8, classes=("a", "b"))
+        secret = photos / "a" / "secret.png"
+        shutil.copy(photos / "a" / "img000.png", secret)
+        secret.chmod(0o000)
+        (photos / "locked").mkdir()
+        shutil.copy(photos / "a" / "img000.png", photos / "locked" / "x.png")
+        (photos / "locked").chmod(0o000)
+        for p in [photos, *photos.rglob("*")]:
+            if p not in (secret, photos / "locked") and p.parent != photos / "locked":
+                p.chmod(0o777 if p.is_dir() else 0o644)
+        project = base / "project"
+        project.mkdir(mode=0o777)
+        project.chmod(0o777)
+        write_params(project / "params.yaml", tiny_params(data={"source": "folder", "path": str(photos), "limit": None,
+                                                                "workers": 1}))
+        (project / "params.yaml").chmod(0o644)
+        env = venv_env(PIPELINE_TRACKING="0", HOME=str(project))
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        for stage in ("download", "clean"):
+            proc = subprocess.run([*nobody, sys.executable, "-m", "pipeline", stage], cwd=project, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "Traceback" not in proc.stderr
+        report = json.loads((project / "reports" / "clean_report.json").read_text())
+        assert report["accepted"] == 8
+        assert report["skipped_by_reason"] == {"unreadable": 2}, report
+        assert sorted(report["examples"]["unreadable"]) == ["a/secret.png", "locked/"]
+    finally:
+        for p in (base / "photos" / "locked", base / "photos" / "a" / "secret.png"):
+            if p.exists():
+                p.chmod(0o755)
+        shutil.rmtree(base, ignore_errors=True)

@@ -336,11 +336,11 @@ def class_labels(labels: np.ndarray, origin: str) -> np.ndarray:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise DataError(f"{origin}: labels must be non-negative integers (class indices 0..K-1); label {i} is "
-                            f"{a[i]!r} ({int(bad.sum())} not whole numbers); fix the labels in the file")
+                            f"{a[i].item()!r} ({int(bad.sum())} not whole numbers); fix the labels in the file")
     if a.size and a.min() < 0:
         i = int(np.flatnonzero(a < 0)[0])
         raise DataError(f"{origin}: labels must be non-negative integers (class indices 0..K-1); label {i} is "
-                        f"{a[i]!r} ({int((a < 0).sum())} negative); fix the labels in the file, or leave the "
+                        f"{a[i].item()!r} ({int((a < 0).sum())} negative); fix the labels in the file, or leave the "
                         "labels array out for an unlabeled dataset")
     return a.astype(np.int64)
 
