@@ -559,3 +559,127 @@ def test_unreadable_files_and_class_folders_are_skipped_for_another_user(tmp_pat
             if p.exists():
                 p.chmod(0o755)
         shutil.rmtree(base, ignore_errors=True)
+
+
+NO_ITEMS = {
+    "only hidden files": (lambda d: [(d / f".img{i}.png").write_bytes(b"x") for i in range(3)], "3 skipped as hidden"),
+    "only links": (lambda d: [(d / f"l{i}.png").symlink_to("/etc/hostname") for i in range(2)],
+                   "2 skipped as symlink_not_followed"),
+    "only empty class folders": (lambda d: [(d / n).mkdir() for n in ("cat", "dog")], "2 skipped as empty_folder"),
+    "images beside the split folders": (lambda d: ((d / "train" / "a").mkdir(parents=True),
+                                                   (d / "train" / "a" / ".x").write_bytes(b"x"),
+                                                   *[(d / f"loose{i}.png").write_bytes(b"x") for i in range(4)]),
+                                        "4 skipped as outside_split_folders"),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_ITEMS), ids=list(NO_ITEMS))
+def test_no_items_says_what_was_skipped_and_why(tmp_path: Path, case: str) -> None:
+    from pipeline.stages import download  # noqa: PLC0415
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    make, needle = NO_ITEMS[case]
+    make(photos)
+    params = validate(Params, tiny_params(data={"source": "folder", "path": str(photos), "limit": None}))
+    with pytest.raises(DataError, match="source 'folder' produced no items") as err:
+        download.run(params.data, tmp_path / "raw", tmp_path / "cache")
+    assert needle in str(err.value), str(err.value)
+
+
+def test_an_empty_folder_named_like_an_image_no_longer_hides_the_images_beside_it(tmp_path: Path) -> None:
+    """The red-team case: `photo.png/` (an empty folder) beside 8 images. It is skipped as an empty
+    folder, so the 8 images are a flat (unlabeled) folder and are read."""
+    from pipeline.data.raw import read_manifest  # noqa: PLC0415
+    from pipeline.stages import download  # noqa: PLC0415
+
+    photos = tmp_path / "photos"
+    digit_pngs(photos, 8)
+    (photos / "photo.png").mkdir()
+    params = validate(Params, tiny_params(data={"source": "folder", "path": str(photos), "limit": None}))
+    download.run(params.data, tmp_path / "raw", tmp_path / "cache")
+    manifest, source = read_manifest(tmp_path / "raw")
+    assert len(manifest) == 8 and (manifest["label"] == -1).all()
+    assert source["provenance"]["skipped"] == [{"path": "photo.png/", "reason": "empty_folder", "split": ""}]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_too_few_images_for_a_run_fails_at_preprocess_saying_how_many_are_needed(tmp_path: Path, n: int) -> None:
+    from pipeline.stages import clean, download, preprocess  # noqa: PLC0415
+
+    photos = tmp_path / "photos"
+    digit_pngs(photos, n)
+    params = validate(Params, tiny_params(data={"source": "folder", "path": str(photos), "limit": None, "workers": 1}))
+    with in_dir(tmp_path):
+        download.run(params.data, tmp_path / "raw", tmp_path / "cache")
+        clean.run(params.data, tmp_path / "raw", tmp_path / "clean", tmp_path / "clean_report.json", progress=False)
+        with pytest.raises(DataError, match="a run needs at least 2 images in each of the train and test splits"):
+            preprocess.run(params, tmp_path / "clean", tmp_path / "raw", tmp_path / "tensors", progress=False)
+    assert not (tmp_path / "tensors").exists()
+
+
+def test_enough_images_pass_preprocess(tmp_path: Path) -> None:
+    """Control: 8 images of an unlabeled folder make 6 train / 2 test (test_fraction 0.2)."""
+    from pipeline.stages import clean, download, preprocess  # noqa: PLC0415
+
+    photos = tmp_path / "photos"
+    digit_pngs(photos, 8)
+    params = validate(Params, tiny_params(data={"source": "folder", "path": str(photos), "limit": None, "workers": 1}))
+    with in_dir(tmp_path):
+        download.run(params.data, tmp_path / "raw", tmp_path / "cache")
+        clean.run(params.data, tmp_path / "raw", tmp_path / "clean", tmp_path / "clean_report.json", progress=False)
+        out = preprocess.run(params, tmp_path / "clean", tmp_path / "raw", tmp_path / "tensors", progress=False)
+    assert (out["images_train"], out["images_test"]) == (6, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule: an evaluator is used only on tensors of its shape, and only within memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _tensors(path: Path, shape: tuple[int, int, int], n: int = 12) -> Path:
+    from pipeline.io import write_json, write_split  # noqa: PLC0415
+
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    splits = {s: write_split(path, s, rng.integers(0, 256, (n, *shape), dtype=np.uint8), np.arange(n) % 2)
+              for s in ("train", "test")}
+    write_json(path / "meta.json", {"splits": splits, "num_classes": 2, "class_names": ["a", "b"], "source": "test"})
+    return path
+
+
+@pytest.mark.parametrize("shape", [(3, 28, 28), (1, 32, 32), (3, 64, 64)], ids=["rgb", "32 px", "rgb 64 px"])
+def test_evaluate_refuses_tensors_the_evaluator_was_not_trained_on(tiny_gan: Any, tmp_path: Path, shape: tuple,
+                                                                   cli: Cli) -> None:
+    tensors = _tensors(tmp_path / "tensors", shape)
+    code, err = cli(["evaluate", "--params", str(tiny_gan.params), "--models", str(tiny_gan.models), "--tensors",
+                     str(tensors), "--evaluator", str(tiny_gan.data.evaluator), "--out", str(tmp_path / "m.json"),
+                     "--details", str(tmp_path / "d.json")], tmp_path)
+    assert code == 2, err
+    assert f"was trained on images 1x28x28, {tensors} holds {'x'.join(map(str, shape))}" in err
+    assert "Traceback" not in err and not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize(("size", "width", "n"), [(1024, 512, 16), (512, 256, 64), (256, 512, 200)])
+def test_an_evaluator_that_cannot_fit_in_memory_is_refused_with_the_figure_and_the_knob(tmp_path: Path, size: int,
+                                                                                        width: int, n: int) -> None:
+    """Hundreds of GiB, on any machine: refused in a moment, not killed by the kernel after swapping."""
+    from pipeline.stages import evaluator  # noqa: PLC0415
+
+    tensors = _tensors(tmp_path / "tensors", (3, size, size), n=n)
+    params = validate(Params, tiny_params(evaluator={"batch_size": 256, "width": width, "epochs": 1}))
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=rf"evaluator: batches of {n} images of 3x{size}x{size} need about [\d.]+ GiB of "
+                                        r"memory on cpu, [\d.]+ GiB are available; "
+                                        r"(lower evaluator.batch_size to \d+ or less, or )?lower preprocess.size"):
+        evaluator.run(params, tensors, tmp_path / "evaluator.pt", tmp_path / "evaluator.json", progress=False)
+    assert time.perf_counter() - t0 < 30
+    assert not (tmp_path / "evaluator.pt").exists()
+
+
+def test_memory_estimate_lets_the_usual_sizes_through() -> None:
+    from pipeline.metrics.evaluator import available_memory, memory_needed  # noqa: PLC0415
+
+    need = memory_needed(channels=3, height=64, width=64, net_width=32, batch_size=128, training=True)
+    assert 100 << 20 < need < 2 << 30  # a real figure: about 1 GiB, not nothing, not absurd
+    assert available_memory("cpu") > 0
