@@ -683,3 +683,62 @@ def test_memory_estimate_lets_the_usual_sizes_through() -> None:
     need = memory_needed(channels=3, height=64, width=64, net_width=32, batch_size=128, training=True)
     assert 100 << 20 < need < 2 << 30  # a real figure: about 1 GiB, not nothing, not absurd
     assert available_memory("cpu") > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule: numbers from a feature extractor that has not learned are marked where they are read
+# ---------------------------------------------------------------------------------------------
+
+REPORTS = {
+    "10 classes at chance": ({"kind": "classifier", "num_classes": 10, "test_accuracy": 0.10}, True),
+    "10 classes, a little over chance": ({"kind": "classifier", "num_classes": 10, "test_accuracy": 0.30}, True),
+    "2 classes at chance": ({"kind": "classifier", "num_classes": 2, "test_accuracy": 0.55}, True),
+    "10 classes, learned": ({"kind": "classifier", "num_classes": 10, "test_accuracy": 0.90}, False),
+    "2 classes, learned": ({"kind": "classifier", "num_classes": 2, "test_accuracy": 0.80}, False),
+    "autoencoder no better than the mean image": ({"kind": "autoencoder", "test_reconstruction_mse": 0.30,
+                                                   "test_mean_image_mse": 0.31}, True),
+    "autoencoder, learned": ({"kind": "autoencoder", "test_reconstruction_mse": 0.05, "test_mean_image_mse": 0.31},
+                             False),
+}
+
+
+@pytest.mark.parametrize("case", list(REPORTS), ids=list(REPORTS))
+def test_an_evaluator_that_has_not_learned_is_recognised(case: str) -> None:
+    from pipeline.metrics.evaluator import quality_warning  # noqa: PLC0415
+
+    report, untrusted = REPORTS[case]
+    warning = quality_warning(report)
+    assert (warning is not None) == untrusted, warning
+    if untrusted:
+        assert "has not learned" in warning and "evaluator.epochs" in warning
+
+
+def test_metrics_from_an_untrained_evaluator_are_marked_in_every_place_they_are_read(
+        tiny_gan: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An evaluator that did not train (lr 1e-9: its weights stay at their random start) is at chance;
+    evaluator.json, metrics.json, the console and the HTML report all say so."""
+    from pipeline.stages import evaluate, evaluator, report  # noqa: PLC0415
+
+    from helpers_eval import eval_params  # noqa: PLC0415
+
+    params = load_params(eval_params(tmp_path / "params.yaml", {"evaluator": {"lr": 1e-9, "epochs": 1}}))
+    data = tiny_gan.data
+    with in_dir(tmp_path):
+        evaluator.run(params, data.tensors, tmp_path / "evaluator.pt", tmp_path / "evaluator.json", progress=False)
+        ev = json.loads((tmp_path / "evaluator.json").read_text())
+        assert ev["test_accuracy"] < 0.325 and "has not learned" in ev["warning"]
+        caplog.clear()
+        evaluate.run(params, tiny_gan.models, data.tensors, tmp_path / "evaluator.pt", tmp_path / "metrics.json",
+                     tmp_path / "details.json")
+        assert "these numbers are not to be trusted" in caplog.text
+        metrics = json.loads((tmp_path / "metrics.json").read_text())
+        assert "has not learned" in metrics["extractor_warning"]
+        assert metrics["protocol"]["extractor_trusted"] is False
+        report.run(params, tiny_gan.models, data.tensors, tiny_gan.train_reports, tmp_path / "metrics.json",
+                   tmp_path / "details.json", data.clean_report, tmp_path / "figures", tmp_path / "index.html")
+    page = (tmp_path / "index.html").read_text()
+    assert "id='extractor-warning'" in page and "these metrics are not to be trusted" in page
+    # Control: the tiny run's own (trained) evaluator carries no mark.
+    trained = json.loads(tiny_gan.metrics.read_text())
+    assert trained["protocol"]["extractor_trusted"] is True and "extractor_warning" not in trained
+    assert "extractor-warning" not in tiny_gan.html.read_text()
