@@ -742,3 +742,39 @@ def test_metrics_from_an_untrained_evaluator_are_marked_in_every_place_they_are_
     trained = json.loads(tiny_gan.metrics.read_text())
     assert trained["protocol"]["extractor_trusted"] is True and "extractor_warning" not in trained
     assert "extractor-warning" not in tiny_gan.html.read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule: a tracking server known to be down costs one connection attempt, not one per journal
+# ---------------------------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed: connections are refused
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_mlflow_sync_against_a_refused_connection_fails_at_once_and_keeps_the_journals(tmp_path: Path,
+                                                                                       scheme: str) -> None:
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    uri = f"{scheme}://127.0.0.1:{_closed_port()}"
+    make = ("from pipeline.tracking import StageRun\n"
+            "for i in range(10):\n"
+            "    with StageRun(f's{i}', params={'a': {'b': i}}, enabled=True) as run:\n"
+            "        run.log_metrics({'x': 1.0}, step=1)\n")
+    # Journals written during the outage (no client retries, to make them quickly).
+    run([sys.executable, "-c", make], tmp_path, env=venv_env(MLFLOW_TRACKING_URI=uri, PIPELINE_TRACKING_FLUSH_S="0.5",
+                                                             MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"))
+    journals = sorted((tmp_path / ".pipeline" / "tracking").iterdir())
+    assert len(journals) == 10
+    t0 = time.perf_counter()
+    proc = run([sys.executable, "-m", "pipeline", "mlflow-sync", "--tracking-uri", uri], tmp_path, check=False)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 1
+    assert f"cannot connect to the tracking server {uri}" in proc.stderr and "Connection refused" in proc.stderr
+    assert "Retrying" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    # One refused connect; before, each journal waited out the client's retries (about 2.5 s each).
+    assert elapsed < 15, elapsed
+    assert sorted((tmp_path / ".pipeline" / "tracking").iterdir()) == journals
