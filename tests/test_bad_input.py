@@ -778,3 +778,48 @@ def test_mlflow_sync_against_a_refused_connection_fails_at_once_and_keeps_the_jo
     # One refused connect; before, each journal waited out the client's retries (about 2.5 s each).
     assert elapsed < 15, elapsed
     assert sorted((tmp_path / ".pipeline" / "tracking").iterdir()) == journals
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule: your own data is an input DVC watches; a change to it re-runs download, no change does not
+# ---------------------------------------------------------------------------------------------
+
+
+def _ran(output: str) -> list[str]:
+    import re  # noqa: PLC0415
+
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+@pytest.mark.parametrize("source", ["folder", "npz"])
+def test_dvc_repro_notices_changes_to_your_data_outside_the_project(tmp_path: Path, source: str) -> None:
+    from pipeline.data.raw import read_manifest  # noqa: PLC0415
+
+    photos = tmp_path / "my-photos"
+    images = digit_pngs(photos, 8, classes=("a", "b"))
+    npz = tmp_path / "digits.npz"
+    np.savez(npz, images=np.zeros((8, 28, 28), np.uint8), labels=np.arange(8) % 2)
+    path = photos if source == "folder" else npz
+    project = make_project(tmp_path / "project", tiny_params(data={"source": source, "path": str(path), "limit": None}))
+    env = venv_env(PIPELINE_TRACKING="0")
+
+    def repro() -> tuple[list[str], int]:
+        out = run(["dvc", "repro", "download"], project, env=env)
+        return _ran(out.stdout), len(read_manifest(project / "data" / "raw")[0])
+
+    assert repro() == (["inputs", "download"], 8)
+    assert repro() == (["inputs"], 8)  # unchanged: download is skipped
+    if source == "folder":
+        changes = [("added", lambda: shutil.copy(images[0], photos / "a" / "new.png"), 9),
+                   ("edited in place", lambda: images[1].write_bytes(images[2].read_bytes()), 9),
+                   ("removed", lambda: images[3].unlink(), 8),
+                   ("renamed", lambda: images[4].rename(photos / "b" / "renamed.png"), 8),
+                   ("new class folder", lambda: shutil.copytree(photos / "a", photos / "c"), 12)]
+    else:
+        changes = [("rewritten larger", lambda: np.savez(npz, images=np.zeros((9, 28, 28), np.uint8),
+                                                         labels=np.arange(9) % 2), 9)]
+    for what, change, items in changes:
+        time.sleep(0.01)  # a modification time that differs even on coarse-grained file systems
+        change()
+        assert repro() == (["inputs", "download"], items), what
+        assert repro() == (["inputs"], items), what
