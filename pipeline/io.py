@@ -140,6 +140,15 @@ def _storage_errno(exc: OSError, tmp: str) -> int | None:
     return None
 
 
+def make_parent(path: Path) -> None:
+    """Create ``path``'s folder; a file standing where a folder is needed is an :class:`OutputError`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [path.parent, *path.parent.parents] if p.exists() and not p.is_dir()), path.parent)
+        raise OutputError(f"{path}: {blocker} is a file, not a folder; give a path under a folder") from None
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
     """Open a temporary sibling of ``path`` for writing; rename it to ``path`` on success.
@@ -149,7 +158,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
     raise :class:`~pipeline.errors.StorageError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder, where a file is to be written; give a file name (or move the folder)")
+    make_parent(path)
     remove_stale_temps(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
@@ -333,7 +344,7 @@ def staged_dir(final_dir: str | os.PathLike, *, owns: tuple[str, ...] | None = N
     final_dir = Path(final_dir)
     if owns is not None:
         check_replaceable(final_dir, owns, option=option)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(final_dir)
     remove_stale_temps(final_dir.parent, final_dir.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.{os.getpid()}.", suffix=".tmp", dir=final_dir.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700

@@ -340,7 +340,8 @@ SAMPLE_BAD = {
     "device cuda:99": (["--device", "cuda:99"], "CUDA device"),
     "out an existing folder": (["--out", "{tmp}/folder.png"], "is an existing folder"),
     "out on a read-only file system": (["--out", "/proc/samples.png"], "cannot write there"),
-    "out under a file": (["--out", "{tmp}/file.txt/g.png"], "cannot write there"),
+    "out under a file": (["--out", "{tmp}/file.txt/g.png"], "file.txt is a file, not a folder"),
+    "out where root may not write": (["--out", "/sys/samples.png"], "cannot write there"),
     "npz on a read-only file system": (["--out", "/proc/samples.npz"], "cannot write there"),
 }
 
@@ -823,3 +824,26 @@ def test_dvc_repro_notices_changes_to_your_data_outside_the_project(tmp_path: Pa
         change()
         assert repro() == (["inputs", "download"], items), what
         assert repro() == (["inputs"], items), what
+
+
+FILE_OUTPUTS = [("clean", "--report"), ("evaluator", "--report"), ("inputs", "--out")]
+
+
+@pytest.mark.parametrize("place", ["an existing folder", "a read-only file system", "under a file"])
+@pytest.mark.parametrize(("stage", "option"), FILE_OUTPUTS, ids=[f"{s} {o}" for s, o in FILE_OUTPUTS])
+def test_a_file_output_that_cannot_be_written_is_one_line(tiny_data: Any, tmp_path: Path, cli: Cli, stage: str,
+                                                          option: str, place: str) -> None:
+    from helpers_eval import eval_params  # noqa: PLC0415
+
+    params = eval_params(tmp_path / "params.yaml")
+    (tmp_path / "folder.json").mkdir()
+    (tmp_path / "file").write_text("x")
+    target = {"an existing folder": str(tmp_path / "folder.json"), "a read-only file system": "/sys/out.json",
+              "under a file": str(tmp_path / "file" / "out.json")}[place]
+    inputs = {"clean": ["--raw", str(tiny_data.root / "data/raw"), "--out", str(tmp_path / "clean")],
+              "evaluator": ["--tensors", str(tiny_data.tensors), "--out", str(tmp_path / "ev.pt")],
+              "inputs": []}[stage]
+    code, err = cli([stage, "--params", str(params), *inputs, option, target], tmp_path)
+    assert code == 2, err
+    assert "Traceback" not in err and any(s in err for s in ("is a folder", "not a folder", "give a path you can write")), err
+    assert (tmp_path / "folder.json").is_dir() and (tmp_path / "file").read_text() == "x"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -18,6 +19,9 @@ from ..io import STORAGE_ERRNOS, storage_error
 from ..params import Params, load_params, to_dict
 
 log = logging.getLogger("pipeline")
+
+# OSErrors that mean "this place cannot be written or read by you", not a bug.
+PLACE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR})
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -97,6 +101,12 @@ def run_stage(stage: str, args: argparse.Namespace, body: Callable[[Params, Any]
         log.error("%s failed: %s", stage, exc)
         return 2
     except OSError as exc:
+        if exc.errno in PLACE_ERRNOS:
+            # A path the user gave that cannot be written (read-only file system, permissions, a
+            # file where a folder is needed): the user's to fix, in one line.
+            log.error("%s failed: %s: %s; give a path you can write (check the --out/--report options and their "
+                      "permissions)", stage, exc.filename or "an output path", exc.strerror or exc)
+            return 2
         if exc.errno not in STORAGE_ERRNOS:
             raise
         # A write outside pipeline.io's atomic helpers (a library's own file) hit the same wall.

@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import UserError
 from ..io import write_json
 from ..params import Data, load_params
-from .common import add_common, ignore_sigxfsz
+from .common import PLACE_ERRNOS, add_common, ignore_sigxfsz
 
 
 def fingerprint(p: Data) -> dict[str, Any]:
@@ -76,5 +76,11 @@ def main(args: argparse.Namespace) -> int:
         write_json(args.out, fingerprint(params.data))
     except UserError as exc:
         print(f"error: inputs failed: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in PLACE_ERRNOS:
+            raise
+        print(f"error: inputs failed: {exc.filename or args.out}: {exc.strerror or exc}; give a path you can write "
+              "(--out)", file=sys.stderr)
         return 2
     return 0
