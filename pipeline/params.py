@@ -86,7 +86,8 @@ class Data:
 
 @dataclass(frozen=True)
 class Preprocess:
-    size: int | list[int] = spec(28, "output size in pixels: N (N x N) or [height, width]; models need square 28/32/64/128",
+    size: int | list[int] = spec(28, "output size in pixels: N (N x N) or [N, N]; one the model can generate "
+                                     "(14, 16, 28, 32, 56, 64, 128, ...)",
                                  ge=8, le=1024)
     resize: Literal["crop", "letterbox", "stretch"] = spec("crop", "aspect policy: center-crop, pad (letterbox) or stretch")
     filter: Literal["lanczos", "bicubic", "bilinear", "area", "box", "nearest"] = spec(
