@@ -76,7 +76,7 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
 
     from ..data.tensors import load_split, require_images  # noqa: PLC0415
     from ..metrics.compute import fid_only, sample  # noqa: PLC0415
-    from ..metrics.evaluator import extract, load_evaluator  # noqa: PLC0415
+    from ..metrics.evaluator import check_memory, extract, load_evaluator  # noqa: PLC0415
     from ..metrics.math import gaussian_stats  # noqa: PLC0415
     from ..training import distributed as dist_utils  # noqa: PLC0415
     from ..training.loop import Trainer, resolve_config  # noqa: PLC0415
@@ -110,6 +110,9 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
             test = load_split(tensors, "test")
             require_images(tensors, test=test)
             _require_fit(evaluator_path, net, test.shape, tensors)
+            check_memory(what="train (in-loop evaluator scores)", shape=test.shape,
+                         net_width=int(net.trunk[0][0].out_channels), training=False, device=device, knob=None,
+                         batch_size=min(500, max(len(test.images), cfg["eval_samples"])))  # extract()'s batch
             real_stats = gaussian_stats(extract(net, test.images, device=device)[0])
 
             def eval_fn(g: torch.nn.Module) -> float:
