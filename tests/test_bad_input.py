@@ -847,3 +847,29 @@ def test_a_file_output_that_cannot_be_written_is_one_line(tiny_data: Any, tmp_pa
     assert code == 2, err
     assert "Traceback" not in err and any(s in err for s in ("is a folder", "not a folder", "give a path you can write")), err
     assert (tmp_path / "folder.json").is_dir() and (tmp_path / "file").read_text() == "x"
+
+
+def test_a_data_path_you_may_not_read_is_one_line(tmp_path: Path) -> None:
+    """As an unprivileged user: data.path itself without read permission fails download in one line."""
+    base = Path("/tmp") / f"unreadable-root-{os.getpid()}"
+    shutil.rmtree(base, ignore_errors=True)
+    try:
+        base.mkdir(mode=0o777)
+        base.chmod(0o777)
+        photos = base / "photos"
+        digit_pngs(photos, 8)
+        photos.chmod(0o700)  # root's: the other user may not list it
+        project = base / "project"
+        project.mkdir(mode=0o777)
+        project.chmod(0o777)
+        write_params(project / "params.yaml", tiny_params(data={"source": "folder", "path": str(photos), "limit": None}))
+        (project / "params.yaml").chmod(0o644)
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                               "pipeline", "download"], cwd=project, env=venv_env(PIPELINE_TRACKING="0",
+                                                                                   HOME=str(project)),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert f"data.path: {photos} cannot be read (permissions)" in proc.stderr and "Traceback" not in proc.stderr
+        assert not (project / "data" / "raw").exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

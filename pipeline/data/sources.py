@@ -550,6 +550,9 @@ def folder(p: Data, w: RawWriter, cache: Path, resources: Resources | None = Non
     root = Path(p.path).expanduser()  # type: ignore[arg-type]
     if not root.is_dir():
         raise DataError(f"data.path: {root} is not a directory; point it at the folder that holds your images")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise DataError(f"data.path: {root} cannot be read (permissions); fix them (chmod u+rx) or copy the images "
+                        "to a folder you can read")
     names, prov = add_folder(root, p, w)
     return names, {"directory": str(root.resolve()), **prov}
 

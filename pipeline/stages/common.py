@@ -104,8 +104,8 @@ def run_stage(stage: str, args: argparse.Namespace, body: Callable[[Params, Any]
         if exc.errno in PLACE_ERRNOS:
             # A path the user gave that cannot be written (read-only file system, permissions, a
             # file where a folder is needed): the user's to fix, in one line.
-            log.error("%s failed: %s: %s; give a path you can write (check the --out/--report options and their "
-                      "permissions)", stage, exc.filename or "an output path", exc.strerror or exc)
+            log.error("%s failed: %s: %s; give a path you can write (an --out/--report option) or read (data.path), "
+                      "or fix its permissions", stage, exc.filename or "a path", exc.strerror or exc)
             return 2
         if exc.errno not in STORAGE_ERRNOS:
             raise
