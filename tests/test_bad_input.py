@@ -24,10 +24,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from helpers_eval import in_dir
+from helpers_eval import eval_params, in_dir
 from helpers_project import ROOT, make_project, run, tiny_params, venv_env, write_params
 from pipeline.errors import DataError, ParamsError, UserError
 from pipeline.params import Params, load_params, validate
@@ -143,7 +142,6 @@ def test_train_writes_only_its_declared_files_under_reports(tiny_data: Any, tmp_
     """train --reports reports keeps the metrics, the report and a git-tracked .gitignore beside its files."""
     from pipeline.stages import train  # noqa: PLC0415
 
-    from helpers_eval import eval_params  # noqa: PLC0415
 
     params = load_params(eval_params(tmp_path / "params.yaml", {"train": {"steps": 4, "eval_every": 2,
                                                                            "checkpoint_every": 2, "grid_every": 2}}))
@@ -454,12 +452,9 @@ def test_an_empty_class_folder_is_skipped_with_its_reason_not_made_a_class(tmp_p
 
 def test_conditional_training_refuses_a_class_without_training_images(tiny_data: Any, tmp_path: Path) -> None:
     """A class that lost every image after cleaning (or in data.limit) fails train before any step."""
-    from pipeline.data.tensors import load_meta  # noqa: PLC0415
+    from pipeline.data.tensors import load_meta, load_split  # noqa: PLC0415
     from pipeline.io import write_json, write_split  # noqa: PLC0415
     from pipeline.stages import train  # noqa: PLC0415
-
-    from helpers_eval import eval_params  # noqa: PLC0415
-    from pipeline.data.tensors import load_split  # noqa: PLC0415
 
     data = load_split(tiny_data.augmented, "train")
     for missing in ([3], [0, 9]):
@@ -720,7 +715,6 @@ def test_metrics_from_an_untrained_evaluator_are_marked_in_every_place_they_are_
     evaluator.json, metrics.json, the console and the HTML report all say so."""
     from pipeline.stages import evaluate, evaluator, report  # noqa: PLC0415
 
-    from helpers_eval import eval_params  # noqa: PLC0415
 
     params = load_params(eval_params(tmp_path / "params.yaml", {"evaluator": {"lr": 1e-9, "epochs": 1}}))
     data = tiny_gan.data
@@ -833,7 +827,6 @@ FILE_OUTPUTS = [("clean", "--report"), ("evaluator", "--report"), ("inputs", "--
 @pytest.mark.parametrize(("stage", "option"), FILE_OUTPUTS, ids=[f"{s} {o}" for s, o in FILE_OUTPUTS])
 def test_a_file_output_that_cannot_be_written_is_one_line(tiny_data: Any, tmp_path: Path, cli: Cli, stage: str,
                                                           option: str, place: str) -> None:
-    from helpers_eval import eval_params  # noqa: PLC0415
 
     params = eval_params(tmp_path / "params.yaml")
     (tmp_path / "folder.json").mkdir()
