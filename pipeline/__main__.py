@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 STAGES = {
+    "inputs": "fingerprint your own data (data.path) so that DVC re-runs download when it changes (data/inputs.json)",
     "download": "fetch the dataset named by data.source into data/raw",
     "clean": "decode, repair, quarantine and dedupe every raw image (data/clean, reports/clean_report.json)",
     "preprocess": "resize and split accepted images into uint8 tensors (data/tensors)",
@@ -40,9 +41,12 @@ def _sample(args: argparse.Namespace) -> int:
     try:
         if args.out.suffix not in (".npz", ".png"):
             raise UserError(f"--out {args.out}: use a .npz (uint8 array 'images' [N, C, H, W]) or a .png (a grid)")
-        if args.n < 1:
-            raise UserError(f"--n {args.n}: must be at least 1")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if args.out.is_dir():
+            raise UserError(f"--out {args.out}: is an existing folder; give a file name such as {args.out / 'samples.png'}")
+        for name in ("n", "nrow", "scale"):
+            if getattr(args, name) < 1:
+                raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
+        device = cli_device(args.device, "--device")
         g, info = load_generator(args.checkpoint, device=device)
         k = info["num_classes"]
         labels = None
@@ -54,16 +58,43 @@ def _sample(args: argparse.Namespace) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.out.suffix == ".png":
-        save_grid(images.numpy(), args.out, nrow=args.nrow, scale=args.scale)
-    else:
-        arrays = {"images": images.numpy()}
-        if y is not None:
-            arrays["labels"] = y.numpy()
-        with atomic_write(args.out) as fh:
-            np.savez(fh, **arrays)
+    try:
+        if args.out.suffix == ".png":
+            save_grid(images.numpy(), args.out, nrow=args.nrow, scale=args.scale)
+        else:
+            arrays = {"images": images.numpy()}
+            if y is not None:
+                arrays["labels"] = y.numpy()
+            with atomic_write(args.out) as fh:
+                np.savez(fh, **arrays)
+    except UserError as exc:  # a full disk or a file-size limit (StorageError)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: --out {args.out}: cannot write there ({exc.strerror or exc}); "
+              "choose a writable folder", file=sys.stderr)
+        return 2
     print(f"wrote {args.n} samples {tuple(images.shape[1:])} to {args.out}")
     return 0
+
+
+def cli_device(value: str | None, option: str) -> str:
+    """A --device option: cpu, cuda or cuda:N (None: cuda when present); a GPU that is not there is a UserError."""
+    import torch  # noqa: PLC0415
+
+    from .errors import UserError  # noqa: PLC0415
+
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not (value in ("cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())):
+        raise UserError(f"{option} {value}: not a device; use cpu, cuda or cuda:N")
+    if value.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(value[5:]) if ":" in value else 0
+        if index >= count:
+            raise UserError(f"{option} {value}: {'no CUDA device is' if not count else f'only {count} CUDA device(s) are'} "
+                            "available here; use cpu (or leave --device out)")
+    return value
 
 
 def _mlflow_sync(args: argparse.Namespace) -> int:
@@ -99,7 +130,7 @@ def _params(args: argparse.Namespace) -> int:
 
     if args.check:
         try:
-            load_params(args.params)
+            load_params(args.params, models=True)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -121,7 +152,7 @@ def _metrics_check(args: argparse.Namespace) -> int:
 
     setup_logging(False)
     try:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = cli_device(args.device, "--device")
         splits = ["train", "test"] if args.split == "all" else [args.split]
         parts = [load_split(args.tensors, s) for s in splits]
         images = np.concatenate([p.images for p in parts])
@@ -247,7 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     _audit_imports(command)
     args = build_parser(command).parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (`python -m pipeline params | head`): not an error of ours. Point
+        # stdout at /dev/null so that the interpreter's final flush does not raise again.
+        import os  # noqa: PLC0415
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by the signal
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ class ArchiveError(DataError):
     """An archive is hostile or too large; nothing of it was extracted."""
 
 
+class OutputError(UserError):
+    """An output path holds files the stage did not write (or overlaps its input); nothing was replaced."""
+
+
 class StorageError(UserError):
     """The disk refused a write: file-size limit (``ulimit -f``), full disk or quota; nothing partial is left."""
 

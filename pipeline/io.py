@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .errors import DataError, StorageError
+from .errors import DataError, OutputError, StorageError
 
 _CHUNK = 1 << 20
 
@@ -140,6 +140,15 @@ def _storage_errno(exc: OSError, tmp: str) -> int | None:
     return None
 
 
+def make_parent(path: Path) -> None:
+    """Create ``path``'s folder; a file standing where a folder is needed is an :class:`OutputError`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [path.parent, *path.parent.parents] if p.exists() and not p.is_dir()), path.parent)
+        raise OutputError(f"{path}: {blocker} is a file, not a folder; give a path under a folder") from None
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
     """Open a temporary sibling of ``path`` for writing; rename it to ``path`` on success.
@@ -149,7 +158,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO
     raise :class:`~pipeline.errors.StorageError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder, where a file is to be written; give a file name (or move the folder)")
+    make_parent(path)
     remove_stale_temps(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
@@ -287,16 +298,60 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old)
 
 
-@contextlib.contextmanager
-def staged_dir(final_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary directory that becomes ``final_dir`` when the block succeeds."""
+def check_replaceable(final_dir: str | os.PathLike, owns: tuple[str, ...], *, option: str = "--out") -> None:
+    """Refuse to replace ``final_dir`` unless it is missing, empty, or holds only what the stage writes.
+
+    A stage writes a folder output whole: it builds a new one and swaps it in, so whatever the old
+    folder held is gone. That is right for the stage's own output and disastrous for anything else
+    (a user's photo folder given as ``--out``, ``reports/`` with the metrics in it). ``owns`` are
+    the stage's entry names (glob patterns) at the top of its folder; any other entry (a note, a
+    hidden file, a loose image, a git-tracked ``.gitignore``) makes the folder someone else's, and
+    the stage refuses before doing any work. Call it before the work; :func:`staged_dir` calls it
+    again before swapping.
+    """
+    import fnmatch  # noqa: PLC0415
+
     final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not final_dir.exists() and not final_dir.is_symlink():
+        return
+    if final_dir.is_symlink() or not final_dir.is_dir():
+        kind = "a link" if final_dir.is_symlink() else "a file"
+        raise OutputError(f"{option} {final_dir}: is {kind}, not a folder this stage wrote; the stage would replace it. "
+                        f"Give {option} a new or empty folder, or move it away.")
+    try:
+        names = sorted(os.listdir(final_dir))
+    except OSError as exc:
+        raise OutputError(f"{option} {final_dir}: cannot be listed ({exc.strerror}); give {option} a folder "
+                        "you can write") from None
+    foreign = [n for n in names if not any(fnmatch.fnmatchcase(n, pat) for pat in owns)]
+    if foreign:
+        shown = ", ".join(repr(n) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(
+            f"{option} {final_dir}: holds {shown}, which this stage did not write; it replaces its output folder "
+            f"whole, so those would be lost. Nothing was changed. Give {option} a new or empty folder (the "
+            f"stage's default is its DVC output), or move those files away.")
+
+
+@contextlib.contextmanager
+def staged_dir(final_dir: str | os.PathLike, *, owns: tuple[str, ...] | None = None,
+               option: str = "--out") -> Iterator[Path]:
+    """Yield an empty temporary directory that becomes ``final_dir`` when the block succeeds.
+
+    ``owns``: the stage's entry names (glob patterns) at the top of ``final_dir``; an existing
+    folder holding anything else is refused (:func:`check_replaceable`), before and after the
+    block. None: the caller owns the place (a private cache), no check.
+    """
+    final_dir = Path(final_dir)
+    if owns is not None:
+        check_replaceable(final_dir, owns, option=option)
+    make_parent(final_dir)
     remove_stale_temps(final_dir.parent, final_dir.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.{os.getpid()}.", suffix=".tmp", dir=final_dir.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
+        if owns is not None:
+            check_replaceable(final_dir, owns, option=option)  # something appeared meanwhile
         replace_dir(tmp, final_dir)
     except StorageError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -90,7 +90,8 @@ class Data:
 
 @dataclass(frozen=True)
 class Preprocess:
-    size: int | list[int] = spec(28, "output size in pixels: N (N x N) or [height, width]; models need square 28/32/64/128",
+    size: int | list[int] = spec(28, "output size in pixels: N (N x N) or [N, N]; one the model can generate "
+                                     "(14, 16, 28, 32, 56, 64, 128, ...)",
                                  ge=8, le=1024)
     resize: Literal["crop", "letterbox", "stretch"] = spec("crop", "aspect policy: center-crop, pad (letterbox) or stretch")
     filter: Literal["lanczos", "bicubic", "bilinear", "area", "box", "nearest"] = spec(
@@ -347,20 +348,83 @@ def validate(cls: type, raw: Any, prefix: str = "") -> Any:
         raise ParamsError(f"{where}: {exc}") from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; raise :class:`ParamsError` naming the first bad key."""
-    path = Path(path)
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain PyYAML keeps the last
+    one silently; DVC refuses the same file, so the stage and DVC would disagree on the params)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class reports an unhashable key
+            if key in seen:
+                raise ParamsError(f"{self.name}: key {key!r} is given twice (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}); keep one of them")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document of ``path`` (a duplicate key, a folder or bytes that are not UTF-8 are
+    :class:`ParamsError`)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found; run from the repository root or pass --params PATH") from None
+    except IsADirectoryError:
+        raise ParamsError(f"{path}: is a folder, not a params file; pass --params PATH/params.yaml") from None
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                          "save the file as UTF-8") from None
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot be read ({exc.strerror or exc}); pass a readable --params file") from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)
     try:
-        raw = yaml.safe_load(text)
+        return loader.get_single_data()
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def load_params(path: str | Path = "params.yaml", *, models: bool = False) -> Params:
+    """Read and validate params.yaml; raise :class:`ParamsError` naming the first bad key.
+
+    ``models``: also check that the chosen ``train.model`` can be built at ``preprocess.size``
+    (imports torch; stages that build or feed a model pass True, see :func:`check_model_fits`).
+    """
+    path = Path(path)
+    raw = read_yaml(path)
     params = validate(Params, raw)
     check_paths(params, path.resolve().parent)
+    if models:
+        check_model_fits(params)
     return params
+
+
+def check_model_fits(params: Params) -> None:
+    """Refuse a ``preprocess.size`` that ``train.model`` cannot generate (before any work).
+
+    The sizes come from the model registry (:func:`pipeline.models.supported_sizes`), so a model
+    added there brings its own rule.
+    """
+    from .models import supported_sizes  # noqa: PLC0415 - imports torch
+
+    height, width = params.preprocess.hw
+    model = params.train.model
+    sizes = supported_sizes(model)
+    shown = ", ".join(str(s) for s in sizes if s <= 256)
+    if height != width:
+        raise ParamsError(f"preprocess.size: {params.preprocess.size!r} is not square; train.model {model!r} "
+                          f"generates square images only: set preprocess.size to one number N (N x N), one of "
+                          f"{shown}, ... (resize: crop or letterbox keeps the aspect of your images)")
+    if height not in sizes:
+        raise ParamsError(f"preprocess.size: {height} is a size train.model {model!r} cannot generate (its layers "
+                          f"double from 4x4 or 7x7); use one of {shown}, ...")
 
 
 # Path-valued keys and where they may point. Data inputs (data.path, data.mirrors) and the
@@ -373,15 +437,46 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 PROJECT_PATH_KEYS = ("train.init_from",)
 
 
+# The train stage's declared outputs (dvc.yaml): DVC deletes them before the stage runs, so a
+# transfer source among them would be gone by the time train reads it.
+TRAIN_OUTPUTS = ("models/generator.pt", "models/best.pt", "models/checkpoint.pt")
+
+
+def _dvc_cache_dirs(root: str) -> list[str]:
+    """The project's DVC cache folders: .dvc/cache and a ``cache.dir`` set in .dvc/config(.local)."""
+    import configparser  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    dirs = [os.path.join(root, ".dvc", "cache")]
+    for name in ("config", "config.local"):
+        cfg = configparser.ConfigParser()
+        try:
+            cfg.read(os.path.join(root, ".dvc", name), encoding="utf-8")
+        except (configparser.Error, UnicodeDecodeError):
+            continue
+        value = cfg.get("cache", "dir", fallback=None) if cfg.has_section("cache") else None
+        if value:
+            dirs.append(os.path.join(root, ".dvc", os.path.expanduser(value.strip().strip("'\""))))
+    return [os.path.realpath(d) for d in dirs]
+
+
 def check_paths(params: Params, project_dir: Path) -> None:
     """Reject path params of :data:`PROJECT_PATH_KEYS` that leave ``project_dir``.
 
-    The check is lexical (``..`` and absolute paths), not through symlinks: DVC's symlink cache
-    type legitimately links workspace files into a cache that lives outside the project.
+    The path is checked as written (``..``, absolute paths) and again with every symlink resolved:
+    a link inside the project that points elsewhere is refused like the absolute path it stands
+    for. The one exception is a link into the project's DVC cache (``cache.type symlink``, whose
+    cache may live outside the project), since that is how DVC checks out a tracked file.
+    A ``train.init_from`` that is one of the train stage's own outputs is refused too.
     """
     import os  # noqa: PLC0415
 
     root = os.path.normpath(os.path.abspath(project_dir))
+    real_root = os.path.realpath(root)
+
+    def inside(path: str, base: str) -> bool:
+        return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
+
     for key in PROJECT_PATH_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(params, section), name)
@@ -392,13 +487,27 @@ def check_paths(params: Params, project_dir: Path) -> None:
         if "://" in value:
             raise ParamsError(f"{key}: {value!r} is a URL; download the file into the project "
                               "(e.g. `dvc import-url URL models/transfer.pt`) and give that path")
+        outside = ParamsError(
+            f"{key}: {value!r} is outside the project ({root}). It must be a path inside the project so that "
+            "the result can be reproduced from the commit: copy the file in and track it "
+            "(`dvc add models/transfer.pt`, or `dvc import` it from another repository), then set "
+            f"{key}: models/transfer.pt")
         full = os.path.normpath(os.path.join(root, os.path.expanduser(value)))
-        if full != root and not full.startswith(root + os.sep):
-            raise ParamsError(
-                f"{key}: {value!r} is outside the project ({root}). It must be a path inside the project so that "
-                "the result can be reproduced from the commit: copy the file in and track it "
-                "(`dvc add models/transfer.pt`, or `dvc import` it from another repository), then set "
-                f"{key}: models/transfer.pt")
+        if not inside(full, root):
+            raise outside
+        real = os.path.realpath(full)
+        if not inside(real, real_root) and not any(inside(real, c) for c in _dvc_cache_dirs(root)):
+            raise ParamsError(f"{key}: {value!r} is a link to {real}, outside the project ({root}); copy the file "
+                              f"into the project instead of linking to it (`cp {real} models/transfer.pt` and "
+                              f"`dvc add models/transfer.pt`), then set {key}: models/transfer.pt")
+        if key == "train.init_from":
+            for out in TRAIN_OUTPUTS:
+                target = os.path.join(root, out)
+                if full == target or real == os.path.realpath(target):
+                    raise ParamsError(
+                        f"{key}: {value!r} is an output of the train stage ({out}), which DVC deletes before "
+                        f"train runs; copy it first (`cp {out} models/transfer.pt`, then `dvc add "
+                        f"models/transfer.pt`) and set {key}: models/transfer.pt")
 
 
 def non_semantic_keys(cls: type = Train) -> tuple[str, ...]:

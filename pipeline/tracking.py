@@ -607,6 +607,29 @@ def _replay(mlflow: Any, d: Path, uri: str, root: Path) -> str:
     return writer.run_id or "?"
 
 
+def server_down(uri: str, timeout: float = 5.0) -> str | None:
+    """Why an http(s) tracking server cannot be reached (connection refused, no route, timeout), or None.
+
+    One TCP connect, no retries: a server known to be down is reported at once instead of after
+    the client's retries per request (seconds per journal, minutes for a backlog).
+    """
+    import socket  # noqa: PLC0415
+    import urllib.parse  # noqa: PLC0415
+
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return f"{uri}: not a valid port"
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{parts.hostname}:{port}: {exc.strerror or type(exc).__name__}"
+
+
 def sync(root: Path | None = None, *, uri: str | None = None) -> list[tuple[str, str, str]]:
     """Replay every incomplete journal into MLflow; return (journal, outcome, detail) triples.
 
@@ -619,8 +642,12 @@ def sync(root: Path | None = None, *, uri: str | None = None) -> list[tuple[str,
         raise RuntimeError("mlflow is not installed here; run mlflow-sync where it is")
     _bounded_http_env()
     uri = uri or tracking_uri(root)
+    down = server_down(uri)
+    if down:
+        raise ConnectionError(f"cannot connect to the tracking server {uri} ({down})")
     results: list[tuple[str, str, str]] = []
-    for d in pending_journals(root):
+    pending = pending_journals(root)
+    for i, d in enumerate(pending):
         fd = try_flock(d / _LIVE_LOCK)  # also keeps two syncs from replaying one journal twice
         if fd is None:
             results.append((d.name, "running", "its stage is still running; it sends its own events"))
@@ -629,6 +656,11 @@ def sync(root: Path | None = None, *, uri: str | None = None) -> list[tuple[str,
             results.append((d.name, "synced", _replay(mlflow, d, uri, root)))
         except Exception as exc:  # noqa: BLE001 - report per journal and go on with the others
             results.append((d.name, "failed", f"{type(exc).__name__}: {str(exc)[:300]}"))
+            down = server_down(uri)
+            if down:  # the server went away: the other journals would each wait out the retries
+                results += [(rest.name, "failed", f"not tried: the tracking server went down ({down})")
+                            for rest in pending[i + 1 :]]
+                break
         finally:
             _unlock(fd)
     return results

@@ -279,8 +279,8 @@ def test_bad_params_are_refused_before_any_work_naming_the_key(project: Path, ca
 def test_paths_that_may_point_anywhere_or_stay_inside_are_accepted(project: Path, tmp_path: Path) -> None:
     """Controls for the path rule: data inputs anywhere (documented), init_from inside the project."""
     _write_params(project, {"data": {"source": "folder", "path": str(tmp_path / "my-photos")},
-                            "train": {"init_from": "models/../models/generator.pt"}})
+                            "train": {"init_from": "models/../models/transfer.pt"}})
     proc = pipeline("params", "--check", cwd=project)
     assert "valid" in proc.stdout
-    _write_params(project, {"train": {"init_from": str(project / "models" / "generator.pt")}})
+    _write_params(project, {"train": {"init_from": str(project / "models" / "transfer.pt")}})
     assert "valid" in pipeline("params", "--check", cwd=project).stdout

@@ -252,7 +252,7 @@ def test_stage_non_square_letterbox_meta_and_determinism(tmp_path: Path, caplog:
 def test_a_raw_file_changed_after_clean_is_caught(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    for i in range(3):
+    for i in range(8):  # 8: a run needs at least 2 images in each split
         Image.fromarray(natural_image(i, 32)).save(src / f"{i}.png")
     raw, clean, data = _prepared(tmp_path, {"source": "folder", "path": str(src)})
     params = Params(data=data, preprocess=validate(Preprocess, {"size": 32}, "preprocess"))

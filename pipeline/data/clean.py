@@ -53,14 +53,7 @@ DUPLICATE_REASONS = {
     "near_duplicate": "perceptual hash within data.near_dup_distance of another item",
 }
 
-# Why the download stage did not copy an input (pipeline.data.sources.add_folder).
-SKIP_REASONS = {
-    "hidden": "a hidden file or folder (name starts with '.', or a __MACOSX folder)",
-    "symlink_not_followed": "a symbolic link; links are never followed",
-    "not_a_regular_file": "a device, pipe or socket",
-    "outside_class_folders": "a file beside the class folders, which has no label",
-    "outside_split_folders": "a file beside the train/test folders, in neither split",
-}
+# Why the download stage did not copy an input: pipeline.data.raw.SKIP_REASONS.
 
 # Columns that check_items adds to the raw manifest (dtypes of the written manifest).
 RESULT_COLUMNS = {
@@ -279,6 +272,8 @@ def skipped_rows(skipped: list[dict[str, str]], first_item: int) -> pd.DataFrame
     }
     cols["status"] = ["skipped"] * n
     cols["reason"] = [s["reason"] for s in skipped]
+    from .raw import SKIP_REASONS  # noqa: PLC0415
+
     cols["detail"] = [SKIP_REASONS.get(s["reason"], s["reason"]) for s in skipped]
     return pd.DataFrame(cols).astype({**COLUMNS, **RESULT_COLUMNS})
 
@@ -364,6 +359,8 @@ def summarize(df: pd.DataFrame, dups: dict[str, Any], *, examples: int = 5,
 
     rejected, duplicates, skipped = count("rejected"), count("duplicate"), count("skipped")
     repairs = Counter(r for rr in df.loc[st == "accepted", "repairs"].fillna("").astype(str) for r in rr.split(",") if r)
+    from .raw import SKIP_REASONS  # noqa: PLC0415
+
     help_texts = {**REJECT_REASONS, **DUPLICATE_REASONS, **SKIP_REASONS}
     report = {
         "total": int(len(df)),

@@ -87,7 +87,8 @@ class RawWriter:
     def finish(self, *, name: str, class_names: list[str], provenance: dict[str, Any]) -> dict[str, Any]:
         self._flush_files()
         if not self.count:
-            raise DataError(f"source {name!r} produced no items; check data.path and data.source")
+            raise DataError(f"source {name!r} produced no items; {explain_skipped(provenance.get('skipped', []))}"
+                            "check data.path and data.source")
         df = pd.concat(self.parts, ignore_index=True) if len(self.parts) > 1 else self.parts[0]
         with atomic_write(self.out_dir / "manifest.parquet") as fh:
             df.to_parquet(fh, index=False)
@@ -101,6 +102,37 @@ class RawWriter:
         }
         write_json(self.out_dir / "source.json", info)
         return info
+
+
+# Why the download stage left an input out (it is listed in source.json and the clean report).
+SKIP_REASONS = {
+    "hidden": "a hidden file or folder (name starts with '.', or a __MACOSX folder)",
+    "symlink_not_followed": "a symbolic link; links are never followed",
+    "not_a_regular_file": "a device, pipe or socket",
+    "outside_class_folders": "a file beside the class folders, which has no label",
+    "outside_split_folders": "a file beside the train/test folders, in neither split",
+    "empty_folder": "a class folder with no readable file inside; it is not made a class",
+    "name_not_utf8": "a file or folder name that is not valid UTF-8; rename it",
+    "unreadable": "a file or folder that cannot be read (permissions); fix its permissions",
+}
+
+
+def explain_skipped(skipped: list[dict[str, str]]) -> str:
+    """One sentence on what was skipped and why (for the "no items" error), or "" when nothing was."""
+    if not skipped:
+        return ""
+    by: dict[str, list[str]] = {}
+    for s in skipped:
+        by.setdefault(s["reason"], []).append(s["path"])
+    parts = []
+    for reason, paths in sorted(by.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(repr(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+        parts.append(f"{len(paths)} skipped as {reason} ({SKIP_REASONS.get(reason, reason)}: {shown})")
+    hint = ""
+    if "outside_class_folders" in by:
+        hint = (" Files beside class folders have no label: put every image inside a class folder, or remove the "
+                "folders (a flat folder is read unlabeled).")
+    return "; ".join(parts) + "." + hint + " "
 
 
 def read_manifest(raw_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:

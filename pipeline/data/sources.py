@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ChecksumError, DataError, DownloadError, UserError
-from ..io import sha256_file
+from ..io import STORAGE_ERRNOS, sha256_file
 from .raw import RawWriter
 
 if TYPE_CHECKING:
@@ -321,6 +321,30 @@ def to_uint8_nhwc(a: np.ndarray, origin: str) -> np.ndarray:
 _to_uint8_nhwc = to_uint8_nhwc  # the name used before
 
 
+def class_labels(labels: np.ndarray, origin: str) -> np.ndarray:
+    """Labels as int64 class indices; anything but non-negative integers is a DataError naming ``origin``.
+
+    A negative label would silently mean "unlabeled" downstream and a fractional one would be
+    truncated to another class, so both are refused (floats holding whole numbers are accepted).
+    """
+    a = np.asarray(labels).reshape(-1)
+    if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise DataError(f"{origin}: labels must be non-negative integers (class indices 0..K-1), got an array "
+                        f"of {a.dtype}; save integer class indices (e.g. labels.astype('int64'))")
+    if np.issubdtype(a.dtype, np.floating):
+        bad = ~np.isfinite(a) | (a != np.round(a))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{origin}: labels must be non-negative integers (class indices 0..K-1); label {i} is "
+                            f"{a[i].item()!r} ({int(bad.sum())} not whole numbers); fix the labels in the file")
+    if a.size and a.min() < 0:
+        i = int(np.flatnonzero(a < 0)[0])
+        raise DataError(f"{origin}: labels must be non-negative integers (class indices 0..K-1); label {i} is "
+                        f"{a[i].item()!r} ({int((a < 0).sum())} negative); fix the labels in the file, or leave the "
+                        "labels array out for an unlabeled dataset")
+    return a.astype(np.int64)
+
+
 @register("npz")
 def npz_file(p: Data, w: RawWriter, cache: Path, resources: Resources | None = None) -> tuple[list[str], dict[str, Any]]:
     """An .npz with ``images`` (+ ``labels``) or ``x_train``/``y_train``/``x_test``/``y_test``; or a bare .npy."""
@@ -352,7 +376,7 @@ def npz_file(p: Data, w: RawWriter, cache: Path, resources: Resources | None = N
         images = to_uint8_nhwc(arrays[xk], f"{path}:{xk}")
         labels = arrays.get(yk)
         if labels is not None:
-            labels = np.asarray(labels).reshape(-1).astype(np.int64)
+            labels = class_labels(labels, f"{path}:{yk}")
         images, labels = _limit(images, labels, p.limit, split, record)
         w.add_array(split, images, labels, origin=f"{path.name}:{xk}")
     names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else []
@@ -385,15 +409,38 @@ def _entries(d: Path) -> list[os.DirEntry[str]]:
         return sorted(it, key=lambda e: e.name)
 
 
+def _utf8(name: str) -> bool:
+    """Whether a file name (as decoded by the OS, with surrogate escapes) is valid UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_path(path: str) -> str:
+    """A path that can be written anywhere (JSON, parquet, a log): bytes that are not UTF-8 as \\xNN."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _classify(e: os.DirEntry[str]) -> str | None:
-    """Why this entry is skipped ("hidden", "symlink_not_followed", "not_a_regular_file"), or None."""
-    st = e.stat(follow_symlinks=False)
+    """Why this entry is skipped ("hidden", "symlink_not_followed", "not_a_regular_file",
+    "name_not_utf8", "unreadable"), or None."""
+    try:
+        st = e.stat(follow_symlinks=False)
+    except OSError:
+        return "unreadable"
     if stat.S_ISLNK(st.st_mode):
         return "symlink_not_followed"
     if _hidden(e.name):
         return "hidden"
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         return "not_a_regular_file"
+    if not _utf8(e.name):
+        return "name_not_utf8"
+    mode = os.R_OK | (os.X_OK if stat.S_ISDIR(st.st_mode) else 0)
+    if not os.access(e.path, mode):
+        return "unreadable"
     return None
 
 
@@ -414,11 +461,32 @@ def scan_folder(root: Path) -> tuple[list[str], list[_Found], list[dict[str, str
         return Path(path).relative_to(root).as_posix()
 
     def skip(e: os.DirEntry[str], reason: str, split: str) -> None:
-        is_dir = reason == "hidden" and e.is_dir(follow_symlinks=False)
-        skipped.append({"path": rel(e.path) + ("/" if is_dir else ""), "reason": reason, "split": split})
+        try:
+            is_dir = reason != "symlink_not_followed" and e.is_dir(follow_symlinks=False)
+        except OSError:
+            is_dir = False
+        skipped.append({"path": printable_path(rel(e.path)) + ("/" if is_dir else ""), "reason": reason,
+                        "split": split})
 
     def real_dirs(d: Path) -> list[os.DirEntry[str]]:
         return [e for e in _entries(d) if _classify(e) is None and e.is_dir(follow_symlinks=False)]
+
+    def has_files(d: Path) -> bool:
+        """Whether a class folder holds at least one file that would be read (at any depth)."""
+        for e in _entries(d):
+            if _classify(e) is None and (not e.is_dir(follow_symlinks=False) or has_files(Path(e.path))):
+                return True
+        return False
+
+    def class_dirs(d: Path, split: str) -> list[os.DirEntry[str]]:
+        """Class folders of ``d``: an empty one (nothing readable inside) is skipped, not made a class of 0 images."""
+        out = []
+        for e in real_dirs(d):
+            if has_files(Path(e.path)):
+                out.append(e)
+            else:
+                skipped.append({"path": printable_path(rel(e.path)) + "/", "reason": "empty_folder", "split": split})
+        return out
 
     top = real_dirs(root)
     if top and all(e.name.lower() in _SPLIT_DIRS for e in top) and any(e.name.lower() == "train" for e in top):
@@ -431,7 +499,8 @@ def scan_folder(root: Path) -> tuple[list[str], list[_Found], list[dict[str, str
                 skip(e, "outside_split_folders", "")
     else:
         split_roots = [(root, "")]
-    class_names = sorted({e.name for sr, _ in split_roots for e in real_dirs(sr)})
+    classes = {sr: class_dirs(sr, split) for sr, split in split_roots}
+    class_names = sorted({e.name for dirs in classes.values() for e in dirs})
     class_index = {n: i for i, n in enumerate(class_names)}
     found: list[_Found] = []
 
@@ -441,6 +510,8 @@ def scan_folder(root: Path) -> tuple[list[str], list[_Found], list[dict[str, str
             if reason is not None:
                 skip(e, reason, split)
             elif e.is_dir(follow_symlinks=False):
+                if depth == 0 and labeled and e.name not in class_index:
+                    continue  # an empty class folder, recorded by class_dirs
                 walk(Path(e.path), split, class_index[e.name] if depth == 0 and labeled else label, depth + 1, labeled)
             elif depth == 0 and labeled:
                 skip(e, "outside_class_folders", split)
@@ -448,7 +519,7 @@ def scan_folder(root: Path) -> tuple[list[str], list[_Found], list[dict[str, str
                 found.append(_Found(Path(e.path), rel(e.path), label, split))
 
     for split_root, split in split_roots:
-        walk(split_root, split, -1, 0, labeled=bool(real_dirs(split_root)))
+        walk(split_root, split, -1, 0, labeled=bool(classes[split_root]))
     return class_names, found, skipped
 
 
@@ -463,7 +534,13 @@ def add_folder(root: Path, p: Data, w: RawWriter, *, move: bool = False) -> tupl
             record[split or "all"] = {"kept": int(len(keep)), "available": len(items)}
         for i in keep:
             f = items[int(i)]
-            w.add_file(f.path, f.rel, f.label, f.split, origin=f.rel, move=move)
+            try:
+                w.add_file(f.path, f.rel, f.label, f.split, origin=f.rel, move=move)
+            except OSError as exc:
+                if exc.errno in STORAGE_ERRNOS:
+                    raise  # our disk, not their file: a StorageError with the fix
+                log.warning("%s: cannot be read (%s); skipped", f.rel, exc.strerror or exc)
+                skipped.append({"path": f.rel, "reason": "unreadable", "split": f.split})
     return class_names, _with_limit({"skipped": skipped}, record)
 
 
@@ -473,6 +550,9 @@ def folder(p: Data, w: RawWriter, cache: Path, resources: Resources | None = Non
     root = Path(p.path).expanduser()  # type: ignore[arg-type]
     if not root.is_dir():
         raise DataError(f"data.path: {root} is not a directory; point it at the folder that holds your images")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise DataError(f"data.path: {root} cannot be read (permissions); fix them (chmod u+rx) or copy the images "
+                        "to a folder you can read")
     names, prov = add_folder(root, p, w)
     return names, {"directory": str(root.resolve()), **prov}
 

@@ -32,6 +32,24 @@ class TensorSet:
         return int(c), int(h), int(w)
 
 
+# Fewest images a split may hold: the evaluator is scored on the test split, and FID/KID need a
+# mean and a covariance of at least two feature rows per set.
+MIN_SPLIT_IMAGES = 2
+
+
+def require_images(directory: Path, **splits: TensorSet | int) -> None:
+    """Refuse splits with fewer than :data:`MIN_SPLIT_IMAGES` images, saying how many a run needs and why."""
+    counts = {name: (s if isinstance(s, int) else len(s.images)) for name, s in splits.items()}
+    short = {name: n for name, n in counts.items() if n < MIN_SPLIT_IMAGES}
+    if short:
+        have = ", ".join(f"{n} {name}" for name, n in counts.items())
+        raise DataError(f"{directory}: {have} image(s); a run needs at least {MIN_SPLIT_IMAGES} images in each of the "
+                        "train and test splits (the evaluator is scored on the test split, and FID/KID need the mean "
+                        "and covariance of at least 2 feature rows per set). Add images to the dataset (with "
+                        "preprocess.test_fraction 0.2 that is at least 8 accepted images of an unlabeled folder), "
+                        "or see reports/clean_report.json for those that were rejected")
+
+
 def load_meta(directory: Path) -> dict[str, Any]:
     meta = read_json(Path(directory) / "meta.json")
     if "splits" not in meta:

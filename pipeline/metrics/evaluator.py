@@ -67,6 +67,73 @@ class FeatureNet(nn.Module):
         return self.dec(h)
 
 
+TEST_CHUNK = 500  # images per forward pass when scoring the test split
+
+
+def memory_needed(*, channels: int, height: int, width: int, net_width: int, batch_size: int,
+                  training: bool) -> int:
+    """Bytes a batch through :class:`FeatureNet` needs at its peak, estimated from the layer sizes.
+
+    Per image, the trunk's three conv blocks keep six activations each (conv, BatchNorm, ReLU,
+    twice) at full, half and quarter resolution with width w, 2w, 4w: about 10.5 w H W floats.
+    Training keeps them all for backward and as many again for their gradients; inference holds
+    about two full-resolution activations at a time. The estimate errs high by a small factor,
+    never low by a large one (it is what the kernel's OOM killer would otherwise decide).
+    """
+    pixels = height * width
+    per_image = 4 * net_width * pixels * (2 * 10.5 if training else 2.0) + 4 * channels * pixels * 2
+    return int(per_image * batch_size)
+
+
+def available_memory(device: str) -> int:
+    """Bytes this process can still allocate on ``device``: free GPU memory, or MemAvailable capped by the cgroup."""
+    if str(device).startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+            usage_file = limit_file.replace("memory.max", "memory.current").replace("limit_in_bytes", "usage_in_bytes")
+            if text.isdigit():
+                free = int(text) - int(Path(usage_file).read_text().strip())
+                avail = free if avail is None else min(avail, free)
+            break
+        except (OSError, ValueError):
+            continue
+    return avail if avail is not None else 1 << 62
+
+
+def check_memory(*, what: str, shape: tuple[int, int, int], net_width: int, batch_size: int, training: bool,
+                 device: str, knob: str | None) -> None:
+    """Refuse, before the work, a batch that would not fit in memory (the OOM killer ends a process without a word).
+
+    ``knob``: the batch size param to lower (named in the message with the largest value that fits).
+    """
+    from ..errors import UserError  # noqa: PLC0415
+
+    c, h, w = shape
+    need = memory_needed(channels=c, height=h, width=w, net_width=net_width, batch_size=batch_size, training=training)
+    avail = available_memory(device)
+    if need <= avail:
+        return
+    per = memory_needed(channels=c, height=h, width=w, net_width=net_width, batch_size=1, training=training)
+    fits = max(0, int(avail // per))
+    gib = 1 << 30
+    size_fix = f"lower preprocess.size ({h}x{w}) or evaluator.width ({net_width})"
+    if knob and fits >= 1:
+        fix = f"lower {knob} to {fits} or less, or {size_fix}"
+    else:
+        fix = size_fix + ("" if fits >= 1 else " (not even one image fits)")
+    raise UserError(f"{what}: batches of {batch_size} images of {c}x{h}x{w} need about {need / gib:.1f} GiB of memory "
+                    f"on {device}, {avail / gib:.1f} GiB are available; {fix}")
+
+
 def train_evaluator(images: np.ndarray, labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray, *,
                     epochs: int, batch_size: int, lr: float, width: int, feature_dim: int, seed: int, device: str,
                     progress: bool = True) -> tuple[FeatureNet, dict[str, Any]]:
@@ -107,12 +174,44 @@ def train_evaluator(images: np.ndarray, labels: np.ndarray, test_images: np.ndar
                               "train_images": int(len(images)), "test_images": int(len(test_images))}
     with torch.no_grad():
         xt = torch.from_numpy(test_images)
-        outs = torch.cat([net(normalize(xt[i : i + 500].to(device))).cpu() for i in range(0, len(xt), 500)])
+        outs = torch.cat([net(normalize(xt[i : i + TEST_CHUNK].to(device))).cpu() for i in range(0, len(xt), TEST_CHUNK)])
     if num_classes:
         report["test_accuracy"] = float((outs.argmax(1).numpy() == test_labels).mean())
     else:
         report["test_reconstruction_mse"] = float(F.mse_loss(outs, normalize(xt)).item())
+        # What "reconstructing" every test image as the mean training image scores: the bar to beat.
+        mean = normalize(torch.from_numpy(images)).mean(0)
+        report["test_mean_image_mse"] = float((normalize(xt) - mean).pow(2).mean().item())
+    warning = quality_warning(report)
+    if warning:
+        report["warning"] = warning
     return net, report
+
+
+def quality_warning(report: dict[str, Any]) -> str | None:
+    """Why the evaluator's features cannot be trusted (it has not learned), or None.
+
+    A classifier must beat chance by a quarter of the way to perfect (10 classes: accuracy 0.325);
+    an autoencoder must reconstruct the test images better than their mean training image does
+    (MSE below 0.8 of that). An untrained network still gives features, and from them FID near 0,
+    IS near 1 and precision/recall near 0 whatever the generator does: those numbers are noise.
+    """
+    if report.get("kind") == "classifier" and "test_accuracy" in report:
+        k = int(report.get("num_classes") or 0)
+        chance = 1 / k if k else 0.0
+        bar = chance + 0.25 * (1 - chance)
+        if report["test_accuracy"] < bar:
+            return (f"the offline evaluator has not learned: test accuracy {report['test_accuracy']:.3f} with "
+                    f"{k} classes (chance {chance:.3f}, needed {bar:.3f}); its FID/KID/IS/precision/recall are "
+                    "noise, not a judgement of the generator. Train it longer (evaluator.epochs) or on more "
+                    "images (data.limit)")
+    if report.get("kind") == "autoencoder" and "test_mean_image_mse" in report:
+        mse, base = report["test_reconstruction_mse"], report["test_mean_image_mse"]
+        if mse >= 0.8 * base:
+            return (f"the offline evaluator has not learned: test reconstruction MSE {mse:.4f}, no better than the "
+                    f"mean training image ({base:.4f}); its FID/KID/precision/recall are noise, not a judgement "
+                    "of the generator. Train it longer (evaluator.epochs) or on more images (data.limit)")
+    return None
 
 
 def save_evaluator(path: Path, net: FeatureNet, *, kwargs: dict[str, Any], report: dict[str, Any]) -> str:

@@ -57,6 +57,25 @@ def recipe(name: str) -> dict[str, Any]:
         raise UserError(f"train.model: unknown model {name!r}; available: {', '.join(RECIPES)}") from None
 
 
+def supported_sizes(model: str, *, smallest: int = 8, largest: int = 1024) -> tuple[int, ...]:
+    """Square image sizes (side, pixels) that recipe ``model`` can be built at, within the bounds.
+
+    Every architecture here grows from 4x4 or 7x7 by doubling (:func:`.layers.start_size`); an
+    architecture with another rule adds its case here. params validation refuses other sizes.
+    """
+    from .layers import start_size  # noqa: PLC0415
+
+    recipe(model)  # an unknown name is a UserError
+    sizes = []
+    for s in range(smallest, largest + 1):
+        try:
+            start_size(s)
+        except ValueError:
+            continue
+        sizes.append(s)
+    return tuple(sizes)
+
+
 def build_generator(arch: str, **kwargs: Any) -> nn.Module:
     try:
         cls = GENERATORS[arch]

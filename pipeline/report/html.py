@@ -27,6 +27,7 @@ figure { margin: 0; background: white; border: 1px solid #dde2ea; padding: 8px; 
 figcaption { font-size: 13px; color: #5b6475; margin-top: 6px; max-width: 520px; }
 img { max-width: 100%; height: auto; } img.px { image-rendering: pixelated; }
 .note { background: #fff7e0; border: 1px solid #f0d890; padding: 8px 12px; font-size: 14px; }
+.warning { background: #fde8e8; border: 2px solid #c0392b; padding: 10px 14px; font-size: 15px; }
 code { background: #eef1f6; padding: 1px 4px; }
 """
 
@@ -99,7 +100,10 @@ def render(ctx: dict[str, Any]) -> str:
         prev = "<p class='sub'>Change: against reports/metrics.json as committed at HEAD.</p>"
     else:
         prev = "<p class='sub'>No previous commit holds reports/metrics.json: nothing to compare against.</p>"
-    parts.append(_section("metrics", "Metrics", metrics_table(ctx["metric_rows"], ctx["have_previous"]), prev, note))
+    warning = (f"<p class='warning' id='extractor-warning'><strong>Warning: these metrics are not to be trusted."
+               f"</strong> {html.escape(ctx['warning'])}</p>") if ctx.get("warning") else ""
+    parts.append(_section("metrics", "Metrics", warning, metrics_table(ctx["metric_rows"], ctx["have_previous"]), prev,
+                          note))
     parts.append(_section("real-vs-generated", "Real vs generated", "<div class='pair'>",
                           figure(figs.get("real"), "Real test images (random, fixed seed)"),
                           figure(figs.get("samples"), "Generated (best checkpoint, EMA, fixed latent seeds)"),

@@ -7,13 +7,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..io import ShardWriter, staged_dir, write_json
+from ..io import ShardWriter, check_replaceable, staged_dir, write_json
 from ..params import Params, to_dict
 from .common import add_common, run_stage
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ["augment", "base"]
+OWNS = ("meta.json", "train_*.npy")  # data/augmented's entries
 
 
 def run(params: Params, tensors_dir: Path, out_dir: Path, *, progress: bool = True,
@@ -28,6 +29,7 @@ def run(params: Params, tensors_dir: Path, out_dir: Path, *, progress: bool = Tr
     from ..data.tensors import load_split  # noqa: PLC0415
 
     p = params.augment
+    check_replaceable(out_dir, OWNS)  # before any work
     ops = [to_dict(op) for op in p.ops]
     copies = p.copies if ops else 0
     if p.copies and not ops:
@@ -37,7 +39,7 @@ def run(params: Params, tensors_dir: Path, out_dir: Path, *, progress: bool = Tr
         build_pipeline(ops, check=True)  # a bad op name or argument fails here, before any work
     train = load_split(tensors_dir, "train")
     n = len(train.images)
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir, owns=OWNS) as tmp:
         writer = ShardWriter(tmp, "train")
         writer.add(train.images, train.labels)
         with tqdm(total=copies * n, desc="augment", unit="img", disable=not progress or not copies,

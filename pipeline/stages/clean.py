@@ -7,13 +7,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write, staged_dir, write_json
+from ..io import atomic_write, check_replaceable, staged_dir, write_json
 from ..params import Data, Params
 from .common import add_common, run_stage, workers
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ["data"]
+OWNS = ("manifest.parquet", "source.json")  # data/clean's entries
 
 
 def run(p: Data, raw_dir: Path, out_dir: Path, report_path: Path, *, progress: bool = True) -> dict[str, Any]:
@@ -34,6 +35,7 @@ def run(p: Data, raw_dir: Path, out_dir: Path, report_path: Path, *, progress: b
     from ..data.raw import read_manifest  # noqa: PLC0415
     from ..errors import DataError  # noqa: PLC0415
 
+    check_replaceable(out_dir, OWNS)  # before any work
     manifest, source = read_manifest(raw_dir)
     opts = CleanOptions(channels=p.channels, background=tuple(p.background), min_size=p.min_size,  # type: ignore[arg-type]
                         max_pixels=p.max_pixels, animated=p.animated, phash=p.near_dup_distance > 0)
@@ -51,7 +53,7 @@ def run(p: Data, raw_dir: Path, out_dir: Path, report_path: Path, *, progress: b
     write_json(report_path, report)
     if report["accepted"] == 0:
         raise DataError(f"clean: none of the {report['total']} inputs was accepted; see {report_path} for the reasons")
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir, owns=OWNS) as tmp:
         with atomic_write(tmp / "manifest.parquet") as fh:
             df.to_parquet(fh, index=False)
         # The decode options travel with the manifest: preprocess decodes accepted files again

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -18,6 +19,9 @@ from ..io import STORAGE_ERRNOS, storage_error
 from ..params import Params, load_params, to_dict
 
 log = logging.getLogger("pipeline")
+
+# OSErrors that mean "this place cannot be written or read by you", not a bug.
+PLACE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR})
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -77,14 +81,18 @@ def tracked(stage: str, params: Params, sections: list[str]) -> Iterator[Any]:
 
 
 def run_stage(stage: str, args: argparse.Namespace, body: Callable[[Params, Any], dict[str, Any] | None],
-              sections: list[str]) -> int:
-    """Load params, run ``body(params, run)`` inside a tracked run, map errors to exit codes."""
+              sections: list[str], *, models: bool = False) -> int:
+    """Load params, run ``body(params, run)`` inside a tracked run, map errors to exit codes.
+
+    ``models``: the stage builds or feeds the generator, so params are also checked against what
+    ``train.model`` supports (:func:`pipeline.params.check_model_fits`) before any work.
+    """
     setup_logging(getattr(args, "verbose", False))
     signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     ignore_sigxfsz()
     t0 = time.perf_counter()
     try:
-        params = load_params(args.params)  # fails before any work on a bad params.yaml
+        params = load_params(args.params, models=models)  # fails before any work on a bad params.yaml
         with tracked(stage, params, sections) as run:
             metrics = body(params, run) or {}
             numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -93,6 +101,12 @@ def run_stage(stage: str, args: argparse.Namespace, body: Callable[[Params, Any]
         log.error("%s failed: %s", stage, exc)
         return 2
     except OSError as exc:
+        if exc.errno in PLACE_ERRNOS:
+            # A path the user gave that cannot be written (read-only file system, permissions, a
+            # file where a folder is needed): the user's to fix, in one line.
+            log.error("%s failed: %s: %s; give a path you can write (an --out/--report option) or read (data.path), "
+                      "or fix its permissions", stage, exc.filename or "a path", exc.strerror or exc)
+            return 2
         if exc.errno not in STORAGE_ERRNOS:
             raise
         # A write outside pipeline.io's atomic helpers (a library's own file) hit the same wall.

@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..io import staged_dir
+from ..errors import OutputError
+from ..io import check_replaceable, staged_dir
 from ..params import Data, Params
 from .common import add_common, run_stage
 
@@ -17,6 +18,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SECTIONS = ["data"]
+
+# Top-level entries of data/raw (pipeline.data.raw.RawWriter): anything else there is not ours.
+OWNS = ("source.json", "manifest.parquet", "arrays", "files")
+
+
+def check_out(p: Data, out_dir: Path) -> None:
+    """Refuse an output folder that is (or holds, or lies in) the input data.path, or holds files of its own."""
+    import os  # noqa: PLC0415
+
+    if p.path and "://" not in p.path:
+        src = os.path.realpath(os.path.expanduser(p.path))
+        dst = os.path.realpath(out_dir)
+        for a, b in ((src, dst), (dst, src)):
+            if a == b or b.startswith(a.rstrip(os.sep) + os.sep):
+                raise OutputError(f"--out {out_dir}: overlaps data.path {p.path} (the images to read); the download "
+                                  "stage replaces its output folder whole, so your files would be lost. Nothing was "
+                                  "changed. Leave --out at its default (data/raw) or choose a new folder.")
+    check_replaceable(out_dir, OWNS)
 
 
 def run(p: Data, out_dir: Path, cache_dir: Path, *, resources: Resources | None = None) -> dict[str, Any]:
@@ -29,8 +48,9 @@ def run(p: Data, out_dir: Path, cache_dir: Path, *, resources: Resources | None 
     from ..data.sources import get_source  # noqa: PLC0415
 
     source = get_source(p.source)  # unknown names fail before anything is written
+    check_out(p, out_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir, owns=OWNS) as tmp:
         writer = RawWriter(tmp)
         class_names, provenance = source(p, writer, cache_dir, resources=resources)
         info = writer.finish(name=p.source, class_names=class_names, provenance=provenance)

@@ -87,6 +87,34 @@ def _conditional_metrics(generator: Any, gen_info: dict[str, Any], net: Any, tes
             "cas": cas_report["test_accuracy"], "cas_real": real_report["test_accuracy"]}
 
 
+def _check_inputs(params: Params, test: Any, train: Any, tensors_dir: Path, net: Any, evaluator_path: Path,
+                  gen_info: dict[str, Any], generator_path: Path, device: str) -> None:
+    """Before any work: enough real images, an evaluator and a generator made for these tensors, memory."""
+    from ..data.tensors import require_images  # noqa: PLC0415
+    from ..errors import UserError  # noqa: PLC0415
+    from ..metrics.evaluator import check_memory  # noqa: PLC0415
+
+    p = params.evaluate
+    require_images(tensors_dir, train=train, test=test)
+    k = max(p.pr_k, p.dc_k)
+    if len(test.images) <= k:
+        raise UserError(f"{tensors_dir}: the test split holds {len(test.images)} images; the k-NN metrics need more than "
+                        f"k = {k} (evaluate.pr_k {p.pr_k}, evaluate.dc_k {p.dc_k}): lower them or add images")
+    shape = tuple(int(s) for s in test.images.shape[1:])
+    if (net.channels, net.size, net.size) != shape:
+        raise UserError(f"{evaluator_path} was trained on images {net.channels}x{net.size}x{net.size}, {tensors_dir} "
+                        f"holds {'x'.join(map(str, shape))}: train an evaluator on these tensors (python -m pipeline "
+                        "evaluator --tensors ... --out ...) or pass the matching --evaluator")
+    kw = gen_info.get("kwargs") or {}
+    if "channels" in kw and (kw["channels"], kw.get("size"), kw.get("size")) != shape:
+        raise UserError(f"{generator_path} generates images {kw['channels']}x{kw.get('size')}x{kw.get('size')}, "
+                        f"{tensors_dir} holds {'x'.join(map(str, shape))}: evaluate it against the tensors it was "
+                        "trained on (--tensors), or train on these")
+    check_memory(what="evaluate", shape=shape, net_width=int(net.trunk[0][0].out_channels),
+                 batch_size=min(p.batch_size, max(len(test.images), p.n_samples)), training=False, device=device,
+                 knob="evaluate.batch_size")
+
+
 def draw_seeds(seed: int, n: int) -> list[int]:
     """Latent seeds of the n generated draws: the base seed first (the report's grids), then far from it
     (the training loop's in-loop score uses seed + 1, the conditional metrics seed + 2)."""
@@ -99,7 +127,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Pat
 
     from ..data.tensors import load_split  # noqa: PLC0415
     from ..metrics.compute import fid_only, memorisation, metric_set, sample  # noqa: PLC0415
-    from ..metrics.evaluator import extract, load_evaluator  # noqa: PLC0415
+    from ..metrics.evaluator import extract, load_evaluator, quality_warning  # noqa: PLC0415
     from ..metrics.math import gaussian_stats  # noqa: PLC0415
     from ..models import load_generator  # noqa: PLC0415
 
@@ -114,6 +142,10 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Pat
     net, ev = load_evaluator(evaluator_path, device=device)
     test = load_split(tensors_dir, "test")
     train = load_split(tensors_dir, "train")
+    _check_inputs(params, test, train, tensors_dir, net, evaluator_path, gen_info, models_dir / "best.pt", device)
+    warning = ev.get("warning") or quality_warning(ev)
+    if warning:
+        log.warning("evaluate: WARNING: %s", warning)
     seeds = draw_seeds(seed, p.seeds)
     fakes = [sample(generator, p.n_samples, nz=gen_info["nz"], num_classes=gen_info["num_classes"], seed=s,
                     batch_size=p.batch_size, device=device)[0] for s in seeds]  # S x uint8 [n, C, H, W]
@@ -161,11 +193,16 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Pat
     }
     if vae_recon is not None:
         metrics["protocol"]["vae_likelihood"] = vae_recon
+    metrics["protocol"]["extractor_trusted"] = warning is None
+    if warning:
+        metrics["extractor_warning"] = warning
     write_json(out_path, metrics)
     write_json(details_path, details)
     log.info("evaluate: FID %.3f [%.3f, %.3f] (real-vs-real floor %.3f), KID %.4f, IS %s, precision %.3f, recall %.3f",
              metrics["fid"], metrics["fid_ci_low"], metrics["fid_ci_high"], metrics["fid_train_vs_test"], metrics["kid"],
              f"{metrics['IS']:.3f}" if "IS" in metrics else "n/a", metrics["precision"], metrics["recall"])
+    if warning:
+        log.warning("evaluate: WARNING: these numbers are not to be trusted: %s", warning)
     return numeric_metrics(metrics)
 
 

@@ -17,13 +17,18 @@ SECTIONS = ["evaluator", "base"]
 
 
 def run(params: Params, tensors_dir: Path, out_path: Path, report_path: Path, *, progress: bool = True) -> dict[str, Any]:
-    from ..data.tensors import load_split  # noqa: PLC0415
-    from ..metrics.evaluator import save_evaluator, train_evaluator  # noqa: PLC0415
+    from ..data.tensors import load_split, require_images  # noqa: PLC0415
+    from ..metrics.evaluator import TEST_CHUNK, check_memory, save_evaluator, train_evaluator  # noqa: PLC0415
 
     p = params.evaluator
     device = device_from(params)
     train = load_split(tensors_dir, "train")
     test = load_split(tensors_dir, "test")
+    require_images(tensors_dir, train=train, test=test)
+    check_memory(what="evaluator", shape=train.shape, net_width=p.width, batch_size=min(p.batch_size, len(train.images)),
+                 training=True, device=device, knob="evaluator.batch_size")
+    check_memory(what="evaluator (scoring the test split)", shape=train.shape, net_width=p.width,
+                 batch_size=min(TEST_CHUNK, len(test.images)), training=False, device=device, knob=None)
     net, report = train_evaluator(train.images, train.labels, test.images, test.labels, epochs=p.epochs,
                                   batch_size=p.batch_size, lr=p.lr, width=p.width, feature_dim=p.feature_dim,
                                   seed=params.base.seed, device=device, progress=progress)
@@ -34,6 +39,8 @@ def run(params: Params, tensors_dir: Path, out_path: Path, report_path: Path, *,
     log.info("evaluator: %s, %s", report["kind"],
              f"test accuracy {report['test_accuracy']:.4f}" if "test_accuracy" in report
              else f"test reconstruction MSE {report['test_reconstruction_mse']:.4f}")
+    if report.get("warning"):
+        log.warning("evaluator: WARNING: %s", report["warning"])
     return {k: v for k, v in report.items() if isinstance(v, float)}
 
 

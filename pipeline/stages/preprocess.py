@@ -7,13 +7,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..io import read_json, staged_dir, write_json
+from ..io import check_replaceable, read_json, staged_dir, write_json
 from ..params import Params
 from .common import add_common, run_stage, workers
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ["preprocess", "base"]
+OWNS = ("meta.json", "train_*.npy", "test_*.npy")  # data/tensors' entries (pipeline.io.ShardWriter)
 
 
 def run(params: Params, clean_dir: Path, raw_dir: Path, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
@@ -22,10 +23,12 @@ def run(params: Params, clean_dir: Path, raw_dir: Path, out_dir: Path, *, progre
 
     from ..data.clean import CleanOptions  # noqa: PLC0415
     from ..data.preprocess import build_tensors  # noqa: PLC0415
+    from ..data.tensors import require_images  # noqa: PLC0415
     from ..errors import DataError  # noqa: PLC0415
 
     p = params.preprocess
     height, width = p.hw
+    check_replaceable(out_dir, OWNS)  # before any work
     manifest = clean_dir / "manifest.parquet"
     if not manifest.is_file():
         raise DataError(f"{manifest}: not found; run the clean stage first (dvc repro clean)")
@@ -34,10 +37,12 @@ def run(params: Params, clean_dir: Path, raw_dir: Path, out_dir: Path, *, progre
     co = source["clean_options"]
     opts = CleanOptions(**{**co, "background": tuple(co["background"])})
     accepted = clean["status"] == "accepted"
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir, owns=OWNS) as tmp:
         meta = build_tensors(clean, raw_dir, tmp, opts, size=(height, width), policy=p.resize, filter=p.filter,
                              fill=p.fill, test_fraction=p.test_fraction, seed=params.base.seed,
                              shard_bytes=p.shard_mb << 20, workers=workers(0), progress=progress)
+        # Too few images for a run fails here, with the counts, not later inside the evaluator or FID.
+        require_images(out_dir, **{s: meta["splits"].get(s, {}).get("count", 0) for s in ("train", "test")})
         labels_known = bool((clean.loc[accepted, "label"] >= 0).all())
         class_names = source.get("class_names") or []
         if labels_known and not class_names:
@@ -65,4 +70,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    return run_stage("preprocess", args, lambda params, tracker: run(params, args.clean, args.raw, args.out), SECTIONS)
+    return run_stage("preprocess", args, lambda params, tracker: run(params, args.clean, args.raw, args.out), SECTIONS,
+                     models=True)

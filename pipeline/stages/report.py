@@ -9,13 +9,15 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..io import read_json, staged_dir, write_text
+from ..io import check_replaceable, read_json, staged_dir, write_text
 from ..params import Params
 from .common import add_common, device_from, run_stage, set_threads
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ["report", "base"]
+FIGURES = ("samples", "real", "interpolation", "nearest", "reconstructions", "curves")
+OWNS = tuple(f"{name}.png" for name in FIGURES)  # reports/figures holds only these
 
 
 def previous_metrics(metrics_path: Path) -> dict[str, Any] | None:
@@ -46,6 +48,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
 
     r = params.report
     seed = params.base.seed
+    check_replaceable(figures_dir, OWNS, option="--figures")  # before any work
     set_threads(0)
     device = device_from(params)
     metrics = read_json(metrics_path)
@@ -56,7 +59,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
     train = load_split(tensors_dir, "train")
     nz, k = info["nz"], info["num_classes"]
     figs: dict[str, Path] = {}
-    with staged_dir(figures_dir) as tmp:
+    with staged_dir(figures_dir, owns=OWNS, option="--figures") as tmp:
         # Fixed-seed grid: the first grid_n latents of the evaluation seed (the same images every run).
         y = (torch.arange(r.grid_n) % k) if k else None
         samples = F.generate(generator, latents(r.grid_n, nz, seed), y, device=device)
@@ -91,7 +94,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
                 rec = torch.tanh(vae.decoder.logits(mu))
             F.save_png(F.pairs_figure(test.images[idx[:16]], to_uint8(rec)), tmp / "reconstructions.png", nrow=8, scale=3)
         F.plot_curves(train_reports / "losses.csv", train_reports / "scores.csv", tmp / "curves.png")
-    for name in ("samples", "real", "interpolation", "nearest", "reconstructions", "curves"):
+    for name in FIGURES:
         if (figures_dir / f"{name}.png").exists():
             figs[name] = figures_dir / f"{name}.png"
     previous = previous_metrics(metrics_path)
@@ -105,6 +108,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
         "metric_rows": F.metric_rows(metrics, previous),
         "have_previous": previous is not None,
         "inception_note": None if inception.get("computed") else f"Inception-v3 metrics were not computed: {inception.get('reason', '')}",
+        "warning": metrics.get("extractor_warning"),
         "protocol": [(k2, v) for k2, v in prot.items()],
         "figures": figs,
         "timeline": F.grid_timeline(train_reports / "grids"),

@@ -20,17 +20,22 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..io import atomic_copy, pid_alive, staged_dir, try_flock, work_dir, write_json
+from ..errors import OutputError, UserError
+from ..io import atomic_copy, check_replaceable, pid_alive, staged_dir, try_flock, work_dir, write_json
 from ..params import Params
 from .common import add_common, device_from, run_stage, set_determinism, set_threads
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ["train", "base"]
+
+# What train writes under --reports (dvc.yaml: its outs and plots there); nothing else is touched.
+REPORT_FILES = ("log.jsonl", "losses.csv", "scores.csv", "summary.json")
+GRIDS_OWNS = ("step_*.png",)  # --reports/grids holds only the step grids
 
 
 def _digest(*parts: Any) -> str:
@@ -69,9 +74,9 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
         reports_dir: Path, *, tracker: Any = None, progress: bool = True) -> dict[str, Any]:
     import torch  # noqa: PLC0415
 
-    from ..data.tensors import load_split  # noqa: PLC0415
+    from ..data.tensors import load_split, require_images  # noqa: PLC0415
     from ..metrics.compute import fid_only, sample  # noqa: PLC0415
-    from ..metrics.evaluator import extract, load_evaluator  # noqa: PLC0415
+    from ..metrics.evaluator import check_memory, extract, load_evaluator  # noqa: PLC0415
     from ..metrics.math import gaussian_stats  # noqa: PLC0415
     from ..training import distributed as dist_utils  # noqa: PLC0415
     from ..training.config import resolve  # noqa: PLC0415
@@ -79,6 +84,12 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
 
     info = dist_utils.from_env()
     lock_fd: int | None = None
+    if info.is_main:  # before any work: the outputs must be places train may write
+        if reports_dir.exists() and not reports_dir.is_dir():
+            raise OutputError(f"--reports {reports_dir}: is a file; give a folder (default reports/train)")
+        check_replaceable(reports_dir / "grids", GRIDS_OWNS, option="--reports")
+        if models_dir.exists() and not models_dir.is_dir():
+            raise OutputError(f"--models {models_dir}: is a file; give a folder (default models)")
     set_determinism(params)
     set_threads(params.train.num_threads)
     device = device_from(params)
@@ -87,6 +98,9 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
     dist_utils.init(info, device)
     try:
         data = load_split(augmented, "train")
+        require_images(augmented, train=data)
+        if params.train.conditional:
+            _require_every_class(augmented, data)
         cfg = resolve(params.train, seed=params.base.seed, image_shape=data.shape, num_classes=data.num_classes)
         eval_fn = None
         eval_hash = None
@@ -94,6 +108,11 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
             net, ev_info = load_evaluator(evaluator_path, device=device)
             eval_hash = ev_info["sha256"]
             test = load_split(tensors, "test")
+            require_images(tensors, test=test)
+            _require_fit(evaluator_path, net, test.shape, tensors)
+            check_memory(what="train (in-loop evaluator scores)", shape=test.shape,
+                         net_width=int(net.trunk[0][0].out_channels), training=False, device=device, knob=None,
+                         batch_size=min(500, max(len(test.images), cfg.eval_samples)))  # extract()'s batch
             real_stats = gaussian_stats(extract(net, test.images, device=device)[0])
 
             def eval_fn(g: torch.nn.Module) -> float:
@@ -125,14 +144,22 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
         trainer.save_generator(models_dir / "generator.pt")
         atomic_copy(workdir / "best.pt", models_dir / "best.pt")
         atomic_copy(trainer.ckpt_path, models_dir / "checkpoint.pt")
-        with staged_dir(reports_dir) as tmp:
+        # Each declared output is replaced on its own: reports_dir itself may hold other files (the
+        # .gitignore DVC keeps there, or the rest of reports/ when --reports names it).
+        reports_dir.mkdir(parents=True, exist_ok=True)
+        with staged_dir(reports_dir / "grids", owns=GRIDS_OWNS, option="--reports") as tmp:
+            for png in sorted((workdir / "grids").glob("*.png")):
+                shutil.copy2(png, tmp / png.name)
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp_name:
+            tmp = Path(tmp_name)
             write_curves(workdir / "log.jsonl", tmp)
-            shutil.copytree(workdir / "grids", tmp / "grids")
             summary = {"steps": result.step, "best_score": result.best_score, "best_step": result.best_step,
                        "collapsed": result.collapsed, "stopped_early": result.stopped_early, "resumed": resumed,
                        "history": result.history, "config": cfg.to_dict(), "device": device, "world_size": info.world_size,
                        "transfer": result.transfer, "evaluator_sha256": eval_hash}
             write_json(tmp / "summary.json", summary)
+            for name in REPORT_FILES:
+                atomic_copy(tmp / name, reports_dir / name)
         if tracker is not None:
             tracker.log_artifact(reports_dir / "summary.json", "train")
             tracker.log_artifact(reports_dir / "grids", "train/grids")
@@ -150,6 +177,32 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
         if lock_fd is not None:
             os.close(lock_fd)
         dist_utils.shutdown(info)
+
+
+def _require_every_class(directory: Path, data: Any) -> None:
+    """train.conditional: every class must have training images (an empty class would be generated from nothing)."""
+    import numpy as np  # noqa: PLC0415
+
+    k = data.num_classes
+    if not k or not (data.labels >= 0).all():
+        raise UserError(f"train.conditional: true needs class labels, and {directory} is unlabeled; "
+                        "set train.conditional: false, or give the dataset class folders")
+    counts = np.bincount(data.labels, minlength=k)
+    empty = [i for i in range(k) if counts[i] == 0]
+    if empty:
+        names = data.meta.get("class_names") or [str(i) for i in range(k)]
+        shown = ", ".join(repr(names[i]) if i < len(names) else str(i) for i in empty)
+        raise UserError(f"train.conditional: class(es) {shown} of {directory} have no training images; a conditional "
+                        "generator cannot learn a class from nothing. Add images to those classes, remove them from "
+                        "the dataset, or set train.conditional: false")
+
+
+def _require_fit(evaluator_path: Path, net: Any, shape: tuple[int, int, int], tensors: Path) -> None:
+    """The offline evaluator must have been trained on images of this shape (channels, size)."""
+    if (net.channels, net.size, net.size) != tuple(shape):
+        raise UserError(f"{evaluator_path} was trained on images {net.channels}x{net.size}x{net.size}, {tensors} holds "
+                        f"{'x'.join(map(str, shape))}: train an evaluator on these tensors "
+                        "(python -m pipeline evaluator --tensors ... --out ...) or pass the matching --evaluator")
 
 
 def _claim_workdir(key: str, info: Any) -> tuple[Path, int | None, bool]:
@@ -221,4 +274,5 @@ def main(args: argparse.Namespace) -> int:
         run(load_params(args.params), args.data, args.tensors, args.evaluator, args.models, args.reports, progress=False)
         return 0
     return run_stage("train", args, lambda params, tracker: run(
-        params, args.data, args.tensors, args.evaluator, args.models, args.reports, tracker=tracker), SECTIONS)
+        params, args.data, args.tensors, args.evaluator, args.models, args.reports, tracker=tracker), SECTIONS,
+        models=True)
