@@ -22,7 +22,9 @@ class DCGANGenerator(nn.Module):
         self.nz, self.channels, self.size, self.num_classes = nz, channels, size, num_classes
         s0, n = start_size(size), n_up(size)
         widths = [ngf * 2 ** (n - 1 - i) for i in range(n)]  # e.g. 64x64: [512, 256, 128, 64]
-        self.convs = nn.ModuleList([nn.ConvTranspose2d(nz, widths[0], s0, 1, 0, bias=False)])
+        # Conditional: the one-hot label joins the latent at the input, as well as steering every
+        # BatchNorm (conditional BN alone left the labels unused: samples matched their class at chance).
+        self.convs = nn.ModuleList([nn.ConvTranspose2d(nz + num_classes, widths[0], s0, 1, 0, bias=False)])
         for i in range(1, n):
             self.convs.append(nn.ConvTranspose2d(widths[i - 1], widths[i], 4, 2, 1, bias=False))
         if num_classes:
@@ -33,7 +35,9 @@ class DCGANGenerator(nn.Module):
 
     def logits(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Pre-tanh output a, with image = tanh(a) and (image + 1) / 2 = sigmoid(2a) (used by the VAE's BCE)."""
-        h = z.reshape(z.shape[0], self.nz, 1, 1)
+        if self.num_classes:
+            z = torch.cat([z, nn.functional.one_hot(y, self.num_classes).to(z.dtype)], dim=1)
+        h = z.reshape(z.shape[0], -1, 1, 1)
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
             h = _project(z, conv.weight) if i == 0 and _is_channels_last(conv.weight) else conv(h)
             h = norm(h, y) if self.num_classes else norm(h)

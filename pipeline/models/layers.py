@@ -78,9 +78,23 @@ class MinibatchStd(nn.Module):
 
 
 def init_weights(module: nn.Module, scheme: str) -> None:
-    """normal: N(0, 0.02) as in DCGAN (BN scales N(1, 0.02)); xavier; he (Kaiming, fan_in, leaky 0.2)."""
+    """normal: N(0, 0.02) as in DCGAN (BN scales N(1, 0.02)); xavier; he (Kaiming, fan_in, leaky 0.2).
+
+    Class embeddings (the projection discriminator's) get the scheme too: at PyTorch's default
+    N(0, 1) the class projection outweighed the rest of D fifty-fold at the start (logits near 70)
+    and conditional runs collapsed. Conditional BN's embeddings keep their identity start (scale 1,
+    shift 0)."""
+    conditional_bn = {id(m.embed) for m in module.modules() if isinstance(m, ConditionalBatchNorm2d)}
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        if isinstance(m, nn.Embedding) and id(m) not in conditional_bn:
+            w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+            if scheme == "normal":
+                nn.init.normal_(w, 0.0, 0.02)
+            elif scheme == "xavier":
+                nn.init.xavier_uniform_(w)
+            else:
+                nn.init.kaiming_normal_(w, a=0.2, nonlinearity="leaky_relu")
+        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
             if scheme == "normal":
                 nn.init.normal_(w, 0.0, 0.02)
