@@ -68,6 +68,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _mlflow_sync(args: argparse.Namespace) -> int:
     """Replay journals that did not reach MLflow; exit 1 while any could not be sent."""
+    from . import mlflow_models  # noqa: F401, PLC0415 - journals may hold generator models to log
     from .stages.common import setup_logging  # noqa: PLC0415
     from .tracking import pending_journals, sync  # noqa: PLC0415
 
@@ -163,27 +164,23 @@ def _metrics_check(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
-def _audit_imports(command: str | None) -> None:
-    """PIPELINE_IMPORT_AUDIT=DIR: on exit, write DIR/<command>.txt listing the pipeline modules
-    this process imported (a file path instead of a directory is written as is).
+def _deps(args: argparse.Namespace) -> int:
+    """Compare (--check) or rewrite (--write) dvc.yaml's code deps with each stage's import closure."""
+    from . import deps  # noqa: PLC0415
 
-    The test suite uses it to check that every stage in dvc.yaml declares each module it imports.
-    """
-    import atexit  # noqa: PLC0415
-    import os  # noqa: PLC0415
-
-    path = os.environ.get("PIPELINE_IMPORT_AUDIT")
-    if not path:
-        return
-    if Path(path).is_dir():
-        path = str(Path(path) / f"{command}.txt")
-
-    def write() -> None:
-        files = sorted({m.__file__ for name, m in list(sys.modules.items())
-                        if (name == "pipeline" or name.startswith("pipeline.")) and getattr(m, "__file__", None)})
-        Path(path).write_text("\n".join(files) + "\n")
-
-    atexit.register(write)
+    root = args.root
+    if args.write:
+        changed = deps.write(root)
+        print(f"{root / 'dvc.yaml'}: {'code deps rewritten' if changed else 'code deps already match'}")
+    problems = deps.check(root)
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    if problems:
+        print("run `python -m pipeline deps --write` to fix dvc.yaml", file=sys.stderr)
+        return 1
+    if not args.write:
+        print(f"{root / 'dvc.yaml'}: every stage lists exactly the pipeline modules it can import")
+    return 0
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -235,6 +232,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     pr.add_argument("--params", type=Path, default=Path("params.yaml"))
     pr.add_argument("--check", action="store_true", help="validate the params file and exit")
     pr.set_defaults(func=_params)
+    dp = sub.add_parser("deps", help="check (or --write) dvc.yaml's code deps against each stage's import closure",
+                        description="Each stage's code deps are the pipeline modules its command can import, "
+                        "following every import statement in every branch (see pipeline/deps.py). "
+                        "Exit status 1 when dvc.yaml differs.")
+    mode = dp.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="report differences and exit 1 if any (the default)")
+    mode.add_argument("--write", action="store_true", help="rewrite the pipeline/*.py entries of each stage's deps")
+    dp.add_argument("--root", type=Path, default=Path("."), help="project root (where dvc.yaml is)")
+    dp.set_defaults(func=_deps)
     return parser
 
 
@@ -245,7 +251,6 @@ def main(argv: list[str] | None = None) -> int:
         # silently (see pipeline.stages.common.ignore_sigxfsz).
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     command = next((a for a in argv if not a.startswith("-")), None)
-    _audit_imports(command)
     args = build_parser(command).parse_args(argv)
     return int(args.func(args) or 0)
 
