@@ -18,10 +18,9 @@ log = logging.getLogger(__name__)
 SECTIONS = ["report", "base"]
 
 
-def previous_metrics(metrics_path: Path) -> dict[str, Any] | None:
-    """metrics.json as committed at HEAD (it is git-tracked: cache: false), or None."""
+def _at_head(path: Path) -> dict[str, Any] | None:
     try:
-        rel = metrics_path.resolve().relative_to(Path.cwd().resolve())
+        rel = path.resolve().relative_to(Path.cwd().resolve())
         out = subprocess.run(["git", "show", f"HEAD:{rel.as_posix()}"], capture_output=True, text=True, timeout=20)
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
@@ -33,6 +32,16 @@ def previous_metrics(metrics_path: Path) -> dict[str, Any] | None:
         return None
 
 
+def previous_metrics(metrics_path: Path) -> dict[str, Any] | None:
+    """metrics.json and its protocol file as committed at HEAD (both git-tracked: cache: false), or None."""
+    from ..metrics import record  # noqa: PLC0415
+
+    numbers = _at_head(metrics_path)
+    if numbers is None:
+        return None
+    return record.merge(numbers, _at_head(record.protocol_path(metrics_path)) or {})
+
+
 def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path, metrics_path: Path,
         details_path: Path, clean_report: Path, figures_dir: Path, html_path: Path) -> dict[str, Any]:
     import numpy as np  # noqa: PLC0415
@@ -40,6 +49,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
 
     from ..data.tensors import load_split  # noqa: PLC0415
     from ..imaging import make_grid, png_bytes, to_uint8  # noqa: PLC0415
+    from ..metrics import record  # noqa: PLC0415
     from ..models import latents, load_generator  # noqa: PLC0415
     from ..report import figures as F  # noqa: PLC0415
     from ..report.html import render  # noqa: PLC0415
@@ -48,7 +58,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
     seed = params.base.seed
     set_threads(0)
     device = device_from(params)
-    metrics = read_json(metrics_path)
+    metrics = record.read(metrics_path)
     details = read_json(details_path)
     cleaning = read_json(clean_report)
     generator, info = load_generator(models_dir / "best.pt", device=device)
@@ -140,8 +150,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
     parser.add_argument("--details", type=Path, default=Path("reports/eval_details.json"))
     parser.add_argument("--clean-report", type=Path, default=Path("reports/clean_report.json"))
-    parser.add_argument("--figures", type=Path, default=Path("reports/figures"), help=None)
-    parser.add_argument("--out", type=Path, default=Path("reports/index.html"), help=None)
+    parser.add_argument("--figures", type=Path, default=Path("reports/figures"), help="figures (PNG)")
+    parser.add_argument("--out", type=Path, default=Path("reports/index.html"), help="the HTML report")
 
 
 def main(args: argparse.Namespace) -> int:
