@@ -60,11 +60,13 @@ def test_metrics_are_finite_and_carry_the_protocol(built: dict[str, Any]) -> Non
     for key in ("fid", "fid_ci_low", "fid_ci_high", "kid", "IS", "precision", "recall", "density", "coverage"):
         assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
     assert metrics["fid_ci_low"] <= metrics["fid"] <= metrics["fid_ci_high"]
-    prot = metrics["protocol"]
+    assert all(isinstance(v, (int, float)) for v in metrics.values()), "metrics.json holds numbers only"
+    beside = json.loads((built["root"] / "reports/eval_protocol.json").read_text())
+    prot = beside["protocol"]
     assert prot["generated_samples"] == 40 and prot["reference_split"] == "test"
     evaluator = json.loads((built["root"] / "reports/evaluator.json").read_text())
     assert prot["extractor_sha256"] == evaluator["sha256"]
-    assert metrics["inception"]["computed"] is False and "inception_weights" in metrics["inception"]["reason"]
+    assert beside["inception"]["computed"] is False and "inception_weights" in beside["inception"]["reason"]
 
 
 def test_sample_grid_is_a_real_image_of_the_right_layout(built: dict[str, Any]) -> None:
@@ -96,6 +98,43 @@ def test_mlflow_has_one_parent_run_with_a_finished_child_per_stage(built: dict[s
     assert len(steps) == 3  # logged every 2 of 6 steps
     params = dict(db.execute("select key, value from params where run_uuid=?", (train_id,)).fetchall())
     assert params["train.steps"] == "6" and params["base.seed"] == "0"
+
+
+def test_parent_run_is_comparable_and_children_carry_images_dataset_and_source(built: dict[str, Any]) -> None:
+    """What MLflow's experiment page shows: parents with metrics and params, an image history, the dataset."""
+    import mlflow
+
+    root = built["root"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("pipeline")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # not MLflow 3's GenAI view
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`pipeline.kind` = 'pipeline'")
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    for key in ("fid", "fid_ci_low", "fid_ci_high", "kid", "IS", "precision", "recall"):
+        assert parent.data.metrics[key] == pytest.approx(metrics[key]), key
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert parent.data.params["train.model"] == "dcgan" and parent.data.params["train.steps"] == "6"
+    assert parent.data.params["data.source"] == params["data"]["source"] and parent.data.params["data.limit"] == "80"
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    train = next(r for r in children if r.info.run_name == "train")
+    # The grids are an image history (the run page's step slider): key "samples", one per grid step.
+    names = [f.path for f in client.list_artifacts(train.info.run_id, "images")]
+    steps = sorted(int(n.split("+step+")[1].split("+")[0]) for n in names
+                   if n.startswith("images/samples+step+") and n.endswith(".png"))
+    assert steps == [0, 3, 6]
+    assert train.data.tags["mlflow.loggedImages"] == "True"
+    # The training data is a dataset input with the tensors' content digest, size and resolution.
+    meta = json.loads((root / "data/tensors/meta.json").read_text())
+    for run_id in (train.info.run_id, parent.info.run_id):
+        (ds,) = [d.dataset for d in client.get_run(run_id).inputs.dataset_inputs]
+        assert ds.digest == meta["content_sha256"][:32] and ds.name == f"{params['data']['source']}-28x28"
+        profile = json.loads(ds.profile)
+        assert profile["resolution"] == "28x28" and profile["train_images"] == meta["splits"]["train"]["count"]
+    # Who, what and from where, on children and parent alike.
+    commit = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
+    for r in (parent, *children):
+        assert r.data.tags["mlflow.source.git.commit"] == commit and r.data.tags["mlflow.user"]
+        assert r.data.tags["mlflow.source.type"] == "PROJECT"
 
 
 def test_sample_command_writes_npz_and_png(built: dict[str, Any]) -> None:
