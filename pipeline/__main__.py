@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import signal
 import sys
 from pathlib import Path
@@ -183,9 +184,26 @@ def _deps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plain(doc: str) -> str:
+    """A docstring as --help text: reST literals (``x``) and roles (:func:`x`) become plain x."""
+    doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc)
+    return doc.replace("``", "")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a default to show: not on required options, flags or None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+                or "%(default)" in text):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI; only the chosen stage's module is imported (so a stage imports no other stage)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=_plain(__doc__ or ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in STAGES.items():
@@ -193,12 +211,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             sub.add_parser(name, help=help_text)
             continue
         module = importlib.import_module(f"pipeline.stages.{name}")
-        p = sub.add_parser(name, help=help_text, description=module.__doc__.strip(),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=_plain(module.__doc__.strip()),
+                           formatter_class=_HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(func=module.main)
     s = sub.add_parser("sample", help="write N samples of a trained generator to .npz or .png",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     s.add_argument("--checkpoint", type=Path, default=Path("models/best.pt"), help="generator file (models/best.pt or generator.pt)")
     s.add_argument("--n", type=int, default=64, help="number of samples")
     s.add_argument("--out", type=Path, required=True, help=".npz (uint8 'images' [N, C, H, W]) or .png (grid)")
@@ -213,7 +231,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     m.set_defaults(func=_mlflow_sync)
     mc = sub.add_parser("metrics-check", help="self-test of the metrics on real data (FID near 0 for real halves, "
                         "monotone in noise, blur and mode dropping; FID math vs scipy; IS of sharp balanced sets)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_HelpFormatter)
     mc.add_argument("--tensors", type=Path, default=Path("data/tensors"), help="real images (a preprocess output)")
     mc.add_argument("--evaluator", type=Path, default=Path("models/evaluator.pt"),
                     help="offline evaluator trained on these tensors (the evaluator stage's output)")
@@ -228,11 +246,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     mc.add_argument("--inception-sha256", default=None, help="pinned sha256 of the Inception weights")
     mc.add_argument("--json", type=Path, default=None, help="also write the full report as JSON here")
     mc.set_defaults(func=_metrics_check)
-    pr = sub.add_parser("params", help="list every params.yaml key with its default and meaning; --check validates")
-    pr.add_argument("--params", type=Path, default=Path("params.yaml"))
+    pr = sub.add_parser("params", help="list every params.yaml key with its default and meaning (as YAML); "
+                        "--check validates", formatter_class=_HelpFormatter)
+    pr.add_argument("--params", type=Path, default=Path("params.yaml"), help="the params file --check validates")
     pr.add_argument("--check", action="store_true", help="validate the params file and exit")
     pr.set_defaults(func=_params)
     dp = sub.add_parser("deps", help="check (or --write) dvc.yaml's code deps against each stage's import closure",
+                        formatter_class=_HelpFormatter,
                         description="Each stage's code deps are the pipeline modules its command can import, "
                         "following every import statement in every branch (see pipeline/deps.py). "
                         "Exit status 1 when dvc.yaml differs.")

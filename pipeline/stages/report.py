@@ -144,12 +144,15 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
-    parser.add_argument("--models", type=Path, default=Path("models"))
-    parser.add_argument("--tensors", type=Path, default=Path("data/tensors"))
-    parser.add_argument("--train-reports", type=Path, default=Path("reports/train"))
-    parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
-    parser.add_argument("--details", type=Path, default=Path("reports/eval_details.json"))
-    parser.add_argument("--clean-report", type=Path, default=Path("reports/clean_report.json"))
+    parser.add_argument("--models", type=Path, default=Path("models"), help="trained models (best.pt, checkpoint.pt)")
+    parser.add_argument("--tensors", type=Path, default=Path("data/tensors"), help="real tensors")
+    parser.add_argument("--train-reports", type=Path, default=Path("reports/train"), help="training curves and grids")
+    parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"),
+                        help="metrics (its protocol is read from eval_protocol.json beside it)")
+    parser.add_argument("--details", type=Path, default=Path("reports/eval_details.json"),
+                        help="per-draw scores and nearest pairs")
+    parser.add_argument("--clean-report", type=Path, default=Path("reports/clean_report.json"),
+                        help="the clean stage's counts")
     parser.add_argument("--figures", type=Path, default=Path("reports/figures"), help="figures (PNG)")
     parser.add_argument("--out", type=Path, default=Path("reports/index.html"), help="the HTML report")
 
