@@ -107,6 +107,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
                 rec = torch.tanh(vae.decoder.logits(mu))
             F.save_png(F.pairs_figure(test.images[idx[:16]], to_uint8(rec)), tmp / "reconstructions.png", nrow=8, scale=3)
         F.plot_curves(train_reports / "losses.csv", train_reports / "scores.csv", tmp / "curves.png")
+        F.progress_grids(train_reports / "grids", tmp)  # training_000pct.png ... for `dvc plots diff`
     for name in ("samples", "real", "interpolation", "nearest", "reconstructions", "curves"):
         if (figures_dir / f"{name}.png").exists():
             figs[name] = figures_dir / f"{name}.png"
