@@ -179,3 +179,21 @@ def test_param_changes_rerun_only_what_depends_on_them_and_metrics_diff_shows_it
     write_params(root / "params.yaml", params)
     out = run(["dvc", "repro"], root, env=env)
     assert _ran(out.stdout) == STAGES
+
+
+def test_the_generator_is_a_registered_model_artifact(built: dict[str, Any], tmp_path: Path) -> None:
+    """dvc.yaml's `artifacts:` makes the generator a model for DVC's registry commands."""
+    root = built["root"]
+    env = venv_env(PIPELINE_TRACKING="0")
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())["artifacts"]["generator"]
+    assert spec["type"] == "model" and spec["path"] == "models/best.pt" and spec["desc"] and spec["labels"]
+    run(["git", "add", "-A"], root, env=env)
+    run(["git", "commit", "-q", "--allow-empty", "-m", "register"], root, env=env)
+    # GTO's convention, which `dvc artifacts get` reads: an annotated tag <name>@v<semver>.
+    run(["git", "tag", "-a", "generator@v1.0.0", "-m", "Registering artifact generator version v1.0.0"], root, env=env)
+    out = tmp_path / "generator.pt"
+    run(["dvc", "artifacts", "get", ".", "generator", "-o", str(out)], root, env=env)
+    assert out.read_bytes() == (root / "models/best.pt").read_bytes()
+    got = run([sys.executable, "-m", "pipeline", "sample", "--checkpoint", str(out), "--n", "4", "--out",
+               str(tmp_path / "s.npz"), "--device", "cpu"], root, env=env)
+    assert "wrote 4 samples" in got.stdout
