@@ -36,12 +36,39 @@ def test_cpu_default_metrics_in_the_readme_are_those_of_reports_metrics_json() -
     assert expected in _flat(README), f"README should quote: {expected}"
 
 
-def test_evaluator_quoted_in_the_readme_is_the_one_in_reports_evaluator_json() -> None:
-    ev = _load("reports/evaluator.json")
-    quoted = re.findall(r"test accuracy ([\d.]+), sha256 ([0-9a-f]{8})…", _flat(README))
-    assert quoted, "the metrics-check paragraph names the evaluator"
-    for accuracy, prefix in quoted:
-        assert (float(accuracy), prefix) == (ev["test_accuracy"], ev["sha256"][:8])
+def metrics_check_block(report: dict[str, Any]) -> str:
+    """The abridged `python -m pipeline metrics-check` output the README shows, from its --json report."""
+    checks = {c["name"]: c for c in report["checks"]}
+
+    def g(v: float) -> str:
+        return f"{v:.3g}"
+
+    noise = checks["noise"]["values"]
+    blur = checks["blur"]["values"]
+    mode = checks["mode_dropping"]["values"]
+    halves = checks["halves"]["values"]
+    worst = max(c["relative_difference"] for c in checks["fid_math"]["values"])
+    lines = [
+        ("halves", f"fid {g(halves['fid'])} ({halves['relative_to_total_variance']:.2g} of total variance)"),
+        ("noise", ", ".join(g(noise[f"std={s}"]) for s in ("0.02", "0.05", "0.1", "0.2", "0.4"))),
+        ("blur", ", ".join(g(blur[f"sigma={s}px"]) for s in ("0.5", "0.75", "1", "1.5", "2"))),
+        ("mode_dropping", "keep 10: " + ", ".join(f"{k}: " * (k != 10) + g(mode[f"classes_kept={k}"])
+                                                 for k in (10, 8, 6, 4, 2))
+         + f"  ({mode['images_per_level']} images per level)"),
+        ("fid_math", f"worst relative difference {worst:.1e}"),
+        ("is_sharp_balanced", f"IS = {checks['is_sharp_balanced']['values']['IS']:.0f}"),
+    ]
+    out = [f"    {'PASS' if checks[n]['passed'] else 'FAIL'}  {n:<17}  {text}".rstrip() for n, text in lines]
+    out.append("    ALL CHECKS PASSED" if report["passed"] else "    SOME CHECKS FAILED")
+    return "\n".join(out)
+
+
+def test_metrics_check_output_in_the_readme_is_that_of_reports_metrics_check_json() -> None:
+    report = _load("reports/metrics_check.json")
+    block = metrics_check_block(report)
+    assert block in README, f"README should show:\n{block}"
+    sha = re.search(r"offline evaluator ([0-9a-f]{8})", report["data"]["extractor"]).group(1)
+    assert f"sha256 {sha}…" in _flat(README)
 
 
 def test_gpu_throughput_table_matches_benchmarks_results() -> None:
