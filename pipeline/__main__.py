@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import signal
 import sys
 from pathlib import Path
@@ -99,6 +100,7 @@ def cli_device(value: str | None, option: str) -> str:
 
 def _mlflow_sync(args: argparse.Namespace) -> int:
     """Replay journals that did not reach MLflow; exit 1 while any could not be sent."""
+    from . import mlflow_models  # noqa: F401, PLC0415 - journals may hold generator models to log
     from .stages.common import setup_logging  # noqa: PLC0415
     from .tracking import pending_journals, sync  # noqa: PLC0415
 
@@ -194,32 +196,45 @@ def _metrics_check(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
-def _audit_imports(command: str | None) -> None:
-    """PIPELINE_IMPORT_AUDIT=DIR: on exit, write DIR/<command>.txt listing the pipeline modules
-    this process imported (a file path instead of a directory is written as is).
+def _deps(args: argparse.Namespace) -> int:
+    """Compare (--check) or rewrite (--write) dvc.yaml's code deps with each stage's import closure."""
+    from . import deps  # noqa: PLC0415
 
-    The test suite uses it to check that every stage in dvc.yaml declares each module it imports.
-    """
-    import atexit  # noqa: PLC0415
-    import os  # noqa: PLC0415
+    root = args.root
+    if args.write:
+        changed = deps.write(root)
+        print(f"{root / 'dvc.yaml'}: {'code deps rewritten' if changed else 'code deps already match'}")
+    problems = deps.check(root)
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    if problems:
+        print("run `python -m pipeline deps --write` to fix dvc.yaml", file=sys.stderr)
+        return 1
+    if not args.write:
+        print(f"{root / 'dvc.yaml'}: every stage lists exactly the pipeline modules it can import")
+    return 0
 
-    path = os.environ.get("PIPELINE_IMPORT_AUDIT")
-    if not path:
-        return
-    if Path(path).is_dir():
-        path = str(Path(path) / f"{command}.txt")
 
-    def write() -> None:
-        files = sorted({m.__file__ for name, m in list(sys.modules.items())
-                        if (name == "pipeline" or name.startswith("pipeline.")) and getattr(m, "__file__", None)})
-        Path(path).write_text("\n".join(files) + "\n")
+def _plain(doc: str) -> str:
+    """A docstring as --help text: reST literals (``x``) and roles (:func:`x`) become plain x."""
+    doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc)
+    return doc.replace("``", "")
 
-    atexit.register(write)
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a default to show: not on required options, flags or None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+                or "%(default)" in text):
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI; only the chosen stage's module is imported (so a stage imports no other stage)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=_plain(__doc__ or ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in STAGES.items():
@@ -227,12 +242,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             sub.add_parser(name, help=help_text)
             continue
         module = importlib.import_module(f"pipeline.stages.{name}")
-        p = sub.add_parser(name, help=help_text, description=module.__doc__.strip(),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=_plain(module.__doc__.strip()),
+                           formatter_class=_HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(func=module.main)
     s = sub.add_parser("sample", help="write N samples of a trained generator to .npz or .png",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     s.add_argument("--checkpoint", type=Path, default=Path("models/best.pt"), help="generator file (models/best.pt or generator.pt)")
     s.add_argument("--n", type=int, default=64, help="number of samples")
     s.add_argument("--out", type=Path, required=True, help=".npz (uint8 'images' [N, C, H, W]) or .png (grid)")
@@ -247,7 +262,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     m.set_defaults(func=_mlflow_sync)
     mc = sub.add_parser("metrics-check", help="self-test of the metrics on real data (FID near 0 for real halves, "
                         "monotone in noise, blur and mode dropping; FID math vs scipy; IS of sharp balanced sets)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_HelpFormatter)
     mc.add_argument("--tensors", type=Path, default=Path("data/tensors"), help="real images (a preprocess output)")
     mc.add_argument("--evaluator", type=Path, default=Path("models/evaluator.pt"),
                     help="offline evaluator trained on these tensors (the evaluator stage's output)")
@@ -262,10 +277,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     mc.add_argument("--inception-sha256", default=None, help="pinned sha256 of the Inception weights")
     mc.add_argument("--json", type=Path, default=None, help="also write the full report as JSON here")
     mc.set_defaults(func=_metrics_check)
-    pr = sub.add_parser("params", help="list every params.yaml key with its default and meaning; --check validates")
-    pr.add_argument("--params", type=Path, default=Path("params.yaml"))
+    pr = sub.add_parser("params", help="list every params.yaml key with its default and meaning (as YAML); "
+                        "--check validates", formatter_class=_HelpFormatter)
+    pr.add_argument("--params", type=Path, default=Path("params.yaml"), help="the params file --check validates")
     pr.add_argument("--check", action="store_true", help="validate the params file and exit")
     pr.set_defaults(func=_params)
+    dp = sub.add_parser("deps", help="check (or --write) dvc.yaml's code deps against each stage's import closure",
+                        formatter_class=_HelpFormatter,
+                        description="Each stage's code deps are the pipeline modules its command can import, "
+                        "following every import statement in every branch (see pipeline/deps.py). "
+                        "Exit status 1 when dvc.yaml differs.")
+    mode = dp.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="report differences and exit 1 if any (the default)")
+    mode.add_argument("--write", action="store_true", help="rewrite the pipeline/*.py entries of each stage's deps")
+    dp.add_argument("--root", type=Path, default=Path("."), help="project root (where dvc.yaml is)")
+    dp.set_defaults(func=_deps)
     return parser
 
 
@@ -276,7 +302,6 @@ def main(argv: list[str] | None = None) -> int:
         # silently (see pipeline.stages.common.ignore_sigxfsz).
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     command = next((a for a in argv if not a.startswith("-")), None)
-    _audit_imports(command)
     args = build_parser(command).parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -317,29 +317,66 @@ def _check_bounds(value: Any, f: dataclasses.Field, key: str) -> None:
             raise ParamsError(f"{key}: {value!r} is not allowed; it must be {word} {bound} ({m['help']})")
 
 
+# Strings that mean "nothing" in Python or YAML; copied into params.yaml as `key: None` (or quoted)
+# they would be read as the string, where a path or null is meant.
+_NULL_LIKE = {"none", "null", "~", "nil", ""}
+
+
+def _null_like_string(value: Any, tp: Any, key: str) -> None:
+    """Refuse 'None'-like strings for optional string keys (paths, URLs, sha256s)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else ()
+    if str in args and type(None) in args and isinstance(value, str) and value.strip().lower() in _NULL_LIKE:
+        raise ParamsError(f"{key}: {value!r} is a string, not null; write null (unquoted) or leave the key out "
+                          "for no value, or give a real path")
+
+
+def _raise_all(errors: list[str]) -> None:
+    if len(errors) == 1:
+        raise ParamsError(errors[0])
+    if errors:
+        raise ParamsError(f"{len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+def _messages(exc: ParamsError) -> list[str]:
+    text = str(exc)
+    if "\n  - " in text:
+        return [ln[4:] for ln in text.splitlines()[1:]]
+    return [text]
+
+
 def validate(cls: type, raw: Any, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys, wrong types and bad values."""
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys, wrong types and bad values.
+
+    Every problem is reported at once (one ParamsError listing them all), not just the first.
+    """
     where = prefix or "params.yaml"
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{where}: expected a mapping of keys to values, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    errors: list[str] = []
     for key in raw:
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             full = f"{prefix}.{key}" if prefix else str(key)
-            raise ParamsError(f"{full}: unknown key{hint}; allowed keys here: {', '.join(fields)}")
+            errors.append(f"{full}: unknown key{hint}; allowed keys here: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, f in fields.items():
         if name not in raw:
             continue
         key = f"{prefix}.{name}" if prefix else name
-        value = _coerce(raw[name], hints[name], key)
-        _check_bounds(value, f, key)
+        try:
+            _null_like_string(raw[name], hints[name], key)
+            value = _coerce(raw[name], hints[name], key)
+            _check_bounds(value, f, key)
+        except ParamsError as exc:
+            errors.extend(_messages(exc))
+            continue
         values[name] = value
+    _raise_all(errors)
     try:
         return cls(**values)
     except ParamsError:
@@ -533,7 +570,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def describe() -> str:
-    """Every key with its default and help text (shown by ``python -m pipeline params``)."""
+    """Every key with its default and help text, as YAML (``python -m pipeline params``): any line can
+    be copied into params.yaml as it is."""
     lines = []
     for section in dataclasses.fields(Params):
         cls = section.default_factory  # type: ignore[misc]
@@ -541,5 +579,7 @@ def describe() -> str:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {f.name}: {default!r}  # {f.metadata.get('help', '')} [{_type_name(hints[f.name])}]")
+            value = yaml.safe_dump(to_dict(default), default_flow_style=True, width=10**6).strip()
+            value = value.removesuffix("\n...").strip()  # a bare scalar's document end marker
+            lines.append(f"  {f.name}: {value}  # {f.metadata.get('help', '')} [{_type_name(hints[f.name])}]")
     return "\n".join(lines)

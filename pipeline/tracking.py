@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,21 @@ _FLUSH_TIMEOUT_S = 60.0  # default end-of-stage wait for the sender (PIPELINE_TR
 _KILLED_FLUSH_TIMEOUT_S = 10.0  # after SIGTERM/Ctrl-C: schedulers send SIGKILL ~30 s later
 _SEND_RETRY_DELAYS_S = (1.0, 3.0)  # an event is tried 1 + len(...) times before the sender gives up
 _LIVE_LOCK = "live.lock"
+# MLflow 3 opens an experiment in its GenAI view unless the experiment says what it is for.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# What a parent run (one per `dvc repro` / `dvc exp run`) carries, so that the experiment's table
+# and chart views compare pipelines at a glance: the evaluate stage's headline metrics (with
+# their intervals) and the params that define a run.
+PARENT_METRICS = ("fid", "fid_ci_low", "fid_ci_high", "kid", "kid_ci_low", "kid_ci_high", "IS", "IS_ci_low",
+                  "IS_ci_high", "precision", "precision_ci_low", "precision_ci_high", "recall", "recall_ci_low",
+                  "recall_ci_high", "inception.fid", "inception.kid", "inception.IS")
+PARENT_PARAMS = ("base.seed", "data.source", "data.path", "data.limit", "data.channels", "preprocess.size",
+                 "augment.copies", "train.model", "train.conditional", "train.steps", "train.batch_size", "train.nz",
+                 "train.ngf", "train.ndf", "train.loss", "train.lr_g", "train.lr_d", "train.n_critic", "train.r1_gamma",
+                 "train.diffaug", "train.ema_decay", "train.precision", "train.devices")
+# Loggers of "model" events by flavor, registered by the module that knows the model
+# (pipeline.mlflow_models): a stage that logs no model does not import the model code.
+MODEL_LOGGERS: dict[str, Callable[[Any, Mapping[str, Any], Path], None]] = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,12 +129,28 @@ def group_key() -> str | None:
     return None
 
 
-def git_commit(root: Path) -> str | None:
+def _git(root: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def source_tags(root: Path) -> dict[str, str]:
+    """MLflow's system tags for who ran what from where: user, source, git commit, branch and remote."""
+    import getpass  # noqa: PLC0415
+
+    tags = {"mlflow.source.type": "PROJECT", "mlflow.source.name": str(root)}
+    with contextlib.suppress(Exception):  # no user name in some containers
+        tags["mlflow.user"] = getpass.getuser()
+    for tag, args in (("mlflow.source.git.commit", ("rev-parse", "HEAD")),
+                      ("mlflow.source.git.branch", ("rev-parse", "--abbrev-ref", "HEAD")),
+                      ("mlflow.source.git.repoURL", ("config", "--get", "remote.origin.url"))):
+        value = _git(root, *args)
+        if value and value != "HEAD":
+            tags[tag] = value
+    return tags
 
 
 def _bounded_http_env() -> None:
@@ -220,28 +251,48 @@ class _MlflowWriter:
     def _experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an older version, or by hand
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         location = None
         if self.uri.startswith("sqlite:") or "://" not in self.uri:
             location = (self.root / "mlartifacts").as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except self.mlflow.exceptions.MlflowException:
             exp = self.client.get_experiment_by_name(name)  # created by a parallel stage
             if exp is None:
                 raise
             return exp.experiment_id
 
-    def _parent(self, experiment_id: str, group: str, title: str, start_ms: int) -> str:
+    def _parent(self, experiment_id: str, group: str, title: str, start_ms: int,
+                tags: Mapping[str, str] | None = None) -> str:
         found = self.client.search_runs(
             [experiment_id], filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`pipeline.kind` = 'pipeline'",
             max_results=1,
         )
         if found:
             return found[0].info.run_id
+        # The parent shares its children's user, source, git and DVC experiment tags.
+        shared = {k: v for k, v in (tags or {}).items() if k.startswith(("mlflow.source.", "mlflow.user", "dvc."))}
         run = self.client.create_run(experiment_id, start_time=start_ms, run_name=title,
-                                     tags={GROUP_TAG: group, "pipeline.kind": "pipeline"})
+                                     tags={**shared, GROUP_TAG: group, "pipeline.kind": "pipeline"})
         return run.info.run_id
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param  # noqa: PLC0415
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def _log_metrics(self, run_id: str, metrics: Mapping[str, float], time_ms: int, step: int | None) -> None:
+        from mlflow.entities import Metric  # noqa: PLC0415
+
+        items = [Metric(k, float(v), time_ms, step or 0) for k, v in metrics.items()]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
 
     def apply(self, event: Mapping[str, Any], artifacts_dir: Path | None) -> None:
         kind = event["type"]
@@ -250,7 +301,8 @@ class _MlflowWriter:
             exp_id = self._experiment_id(event["experiment"])
             tags = dict(event["tags"])
             if event.get("group"):
-                tags["mlflow.parentRunId"] = self._parent(exp_id, event["group"], event["group_title"], event["time_ms"])
+                tags["mlflow.parentRunId"] = self._parent(exp_id, event["group"], event["group_title"], event["time_ms"],
+                                                          tags)
                 self.parent_id = tags["mlflow.parentRunId"]
             if event.get("run_id"):
                 self.run_id = event["run_id"]
@@ -258,21 +310,36 @@ class _MlflowWriter:
                 run = c.create_run(exp_id, start_time=event["time_ms"], run_name=event["run_name"], tags=tags)
                 self.run_id = run.info.run_id
         elif kind == "params":
-            from mlflow.entities import Param  # noqa: PLC0415
-
-            items = [Param(k, str(v)[:6000]) for k, v in event["params"].items()]
-            for i in range(0, len(items), 100):
-                c.log_batch(self.run_id, params=items[i : i + 100])
+            self._log_params(self.run_id, event["params"])
         elif kind == "metrics":
-            from mlflow.entities import Metric  # noqa: PLC0415
-
-            items = [Metric(k, float(v), event["time_ms"], event.get("step") or 0)
-                     for k, v in event["metrics"].items()]
-            for i in range(0, len(items), 500):
-                c.log_batch(self.run_id, metrics=items[i : i + 500])
+            self._log_metrics(self.run_id, event["metrics"], event["time_ms"], event.get("step"))
         elif kind == "tags":
             for k, v in event["tags"].items():
                 c.set_tag(self.run_id, k, str(v))
+        elif kind == "parent":
+            # Stage runs of one pipeline run share its parent; without one (a stage run by hand)
+            # the values stay on the stage's own run only.
+            if self.parent_id:
+                self._log_params(self.parent_id, event.get("params") or {})
+                self._log_metrics(self.parent_id, event.get("metrics") or {}, event["time_ms"], event.get("step"))
+        elif kind == "image":
+            from PIL import Image  # noqa: PLC0415
+
+            with Image.open(_kept_copy(event, artifacts_dir)) as im:
+                im.load()
+                c.log_image(self.run_id, im, key=event["key"], step=int(event["step"]), timestamp=event["time_ms"],
+                            synchronous=True)
+        elif kind == "dataset":
+            from mlflow.entities import Dataset, DatasetInput, InputTag  # noqa: PLC0415
+
+            d = event["dataset"]
+            dataset = Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"],
+                              source=json.dumps(d["source"]), schema=json.dumps(d.get("schema") or {}),
+                              profile=json.dumps(d.get("profile") or {}))
+            inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", event.get("context") or "training")])]
+            c.log_inputs(self.run_id, datasets=inputs)
+            if self.parent_id:
+                c.log_inputs(self.parent_id, datasets=inputs)
         elif kind == "artifact":
             src = _kept_copy(event, artifacts_dir)
             if src.is_dir():
@@ -280,7 +347,11 @@ class _MlflowWriter:
             else:
                 c.log_artifact(self.run_id, str(src), event.get("artifact_path"))
         elif kind == "model":
-            self._log_model(event, artifacts_dir)
+            logger = MODEL_LOGGERS.get(event.get("flavor", "generator"))
+            if logger is None:
+                raise RuntimeError(f"no MLflow model logger for {event.get('flavor', 'generator')!r} is registered "
+                                   "in this process (import pipeline.mlflow_models)")
+            logger(self, event, _kept_copy(event, artifacts_dir))
         elif kind == "end":
             c.set_terminated(self.run_id, status=event["status"], end_time=event["time_ms"])
             if self.parent_id:
@@ -290,54 +361,6 @@ class _MlflowWriter:
                 c.set_terminated(self.parent_id, status=event["status"], end_time=event["time_ms"])
         else:  # pragma: no cover - journal written by this module
             raise ValueError(f"unknown journal event {kind!r}")
-
-    def _log_model(self, event: Mapping[str, Any], artifacts_dir: Path | None) -> None:
-        """Log a generator as an MLflow pytorch model (loadable with mlflow.pytorch.load_model).
-
-        Saved in MLflow's "pt2" format (torch.export): a traced graph, so loading it unpickles no
-        code -- the same rule as for our own checkpoints. The example batch has 2 rows because
-        torch.export specialises a batch dimension of 1 to a constant. Conditional generators take
-        (z, y): the signature names both tensors and the example is the list [z, y] (MLflow's pyfunc
-        serving cannot take two tensors and says so in a warning; mlflow.pytorch.load_model can).
-        The loaded module is called as ``model(z)`` or ``model(z, y)``; it is already in eval mode.
-        """
-        from .models import load_generator  # noqa: PLC0415
-
-        generator, info = load_generator(_kept_copy(event, artifacts_dir), device="cpu")
-        import numpy as np  # noqa: PLC0415
-        import torch  # noqa: PLC0415
-        from mlflow.models import ModelSignature  # noqa: PLC0415
-        from mlflow.types import Schema, TensorSpec  # noqa: PLC0415
-
-        z = torch.randn(2, info["nz"], generator=torch.Generator().manual_seed(0))  # [2, nz]
-        y = torch.arange(2) % info["num_classes"] if info["num_classes"] else None  # [2] or None
-        with torch.no_grad():
-            out = generator(z, y).numpy()  # [2, C, H, W] in [-1, 1]
-        # One unnamed tensor for z, so MLflow's pyfunc serving accepts a plain array; named z and y
-        # for conditional generators (pyfunc cannot serve two tensors; load_model can).
-        inputs = [TensorSpec(np.dtype(np.float32), (-1, info["nz"]))]
-        example: Any = z.numpy()
-        if y is not None:
-            inputs = [TensorSpec(np.dtype(np.float32), (-1, info["nz"]), "z"),
-                      TensorSpec(np.dtype(np.int64), (-1,), "y")]
-            example = [z.numpy(), y.numpy()]
-        signature = ModelSignature(inputs=Schema(inputs),
-                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]), "images")]))
-        mlflow = self.mlflow
-        # Pinned requirements: left to infer them, MLflow re-imports the model in a subprocess,
-        # which takes ~15 s per stage on a CPU machine.
-        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
-        # log_model works through the fluent API: point it at our store and attach it to our run.
-        mlflow.set_tracking_uri(self.uri)
-        try:
-            with mlflow.start_run(run_id=self.run_id, nested=True):
-                mlflow.pytorch.log_model(generator, name=event.get("artifact_path", "generator"), signature=signature,
-                                         input_example=example, serialization_format="pt2",
-                                         pip_requirements=requirements)
-        finally:
-            # Leaving start_run ends the run; it is still running until its own "end" event.
-            self.client.update_run(self.run_id, status="RUNNING")
-
 
 # ---------------------------------------------------------------------------------------------
 # The stage side
@@ -392,10 +415,9 @@ class StageRun:
         elif self._enabled:
             self._state["error"] = "mlflow is not installed; journaled locally (replay: python -m pipeline mlflow-sync)"
         group = group_key()
-        commit = git_commit(self.root)
-        tags = {"pipeline.stage": self.stage, "pipeline.kind": "stage", "pipeline.local_id": self.local_id}
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
+        tags = {**source_tags(self.root), "pipeline.stage": self.stage, "pipeline.kind": "stage",
+                "pipeline.local_id": self.local_id}
+        commit = tags.get("mlflow.source.git.commit")
         for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
             if os.environ.get(env):
                 tags[tag] = os.environ[env]
@@ -463,6 +485,31 @@ class StageRun:
         self._emit({"type": "artifact", "path": str(path), "artifact_path": artifact_path,
                     "copy": f"{self._n_events:05d}-{path.name}"})
 
+    def log_parent(self, *, params: Mapping[str, Any] | None = None, metrics: Mapping[str, float] | None = None) -> None:
+        """Also put these params and metrics on the pipeline's parent run (when there is one)."""
+        from .params import flatten  # noqa: PLC0415
+
+        clean = {k: float(v) for k, v in (metrics or {}).items() if v is not None}
+        flat = flatten(dict(params or {}))
+        if clean or flat:
+            self._emit({"type": "parent", "params": flat, "metrics": clean})
+
+    def log_image(self, path: str | os.PathLike, key: str, step: int) -> None:
+        """An image in MLflow's image history under ``key`` at ``step`` (the run page's step slider)."""
+        path = Path(path).resolve()
+        if not path.is_file():
+            log.warning("not logging missing image %s", path)
+            return
+        self._emit({"type": "image", "path": str(path), "key": key, "step": int(step),
+                    "copy": f"{self._n_events:05d}-{path.name}"})
+
+    def log_dataset(self, *, name: str, digest: str, source: Mapping[str, Any], profile: Mapping[str, Any],
+                    schema: Mapping[str, Any] | None = None, context: str = "training") -> None:
+        """The data a run used, as an MLflow dataset input (also on the parent run)."""
+        self._emit({"type": "dataset", "context": context, "dataset": {
+            "name": name, "digest": digest, "source_type": "local", "source": dict(source),
+            "profile": dict(profile), "schema": dict(schema or {})}})
+
     def log_generator(self, path: str | os.PathLike, artifact_path: str = "generator") -> None:
         """Log a generator file (see :func:`pipeline.models.save_generator`) as an MLflow model."""
         path = Path(path).resolve()
@@ -478,7 +525,7 @@ class StageRun:
             self._n_events += 1
             self._journal.write(json.dumps(event, default=str) + "\n")
             self._journal.flush()
-            if event["type"] in ("artifact", "model"):
+            if event["type"] in ("artifact", "model", "image"):
                 self._files.append((index, event))
             elif event["type"] == "end":
                 self._ended = True
@@ -548,7 +595,7 @@ class StageRun:
         The original may be gone by then: a queued ``dvc exp`` runs in a temporary workspace that
         is deleted afterwards, and the next ``dvc repro`` overwrites models/ and reports/.
         """
-        if event["type"] not in ("artifact", "model"):
+        if event["type"] not in ("artifact", "model", "image"):
             return
         src = Path(event["path"])
         if src.is_dir():

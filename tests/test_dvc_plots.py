@@ -1,8 +1,9 @@
 """`dvc plots diff` between two commits draws both revisions' curves and images (a GAN run, then a VAE run).
 
 The plot definitions are the project's own (the top-level ``plots:`` of dvc.yaml, copied
-verbatim); the files are what the tiny GAN and VAE runs really wrote, committed one after the
-other in a temporary git + DVC repository.
+verbatim, and its offline page template from .dvc/); the files are what the tiny GAN and VAE runs
+really wrote, committed one after the other in a temporary git + DVC repository. The page DVC
+writes is opened in headless Chromium with every host name unresolvable: the curves must draw.
 """
 
 from __future__ import annotations
@@ -14,20 +15,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
+from PIL import Image
 
 from helpers_eval import REPO, TinyRun
 
 FILES = ["reports/train/losses.csv", "reports/train/scores.csv", "reports/figures/samples.png",
-         "reports/figures/interpolation.png", "reports/figures/nearest.png"]
+         "reports/figures/interpolation.png", "reports/figures/nearest.png",
+         *[f"reports/figures/training_{p:03d}pct.png" for p in (0, 25, 50, 100)]]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# The colours DVC's line template gives the two revisions (HEAD~1, HEAD).
+REVISION_COLOURS = [(148, 93, 214), (19, 173, 199)]
 
 
 def _put(run: TinyRun, repo: Path) -> None:
     for rel in FILES:
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run.root / rel, repo / rel)
-    shutil.rmtree(repo / "reports/train/grids", ignore_errors=True)
-    shutil.copytree(run.root / "reports/train/grids", repo / "reports/train/grids")
 
 
 def test_plots_diff_shows_both_commits(tiny_gan: TinyRun, tiny_vae: TinyRun, tmp_path: Path) -> None:
@@ -46,6 +51,8 @@ def test_plots_diff_shows_both_commits(tiny_gan: TinyRun, tiny_vae: TinyRun, tmp
     sh(*git, "init", "-q")
     sh(*dvc, "init", "-q")
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": plots}, sort_keys=False))
+    shutil.copytree(REPO / ".dvc/plots", repo / ".dvc/plots")
+    shutil.copyfile(REPO / ".dvc/config", repo / ".dvc/config")
     _put(tiny_gan, repo)
     sh(*git, "add", "-A")
     sh(*git, "commit", "-qm", "gan")
@@ -68,9 +75,10 @@ def test_plots_diff_shows_both_commits(tiny_gan: TinyRun, tiny_vae: TinyRun, tmp
     assert any("loss_d" in r for r in objective if r["rev"] == "HEAD~1")
     assert any("kl" in r for r in objective if r["rev"] == "HEAD")
     images = [p for p in plots if isinstance(p, str)]
-    grids = sorted(p.name for p in (repo / "reports/train/grids").glob("*.png"))
-    expected = [p for p in images if p.endswith(".png")] + [f"reports/train/grids/{g}" for g in grids]
-    for name in expected:
+    # The final grid and the grids at fixed fractions of training: one row each, both revisions.
+    assert images[:5] == ["reports/figures/samples.png", *[f"reports/figures/training_{p:03d}pct.png"
+                                                           for p in (0, 25, 50, 100)]]
+    for name in images:
         entries = {e["revisions"][0]: e for e in data[name]}
         assert set(entries) == {"HEAD~1", "HEAD"}, name
         for rev, run in (("HEAD~1", tiny_gan), ("HEAD", tiny_vae)):
@@ -80,3 +88,16 @@ def test_plots_diff_shows_both_commits(tiny_gan: TinyRun, tiny_vae: TinyRun, tmp
     sh(*dvc, "plots", "diff", "HEAD~1", "HEAD", "-o", "plots-html")
     page = (repo / "plots-html/index.html").read_text()
     assert "HEAD~1" in page and page.count("reports_figures_samples.png") >= 2
+    assert "cdn.jsdelivr" not in page and "<script src=" not in page  # vega is inlined: no network needed
+    shot = tmp_path / "plots.png"
+    out = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={tmp_path / 'profile'}",
+                          "--virtual-time-budget=10000", "--hide-scrollbars", "--window-size=1400,400",
+                          f"--screenshot={shot}", (repo / "plots-html/index.html").as_uri()],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int64)  # [400, 1400, 3]: the two charts
+    for colour in REVISION_COLOURS:  # each revision's line is drawn (a legend dot alone is < 100 pixels)
+        drawn = int((np.abs(pixels - np.array(colour)).sum(-1) < 30).sum())
+        assert drawn > 300, (colour, drawn)

@@ -11,6 +11,7 @@ import pytest
 import scipy.stats
 import torch
 
+from pipeline.metrics import record
 from pipeline.metrics.compute import HEADLINE, memorisation, metric_set
 from pipeline.metrics.math import draw_interval, student_t_quantile
 
@@ -18,7 +19,20 @@ from helpers_eval import TinyRun
 
 
 def _load(run: TinyRun) -> tuple[dict, dict]:
-    return json.loads(run.metrics.read_text()), json.loads(run.details.read_text())
+    return record.read(run.metrics), json.loads(run.details.read_text())
+
+
+def _numbers_only(d: dict) -> bool:
+    return all(_numbers_only(v) if isinstance(v, dict) else isinstance(v, (int, float)) and not isinstance(v, bool)
+               for v in d.values())
+
+
+def test_metrics_json_holds_numbers_only_and_the_protocol_sits_beside_it(tiny_gan: TinyRun) -> None:
+    numbers = json.loads(tiny_gan.metrics.read_text())
+    assert _numbers_only(numbers) and "protocol" not in numbers and "inception" not in numbers
+    beside = json.loads(record.protocol_path(tiny_gan.metrics).read_text())
+    assert beside["protocol"]["extractor_sha256"] and beside["inception"]["computed"] is False
+    assert record.merge(*record.split(record.read(tiny_gan.metrics))) == record.read(tiny_gan.metrics)
 
 
 def test_gan_metrics_have_values_intervals_and_protocol(tiny_gan: TinyRun) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pipeline.mlflow_models  # noqa: F401 - registers the generator's MLflow model logger
 from pipeline.models import load_generator
 from pipeline.tracking import StageRun
 

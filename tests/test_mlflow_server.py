@@ -59,6 +59,13 @@ def metric_steps(client: Any, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+def image_steps(client: Any, run_id: str, key: str) -> list[int]:
+    """Steps of ``key``'s image history (MLflow names each image images/<key>+step+<step>+...)."""
+    names = [f.path for f in client.list_artifacts(run_id, "images")]
+    return sorted(int(n.split("+step+")[1].split("+")[0]) for n in names
+                  if n.startswith(f"images/{key}+step+") and n.endswith(".png"))
+
+
 def journal_metric_steps(events: list[dict[str, Any]], key: str) -> list[int]:
     return sorted(e["step"] for e in events if e["type"] == "metrics" and key in e["metrics"])
 
@@ -115,7 +122,8 @@ def test_dvc_repro_logs_params_metrics_grids_and_model_to_the_server(project: Pa
     assert metric_steps(client, run.info.run_id, "score") == [10, 20]
     assert "final_step" in run.data.metrics and "stage_seconds" in run.data.metrics
     files = artifact_files(client, run.info.run_id)
-    assert {"train/summary.json", "train/grids/step_000000.png", "train/grids/step_000020.png"} <= files
+    assert "train/summary.json" in files
+    assert image_steps(client, run.info.run_id, "samples") == [0, 10, 20]  # the step slider's grids
     assert_generator_model_loads(client, "live", run.info.run_id)
     # One `dvc repro` reads as one tree: the stage hangs under a pipeline parent run, not RUNNING.
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
@@ -176,7 +184,8 @@ def test_server_outage_during_training_costs_nothing_and_mlflow_sync_replays_it(
     assert metric_steps(client, run.info.run_id, "score") == [125, 250]
     assert run.data.params["train.steps"] == "250"
     files = artifact_files(client, run.info.run_id)
-    assert {"train/summary.json", "train/grids/step_000250.png"} <= files
+    assert "train/summary.json" in files
+    assert image_steps(client, run.info.run_id, "samples") == [0, 125, 250]  # replayed from the journal's copies
     assert_generator_model_loads(client, "outage", run.info.run_id)
     assert journal_state(journal)["complete"]
     again = pipeline("mlflow-sync", cwd=project, env=env)
@@ -308,6 +317,11 @@ def test_parallel_queued_experiments_both_log_to_one_store(project: Path) -> Non
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlruns.db'}")
     found = runs(client, "pipeline", **{"pipeline.stage": "report"})
     assert sorted(r.data.tags["dvc.exp_name"] for r in found) == ["exp-a", "exp-b"]
+    # Each experiment's parent run carries its name and baseline commit too, as do its stage runs.
+    parents = runs(client, "pipeline", **{"pipeline.kind": "pipeline"})
+    assert sorted(p.data.tags["dvc.exp_name"] for p in parents) == ["exp-a", "exp-b"]
+    baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert {r.data.tags["dvc.baseline_rev"] for r in [*found, *parents]} == {baseline}
     assert all(r.info.status == "FINISHED" for r in found)
     assert {r.info.run_id for r in found} == {s["run_id"] for s in states}
     # They really ran at the same time.

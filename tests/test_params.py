@@ -96,3 +96,59 @@ def test_params_command_lists_and_checks(tmp_path: Path) -> None:
     check = subprocess.run([sys.executable, "-m", "pipeline", "params", "--check", "--params", str(bad)], cwd=ROOT,
                            env=venv_env(), capture_output=True, text=True, timeout=120)
     assert check.returncode == 2 and "train.ema_decay: 1.5 is not allowed; it must be < 1" in check.stderr
+
+
+def test_params_listing_is_yaml_that_loads_back_as_the_defaults() -> None:
+    listing = subprocess.run([sys.executable, "-m", "pipeline", "params"], cwd=ROOT, env=venv_env(),
+                             capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0
+    assert "init_from: null  #" in listing.stdout and "deterministic: true  #" in listing.stdout
+    assert "None" not in listing.stdout.replace("none", "") and "True" not in listing.stdout
+    assert validate(Params, yaml.safe_load(listing.stdout)) == Params()
+
+
+@pytest.mark.parametrize("text", ["None", "null", "NULL", "~", "none", " "])
+def test_null_like_strings_are_refused_where_a_path_or_null_is_meant(text: str, tmp_path: Path) -> None:
+    bad = tmp_path / "p.yaml"
+    bad.write_text(yaml.safe_dump({"train": {"init_from": text}, "data": {"path": text}}))
+    with pytest.raises(ParamsError) as err:
+        load_params(bad)
+    assert f"train.init_from: {text!r} is a string, not null" in str(err.value)
+    assert f"data.path: {text!r} is a string, not null" in str(err.value)
+    # Unquoted None in YAML is that same string; null (or ~) unquoted is a real null.
+    bad.write_text("train:\n  init_from: None\n")
+    with pytest.raises(ParamsError, match="train.init_from: 'None' is a string, not null; write null"):
+        load_params(bad)
+    bad.write_text("train:\n  init_from: null\ndata:\n  path: ~\n")
+    assert load_params(bad).train.init_from is None
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    bad = tmp_path / "p.yaml"
+    bad.write_text("train:\n  stpes: 3\n  steps: 0\n  init_from: None\ndata:\n  limit: -1\n"
+                   "augment:\n  ops:\n    - {name: HorizontalFlip, prob: 1}\n")
+    check = subprocess.run([sys.executable, "-m", "pipeline", "params", "--check", "--params", str(bad)], cwd=ROOT,
+                           env=venv_env(), capture_output=True, text=True, timeout=120)
+    assert check.returncode == 2 and "5 problems:" in check.stderr, check.stderr
+    for needle in ("train.stpes: unknown key (did you mean 'steps'?)", "train.steps: 0 is not allowed",
+                   "train.init_from: 'None' is a string", "data.limit: -1 is not allowed",
+                   "augment.ops[0].prob: unknown key"):
+        assert needle in check.stderr, needle
+
+
+@pytest.mark.parametrize("command", ["download", "clean", "preprocess", "augment", "evaluator", "train", "evaluate",
+                                     "report", "sample", "params", "metrics-check", "mlflow-sync", "deps"])
+def test_help_texts_are_plain_and_every_option_is_explained(command: str) -> None:
+    from pipeline.__main__ import build_parser
+
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    p = sub.choices[command]
+    text = p.format_help()
+    assert "``" not in text and ":func:" not in text, text
+    assert "(default: None)" not in text
+    for action in p._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings[0]} has no help"
+        if action.required:
+            assert "(default:" not in (p.formatter_class(prog="x")._get_help_string(action) or "")

@@ -153,6 +153,7 @@ def test_vae_report_has_reconstructions(tiny_vae: TinyRun, tmp_path: Path) -> No
 
 def test_change_against_previous_commit(tiny_gan: TinyRun, tmp_path: Path) -> None:
     """metrics.json committed at HEAD is the baseline; the table shows signed, coloured changes."""
+    from pipeline.metrics import record
     from pipeline.params import load_params
     from pipeline.stages import report
 
@@ -162,14 +163,16 @@ def test_change_against_previous_commit(tiny_gan: TinyRun, tmp_path: Path) -> No
     before = dict(current, fid=current["fid"] + 1.5, precision=current["precision"] - 0.25)
     del before["recall"]
     (repo / "reports/metrics.json").write_text(json.dumps(before))
+    protocol = json.loads(record.protocol_path(tiny_gan.metrics).read_text())
+    shutil.copyfile(record.protocol_path(tiny_gan.metrics), repo / "reports/eval_protocol.json")
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
-    subprocess.run([*git, "add", "reports/metrics.json"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "reports/metrics.json", "reports/eval_protocol.json"], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True)
     shutil.copyfile(tiny_gan.metrics, repo / "reports/metrics.json")
     d = tiny_gan.data
     with in_dir(repo):
-        assert report.previous_metrics(Path("reports/metrics.json")) == before
+        assert report.previous_metrics(Path("reports/metrics.json")) == record.merge(before, protocol)
         report.run(load_params(tiny_gan.params), tiny_gan.models, d.tensors, tiny_gan.train_reports,
                    repo / "reports/metrics.json", tiny_gan.details, d.clean_report, repo / "reports/figures",
                    repo / "reports/index.html")

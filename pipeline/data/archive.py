@@ -3,7 +3,7 @@
 Dataset archives come from the internet or from colleagues, so an archive is checked member by
 member *before* a single byte is written, and any one bad member refuses the whole archive:
 partially extracting a dataset and carrying on would hide the problem and leave a half-written
-folder. The rules (DESIGN.md, "Reliability and security rules"):
+folder. The rules (the README's "Guarantees under failure" lists the tests that hold them):
 
 * Names: no absolute paths, no ``..`` components, no drive letters, no backslashes, no NUL.
 * Links: *every* symbolic or hard link is refused, wherever it points. Dataset archives never

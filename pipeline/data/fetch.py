@@ -1,7 +1,8 @@
 """Downloads that cannot corrupt the cache.
 
 A dataset file is fetched from an ordered list of mirrors and only ever appears under its final
-name once its bytes match a pinned sha256. The rules (see DESIGN.md, "Reliability and security"):
+name once its bytes match a pinned sha256. The rules (the README's "Guarantees under failure" lists
+the tests that hold them):
 
 * Bytes stream into ``<dest>.part`` beside the destination; a verified ``.part`` is renamed over
   ``dest`` with :func:`os.replace`, so a reader sees the old file or the new one, never a mix.

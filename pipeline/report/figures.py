@@ -112,6 +112,29 @@ def grid_timeline(grid_dir: Path, *, max_frames: int = 6) -> list[tuple[int, Pat
     return [frames[i] for i in sorted(set(idx))]
 
 
+PROGRESS_POINTS = (0, 25, 50, 100)  # percent of training
+
+
+def progress_grids(grid_dir: Path, out_dir: Path, points: tuple[int, ...] = PROGRESS_POINTS) -> list[Path]:
+    """Copy the training grid nearest to each point (percent of the last step) to
+    ``training_<NNN>pct.png``: fixed names, so ``dvc plots diff`` lines them up across revisions
+    whatever their step counts and grid intervals."""
+    import shutil  # noqa: PLC0415
+
+    frames = grid_timeline(grid_dir, max_frames=10**9)
+    if not frames:
+        return []
+    last = frames[-1][0]
+    out = []
+    for pct in points:
+        target = last * pct / 100
+        _, src = min(frames, key=lambda f: (abs(f[0] - target), f[0]))
+        dst = out_dir / f"training_{pct:03d}pct.png"
+        shutil.copyfile(src, dst)
+        out.append(dst)
+    return out
+
+
 def _rows(metrics: dict[str, Any], previous: dict[str, Any] | None, spec: list[tuple[str, str, str]],
           group: str, *, comparable: bool) -> list[dict[str, Any]]:
     """Rows of one extractor; no change is computed against numbers of another extractor."""

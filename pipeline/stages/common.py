@@ -73,10 +73,15 @@ def device_from(params: Params) -> str:
 @contextmanager
 def tracked(stage: str, params: Params, sections: list[str]) -> Iterator[Any]:
     """Open the stage's MLflow run with the params sections it reads."""
-    from ..tracking import StageRun  # noqa: PLC0415
+    from ..params import flatten  # noqa: PLC0415
+    from ..tracking import PARENT_PARAMS, StageRun  # noqa: PLC0415
 
     logged = {s: to_dict(getattr(params, s)) for s in sections}
     with StageRun(stage, params=logged) as run:
+        # Every stage puts the same key params on the pipeline's parent run, so the parent has
+        # them whichever stages this `dvc repro` re-ran.
+        flat = flatten(to_dict(params))
+        run.log_parent(params={k: flat[k] for k in PARENT_PARAMS if k in flat})
         yield run
 
 

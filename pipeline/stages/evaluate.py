@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..imaging import normalize
-from ..io import read_json, write_json
+from ..io import write_json
 from ..params import Params
 from .common import add_common, device_from, run_stage, set_determinism, set_threads
 
@@ -126,6 +126,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Pat
     import torch  # noqa: PLC0415
 
     from ..data.tensors import load_split  # noqa: PLC0415
+    from ..metrics import record  # noqa: PLC0415
     from ..metrics.compute import fid_only, memorisation, metric_set, sample  # noqa: PLC0415
     from ..metrics.evaluator import extract, load_evaluator, quality_warning  # noqa: PLC0415
     from ..metrics.math import gaussian_stats  # noqa: PLC0415
@@ -193,10 +194,13 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Pat
     }
     if vae_recon is not None:
         metrics["protocol"]["vae_likelihood"] = vae_recon
+    # An untrusted extractor is marked by a number in metrics.json (shown by `dvc metrics` and
+    # `dvc exp show`) and by its reason beside the protocol.
+    metrics["extractor_trusted"] = float(warning is None)
     metrics["protocol"]["extractor_trusted"] = warning is None
     if warning:
         metrics["extractor_warning"] = warning
-    write_json(out_path, metrics)
+    record.write(metrics, out_path)  # numbers to metrics.json, the protocol beside it (eval_protocol.json)
     write_json(details_path, details)
     log.info("evaluate: FID %.3f [%.3f, %.3f] (real-vs-real floor %.3f), KID %.4f, IS %s, precision %.3f, recall %.3f",
              metrics["fid"], metrics["fid_ci_low"], metrics["fid_ci_high"], metrics["fid_train_vs_test"], metrics["kid"],
@@ -254,15 +258,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensors", type=Path, default=Path("data/tensors"), help="real tensors")
     parser.add_argument("--evaluator", type=Path, default=Path("models/evaluator.pt"),
                         help="offline evaluator")
-    parser.add_argument("--out", type=Path, default=Path("reports/metrics.json"), help=None)
+    parser.add_argument("--out", type=Path, default=Path("reports/metrics.json"),
+                        help="metrics (numbers only; the protocol goes to eval_protocol.json beside it)")
     parser.add_argument("--details", type=Path, default=Path("reports/eval_details.json"),
                         help="per-class scores, nearest pairs")
 
 
 def main(args: argparse.Namespace) -> int:
     def body(params: Params, tracker: Any) -> dict[str, Any]:
+        from ..metrics import record  # noqa: PLC0415
+        from ..tracking import PARENT_METRICS  # noqa: PLC0415
+
         metrics = run(params, args.models, args.tensors, args.evaluator, args.out, args.details)
-        written = read_json(args.out)
+        written = record.read(args.out)
         # The protocol travels with the numbers in MLflow too (as params: protocol.extractor_sha256, ...).
         protocol = {"protocol": written["protocol"]}
         if written["inception"].get("computed"):
@@ -270,6 +278,9 @@ def main(args: argparse.Namespace) -> int:
         tracker.log_params(protocol)
         tracker.set_tags({"pipeline.extractor_sha256": written["protocol"]["extractor_sha256"]})
         tracker.log_artifact(args.out, "evaluate")
+        tracker.log_artifact(record.protocol_path(args.out), "evaluate")
+        # The headline numbers also go on the pipeline's parent run (MLflow's table and charts).
+        tracker.log_parent(metrics={k: metrics[k] for k in PARENT_METRICS if k in metrics})
         tracker.log_artifact(args.details, "evaluate")
         return metrics
 

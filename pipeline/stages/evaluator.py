@@ -47,7 +47,7 @@ def run(params: Params, tensors_dir: Path, out_path: Path, report_path: Path, *,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
     parser.add_argument("--tensors", type=Path, default=Path("data/tensors"), help="real tensors")
-    parser.add_argument("--out", type=Path, default=Path("models/evaluator.pt"), help=None)
+    parser.add_argument("--out", type=Path, default=Path("models/evaluator.pt"), help="the trained feature network")
     parser.add_argument("--report", type=Path, default=Path("reports/evaluator.json"),
                         help="test accuracy and hash")
 

@@ -17,13 +17,13 @@ log = logging.getLogger(__name__)
 
 SECTIONS = ["report", "base"]
 FIGURES = ("samples", "real", "interpolation", "nearest", "reconstructions", "curves")
-OWNS = tuple(f"{name}.png" for name in FIGURES)  # reports/figures holds only these
+OWNS = tuple(f"{name}.png" for name in FIGURES) + tuple(  # reports/figures holds only these
+    f"training_{pct:03d}pct.png" for pct in (0, 25, 50, 100))
 
 
-def previous_metrics(metrics_path: Path) -> dict[str, Any] | None:
-    """metrics.json as committed at HEAD (it is git-tracked: cache: false), or None."""
+def _at_head(path: Path) -> dict[str, Any] | None:
     try:
-        rel = metrics_path.resolve().relative_to(Path.cwd().resolve())
+        rel = path.resolve().relative_to(Path.cwd().resolve())
         out = subprocess.run(["git", "show", f"HEAD:{rel.as_posix()}"], capture_output=True, text=True, timeout=20)
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
@@ -35,6 +35,16 @@ def previous_metrics(metrics_path: Path) -> dict[str, Any] | None:
         return None
 
 
+def previous_metrics(metrics_path: Path) -> dict[str, Any] | None:
+    """metrics.json and its protocol file as committed at HEAD (both git-tracked: cache: false), or None."""
+    from ..metrics import record  # noqa: PLC0415
+
+    numbers = _at_head(metrics_path)
+    if numbers is None:
+        return None
+    return record.merge(numbers, _at_head(record.protocol_path(metrics_path)) or {})
+
+
 def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path, metrics_path: Path,
         details_path: Path, clean_report: Path, figures_dir: Path, html_path: Path) -> dict[str, Any]:
     import numpy as np  # noqa: PLC0415
@@ -42,6 +52,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
 
     from ..data.tensors import load_split  # noqa: PLC0415
     from ..imaging import make_grid, normalize, png_bytes, to_uint8  # noqa: PLC0415
+    from ..metrics import record  # noqa: PLC0415
     from ..models import latents, load_generator  # noqa: PLC0415
     from ..report import figures as F  # noqa: PLC0415
     from ..report.html import render  # noqa: PLC0415
@@ -51,7 +62,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
     check_replaceable(figures_dir, OWNS, option="--figures")  # before any work
     set_threads(0)
     device = device_from(params)
-    metrics = read_json(metrics_path)
+    metrics = record.read(metrics_path)
     details = read_json(details_path)
     cleaning = read_json(clean_report)
     generator, info = load_generator(models_dir / "best.pt", device=device)
@@ -94,6 +105,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
                 rec = torch.tanh(vae.decoder.logits(mu))
             F.save_png(F.pairs_figure(test.images[idx[:16]], to_uint8(rec)), tmp / "reconstructions.png", nrow=8, scale=3)
         F.plot_curves(train_reports / "losses.csv", train_reports / "scores.csv", tmp / "curves.png")
+        F.progress_grids(train_reports / "grids", tmp)  # training_000pct.png ... for `dvc plots diff`
     for name in FIGURES:
         if (figures_dir / f"{name}.png").exists():
             figs[name] = figures_dir / f"{name}.png"
@@ -132,14 +144,17 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common(parser)
-    parser.add_argument("--models", type=Path, default=Path("models"))
-    parser.add_argument("--tensors", type=Path, default=Path("data/tensors"))
-    parser.add_argument("--train-reports", type=Path, default=Path("reports/train"))
-    parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"))
-    parser.add_argument("--details", type=Path, default=Path("reports/eval_details.json"))
-    parser.add_argument("--clean-report", type=Path, default=Path("reports/clean_report.json"))
-    parser.add_argument("--figures", type=Path, default=Path("reports/figures"), help=None)
-    parser.add_argument("--out", type=Path, default=Path("reports/index.html"), help=None)
+    parser.add_argument("--models", type=Path, default=Path("models"), help="trained models (best.pt, checkpoint.pt)")
+    parser.add_argument("--tensors", type=Path, default=Path("data/tensors"), help="real tensors")
+    parser.add_argument("--train-reports", type=Path, default=Path("reports/train"), help="training curves and grids")
+    parser.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"),
+                        help="metrics (its protocol is read from eval_protocol.json beside it)")
+    parser.add_argument("--details", type=Path, default=Path("reports/eval_details.json"),
+                        help="per-draw scores and nearest pairs")
+    parser.add_argument("--clean-report", type=Path, default=Path("reports/clean_report.json"),
+                        help="the clean stage's counts")
+    parser.add_argument("--figures", type=Path, default=Path("reports/figures"), help="figures (PNG)")
+    parser.add_argument("--out", type=Path, default=Path("reports/index.html"), help="the HTML report")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .. import mlflow_models  # noqa: F401 - registers the logger of the generator's MLflow model
 from ..errors import OutputError, UserError
 from ..io import atomic_copy, check_replaceable, pid_alive, staged_dir, try_flock, work_dir, write_json
 from ..params import Params
@@ -74,7 +75,7 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
         reports_dir: Path, *, tracker: Any = None, progress: bool = True) -> dict[str, Any]:
     import torch  # noqa: PLC0415
 
-    from ..data.tensors import load_split, require_images  # noqa: PLC0415
+    from ..data.tensors import load_meta, load_split, require_images  # noqa: PLC0415
     from ..metrics.compute import fid_only, sample  # noqa: PLC0415
     from ..metrics.evaluator import check_memory, extract, load_evaluator  # noqa: PLC0415
     from ..metrics.math import gaussian_stats  # noqa: PLC0415
@@ -101,6 +102,8 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
         require_images(augmented, train=data)
         if params.train.conditional:
             _require_every_class(augmented, data)
+        if tracker is not None:
+            _log_dataset(tracker, params, tensors, load_meta(tensors), data)
         cfg = resolve(params.train, seed=params.base.seed, image_shape=data.shape, num_classes=data.num_classes)
         eval_fn = None
         eval_hash = None
@@ -162,7 +165,9 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
                 atomic_copy(tmp / name, reports_dir / name)
         if tracker is not None:
             tracker.log_artifact(reports_dir / "summary.json", "train")
-            tracker.log_artifact(reports_dir / "grids", "train/grids")
+            for grid in sorted((reports_dir / "grids").glob("step_*.png")):
+                # MLflow's image history: the run page's step slider walks through training.
+                tracker.log_image(grid, "samples", int(grid.stem.split("_")[1]))
             tracker.log_generator(models_dir / "best.pt", "generator")
             if result.transfer:
                 tracker.set_tags({"transfer.matched": len(result.transfer["matched"]),
@@ -203,6 +208,20 @@ def _require_fit(evaluator_path: Path, net: Any, shape: tuple[int, int, int], te
         raise UserError(f"{evaluator_path} was trained on images {net.channels}x{net.size}x{net.size}, {tensors} holds "
                         f"{'x'.join(map(str, shape))}: train an evaluator on these tensors "
                         "(python -m pipeline evaluator --tensors ... --out ...) or pass the matching --evaluator")
+
+
+def _log_dataset(tracker: Any, params: Params, tensors: Path, meta: dict[str, Any], data: Any) -> None:
+    """The training data as the run's MLflow dataset input: source, content digest, size, resolution."""
+    c, h, w = data.shape
+    counts = {split: int(e.get("count", 0)) for split, e in meta["splits"].items()}
+    tracker.log_dataset(
+        name=f"{params.data.source}-{h}x{w}", digest=str(meta.get("content_sha256", ""))[:32],
+        source={"tensors": str(tensors), "data.source": params.data.source, "data.path": params.data.path,
+                "content_sha256": meta.get("content_sha256")},
+        profile={"train_images": int(len(data.images)), "preprocessed_splits": counts,
+                 "resolution": f"{h}x{w}", "channels": c, "num_classes": data.num_classes,
+                 "resize_filter": meta.get("resize", {}).get("filter")},
+        schema={"images": f"uint8 [N, {c}, {h}, {w}]", "labels": "int64 [N] (-1: unlabeled)"})
 
 
 def _claim_workdir(key: str, info: Any) -> tuple[Path, int | None, bool]:

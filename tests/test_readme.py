@@ -1,0 +1,110 @@
+"""Figures quoted in the README are the ones in the files the code wrote; README links resolve."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from helpers_project import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def _load(rel: str) -> Any:
+    return json.loads((ROOT / rel).read_text())
+
+
+def cpu_default_figures(m: dict[str, float]) -> str:
+    """The sentence of the README's Evaluation section, as reports/metrics.json dictates it."""
+    def ci(key: str, fmt: str) -> str:
+        return f"{m[key]:{fmt}} [{m[key + '_ci_low']:{fmt}}, {m[key + '_ci_high']:{fmt}}]"
+
+    return (f"FID {ci('fid', '.2f')}, KID {ci('kid', '.3f')}, IS {ci('IS', '.2f')} (real {m['IS_real']:.2f}), "
+            f"precision {ci('precision', '.3f')}, recall {ci('recall', '.3f')}, density {ci('density', '.3f')}, "
+            f"coverage {ci('coverage', '.3f')}, floor (real train vs test) {m['fid_train_vs_test']:.3f}, "
+            f"memorisation ratio {m['memorisation_ratio']:.2f}")
+
+
+def _flat(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+def test_cpu_default_metrics_in_the_readme_are_those_of_reports_metrics_json() -> None:
+    expected = cpu_default_figures(_load("reports/metrics.json"))
+    assert expected in _flat(README), f"README should quote: {expected}"
+
+
+def metrics_check_block(report: dict[str, Any]) -> str:
+    """The abridged `python -m pipeline metrics-check` output the README shows, from its --json report."""
+    checks = {c["name"]: c for c in report["checks"]}
+
+    def g(v: float) -> str:
+        return f"{v:.3g}"
+
+    noise = checks["noise"]["values"]
+    blur = checks["blur"]["values"]
+    mode = checks["mode_dropping"]["values"]
+    halves = checks["halves"]["values"]
+    worst = max(c["relative_difference"] for c in checks["fid_math"]["values"])
+    lines = [
+        ("halves", f"fid {g(halves['fid'])} ({halves['relative_to_total_variance']:.2g} of total variance)"),
+        ("noise", ", ".join(g(noise[f"std={s}"]) for s in ("0.02", "0.05", "0.1", "0.2", "0.4"))),
+        ("blur", ", ".join(g(blur[f"sigma={s}px"]) for s in ("0.5", "0.75", "1", "1.5", "2"))),
+        ("mode_dropping", "keep 10: " + ", ".join(f"{k}: " * (k != 10) + g(mode[f"classes_kept={k}"])
+                                                 for k in (10, 8, 6, 4, 2))
+         + f"  ({mode['images_per_level']} images per level)"),
+        ("fid_math", f"worst relative difference {worst:.1e}"),
+        ("is_sharp_balanced", f"IS = {checks['is_sharp_balanced']['values']['IS']:.0f}"),
+    ]
+    out = [f"    {'PASS' if checks[n]['passed'] else 'FAIL'}  {n:<17}  {text}".rstrip() for n, text in lines]
+    out.append("    ALL CHECKS PASSED" if report["passed"] else "    SOME CHECKS FAILED")
+    return "\n".join(out)
+
+
+def test_metrics_check_output_in_the_readme_is_that_of_reports_metrics_check_json() -> None:
+    report = _load("reports/metrics_check.json")
+    block = metrics_check_block(report)
+    assert block in README, f"README should show:\n{block}"
+    sha = re.search(r"offline evaluator ([0-9a-f]{8})", report["data"]["extractor"]).group(1)
+    assert f"sha256 {sha}…" in _flat(README)
+
+
+def test_gpu_throughput_table_matches_benchmarks_results() -> None:
+    results = _load("benchmarks/results/train_throughput_h200.json")["results"]
+    rows = {"classic loop": "classic", "this engine, fp32, eager": "engine_fp32",
+            "this engine, fp32, CUDA graph": "engine_fp32_graph",
+            "this engine, bf16 + channels_last + CUDA graph": "engine_bf16_graph",
+            "this engine, the same + `torch.compile` (fastest)": "engine_fastest"}
+    for label, key in rows.items():
+        line = next(ln for ln in README.splitlines() if ln.startswith(f"| {label}"))
+        cells = [c.strip() for c in line.strip("|").split("|")][1:]
+        for cell, batch in zip(cells, ("batch_64", "batch_512"), strict=True):
+            r = results[batch][key]
+            assert f"{round(r['images_per_s']):,}" in cell, (label, batch, cell)
+            if key == "engine_fastest":
+                assert f"({r['x_classic']:.1f}x" in cell, (label, batch, cell)
+    assert f"{results['batch_512']['engine_fastest']['mfu_vs_bf16_peak'] * 100:.1f}% MFU" in README
+
+
+def test_gpu_time_to_quality_matches_benchmarks_results() -> None:
+    ttq = _load("benchmarks/results/time_to_quality_h200.json")
+    best = ttq["engine"][0]
+    row = next(ln for ln in README.splitlines() if ln.startswith("| GPU recipe, 40 epochs"))
+    assert f"**{best['best_fid']:.2f}**" in row and f"{round(best['best_at_seconds'])} s of training" in row
+
+
+def test_readme_links_and_paths_exist() -> None:
+    for target in re.findall(r"\]\(([^)#:]+)\)", README):
+        assert (ROOT / target).exists(), target
+    for path in set(re.findall(r"`((?:reports|benchmarks|pipeline|tests|docs)/[\w./-]+\.(?:py|json|yaml|md|png))`",
+                                README)):
+        generated = path.startswith(("reports/figures/", "reports/train/", "reports/eval_"))
+        assert generated or (ROOT / path).exists(), path
+
+
+def test_code_points_to_no_document_outside_the_project() -> None:
+    for py in [*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("tests/*.py")]:
+        for doc in re.findall(r"\b([A-Z][A-Z_]+\.md)\b", py.read_text()):
+            assert (ROOT / doc).exists() or list(ROOT.glob(f"*/{doc}")), f"{py.relative_to(ROOT)} cites {doc}"
