@@ -71,21 +71,45 @@ def test_metrics_check_output_in_the_readme_is_that_of_reports_metrics_check_jso
     assert f"sha256 {sha}…" in _flat(README)
 
 
+FAMILY_LABELS = {"dcgan": "dcgan", "sngan": "sngan (ResNet, spectral norm, hinge)",
+                 "wgan_gp": "wgan_gp (5 critic steps, gradient penalty)", "conditional_dcgan": "conditional dcgan",
+                 "vae": "vae", "dcgan_diffaug": "dcgan + DiffAugment"}
+
+
+def throughput_rows(results: dict[str, Any]) -> list[str]:
+    """The README's per-family throughput table, as benchmarks/results/train_throughput_*.json dictates it."""
+    rows = []
+    for fam, label in FAMILY_LABELS.items():
+        cells = [label]
+        for b in ("batch_64", "batch_512"):
+            m = results[b][fam]
+            fast = m["fastest"]
+            mfu = f" ({fast['mfu_vs_bf16_peak'] * 100:.0f}% MFU)" if fam == "dcgan" and b == "batch_512" else ""
+            cells += [f"{round(m['eager_fp32']['images_per_s']):,}", f"{round(fast['images_per_s']):,}{mfu}",
+                      f"{fast['x_eager_fp32']:.1f}x"]
+        rows.append("| " + " | ".join(cells) + " |")
+    c = [f"{round(results[b]['classic']['images_per_s']):,}" for b in ("batch_64", "batch_512")]
+    rows.append(f"| classic loop (pytorch/examples: CPU DataLoader + PIL, fp32, Sigmoid+BCELoss) | {c[0]} | | | {c[1]} | | |")
+    return rows
+
+
 def test_gpu_throughput_table_matches_benchmarks_results() -> None:
-    results = _load("benchmarks/results/train_throughput_h200.json")["results"]
-    rows = {"classic loop": "classic", "this engine, fp32, eager": "engine_fp32",
-            "this engine, fp32, CUDA graph": "engine_fp32_graph",
-            "this engine, bf16 + channels_last + CUDA graph": "engine_bf16_graph",
-            "this engine, the same + `torch.compile` (fastest)": "engine_fastest"}
-    for label, key in rows.items():
-        line = next(ln for ln in README.splitlines() if ln.startswith(f"| {label}"))
-        cells = [c.strip() for c in line.strip("|").split("|")][1:]
-        for cell, batch in zip(cells, ("batch_64", "batch_512"), strict=True):
-            r = results[batch][key]
-            assert f"{round(r['images_per_s']):,}" in cell, (label, batch, cell)
-            if key == "engine_fastest":
-                assert f"({r['x_classic']:.1f}x" in cell, (label, batch, cell)
-    assert f"{results['batch_512']['engine_fastest']['mfu_vs_bf16_peak'] * 100:.1f}% MFU" in README
+    results = _load("benchmarks/results/train_throughput_h100-80gb-hbm3.json")["results"]
+    for row in throughput_rows(results):
+        assert row in README, f"README should hold the row:\n{row}"
+
+
+def test_gpu_ddp_figures_match_benchmarks_results() -> None:
+    d = _load("benchmarks/results/ddp_scaling_h100-80gb-hbm3.json")
+    weak, strong, q = d["weak"], d["strong"], d["quality_same_images_seen"]
+    text = _flat(README)
+    assert (f"256 images per GPU run at {round(weak['2']['images_per_s']):,} images/s against "
+            f"{round(weak['1']['images_per_s']):,} on one GPU, a weak-scaling efficiency of "
+            f"{weak['2']['efficiency']:.2f}") in text
+    assert f"runs {strong['2']['speedup']:.2f}x faster than on one" in text
+    assert (f"evaluator FID ({q['2gpu_seed0']['fid']:.1f}) lies between two one-GPU runs of different seeds "
+            f"({q['1gpu_seed0']['fid']:.1f} and {q['1gpu_seed1']['fid']:.1f})") in text
+    assert f"ran at {round(d['two_gpu_stage_run']['global_images_per_s_median']):,} images/s" in text
 
 
 def test_gpu_time_to_quality_matches_benchmarks_results() -> None:
