@@ -435,3 +435,164 @@ def read_split(in_dir: Path, entry: dict[str, Any], *, verify: bool = True) -> t
     if images.shape[0] != entry["count"] or labels.shape[0] != entry["count"]:
         raise DataError(f"{in_dir}: split has {images.shape[0]} images and {labels.shape[0]} labels, meta says {entry['count']}")
     return images, labels
+
+
+# A mapping costs address space, not memory, until rows are touched; the window bounds both the
+# touched (resident, file-backed) pages of a streamed set and the address space, which is what a
+# process limit (RLIMIT_AS, `ulimit -v`) counts. 1 GiB keeps a streamed run's footprint small
+# however large the set is; mapping and unmapping a shard is a pair of system calls.
+MAP_WINDOW_BYTES = 1 << 30
+
+
+def address_space_headroom() -> int | None:
+    """Bytes of address space left under RLIMIT_AS (``ulimit -v``), or None when no limit is set."""
+    import resource  # noqa: PLC0415 - POSIX only
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        status = Path("/proc/self/status").read_text()
+        used = next(int(ln.split()[1]) * 1024 for ln in status.splitlines() if ln.startswith("VmSize:"))
+    except (OSError, StopIteration):
+        used = 0
+    return max(0, soft - used)
+
+
+class ShardedImages:
+    """A split's uint8 [N, C, H, W] images left in their shard files and read on demand.
+
+    Each shard's sha256 is checked once when the split is opened (the file is streamed through
+    the hash, never loaded); rows are then read through memory maps. At most ``map_bytes`` of
+    shards are mapped at a time (least recently used unmapped first), so neither memory nor
+    address space grows with the set. Reads copy rows out: no view of a mapping escapes, which
+    is what lets a shard be unmapped. Thread-safe (one lock): the training prefetcher reads
+    while the main thread may evaluate.
+    """
+
+    def __init__(self, paths: list[Path], counts: list[int], shape: tuple[int, ...], *,
+                 map_bytes: int | None = None) -> None:
+        import threading  # noqa: PLC0415
+
+        self.paths = [Path(p) for p in paths]
+        self.counts = [int(c) for c in counts]
+        self.starts = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+        self.shape = (int(self.starts[-1]), *(int(s) for s in shape))
+        self.dtype = np.dtype(np.uint8)
+        self.row_bytes = int(np.prod(self.shape[1:]))
+        self.offsets = [self._header(p, c) for p, c in zip(self.paths, self.counts, strict=True)]
+        if map_bytes is None:
+            room = address_space_headroom()
+            # Under an address-space limit, a quarter of what is left: the rest is for the
+            # batches, the models and whatever the libraries map later.
+            map_bytes = MAP_WINDOW_BYTES if room is None else min(MAP_WINDOW_BYTES, room // 4)
+        self.map_bytes = map_bytes
+        self._maps: dict[int, tuple[Any, np.ndarray]] = {}  # shard -> (mmap, view); insertion order = LRU
+        self._mapped = 0
+        self._lock = threading.Lock()
+        self.rows_read = 0  # rows copied out so far (what a DDP rank really read)
+
+    def _header(self, path: Path, count: int) -> int:
+        """Byte offset of the rows in a .npy shard, after checking its header against the index."""
+        try:
+            with open(path, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(fh)
+                offset = fh.tell()
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable .npy shard ({exc}); re-create it with `dvc repro --force <stage>`") from None
+        if fortran or dtype != np.uint8 or tuple(shape) != (count, *self.shape[1:]):
+            raise DataError(f"{path}: holds {dtype} {tuple(shape)}, the index says uint8 {(count, *self.shape[1:])}; "
+                            "the directory is inconsistent: re-create it with `dvc repro --force <stage>`")
+        return offset
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.row_bytes
+
+    def _shard(self, s: int) -> np.ndarray:
+        """Shard ``s`` as a read-only view of its mapping (the caller holds the lock)."""
+        import mmap  # noqa: PLC0415
+
+        hit = self._maps.pop(s, None)
+        if hit is None:
+            size = self.counts[s] * self.row_bytes
+            while self._maps and self._mapped + size > self.map_bytes:
+                old = next(iter(self._maps))
+                mm, view = self._maps.pop(old)
+                del view
+                mm.close()
+                self._mapped -= self.counts[old] * self.row_bytes
+            with open(self.paths[s], "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            view = np.frombuffer(mm, np.uint8, count=size, offset=self.offsets[s]).reshape(self.counts[s], *self.shape[1:])
+            hit = (mm, view)
+            self._mapped += size
+        self._maps[s] = hit  # most recently used last
+        return hit[1]
+
+    def gather(self, index: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``index`` (any order, repeats allowed) as uint8 [len(index), C, H, W], read shard by shard."""
+        idx = np.asarray(index, dtype=np.int64).reshape(-1)
+        if out is None:
+            out = np.empty((len(idx), *self.shape[1:]), np.uint8)
+        if len(idx) == 0:
+            return out
+        if idx.min() < 0 or idx.max() >= len(self):
+            raise IndexError(f"row index out of range for {len(self)} images")
+        order = np.argsort(idx, kind="stable")
+        rows = idx[order]
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        cuts = np.flatnonzero(np.diff(shard)) + 1
+        with self._lock:
+            for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(rows)]]), strict=True):
+                s = int(shard[lo])
+                out[order[lo:hi]] = self._shard(s)[rows[lo:hi] - self.starts[s]]
+            self.rows_read += len(idx)
+        return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        """A copy of the selected rows (an int, a slice or an index array)."""
+        if isinstance(key, (int, np.integer)):
+            return self.gather([int(key) % len(self)])[0]
+        if isinstance(key, slice):
+            return self.gather(np.arange(len(self))[key])
+        return self.gather(key)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.gather(np.arange(len(self)))
+        return out if dtype is None else out.astype(dtype)
+
+    def close(self) -> None:
+        with self._lock:
+            while self._maps:
+                mm, view = self._maps.popitem()[1]
+                del view  # the mapping closes only once no array uses it
+                mm.close()
+            self._mapped = 0
+
+
+def open_split(in_dir: Path, entry: dict[str, Any], *, verify: bool = True,
+               map_bytes: int | None = None) -> tuple[ShardedImages, np.ndarray]:
+    """Like :func:`read_split`, but the images stay in their files (:class:`ShardedImages`); labels are loaded."""
+    in_dir = Path(in_dir)
+    paths, counts = [], []
+    for s in entry["shards"]:
+        path = in_dir / s["file"]
+        if not path.is_file():
+            raise DataError(f"{path}: file not found; run the stage that writes it first (dvc repro)")
+        if verify and (actual := sha256_file(path)) != s["sha256"]:
+            raise DataError(f"{path}: content hash {actual[:12]}… does not match the recorded {s['sha256'][:12]}…; "
+                            "the file is corrupt or was changed by hand. Restore it with `dvc checkout` "
+                            "or re-create it with `dvc repro --force <stage>`.")
+        paths.append(path)
+        counts.append(int(s["count"]))
+    images = ShardedImages(paths, counts, tuple(entry["shape"]), map_bytes=map_bytes)
+    labels = load_npy(in_dir / entry["labels"]["file"], sha256=entry["labels"]["sha256"] if verify else None)
+    if len(images) != entry["count"] or labels.shape[0] != entry["count"]:
+        raise DataError(f"{in_dir}: split has {len(images)} images and {labels.shape[0]} labels, meta says {entry['count']}")
+    return images, labels
