@@ -139,12 +139,16 @@ def load_evaluator(path: Path, *, device: str = "cpu") -> tuple[FeatureNet, dict
 @torch.no_grad()
 def extract(net: FeatureNet, images: torch.Tensor | np.ndarray, *, batch_size: int = 500,
             device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Features [N, D] (float32, CPU) and class probabilities [N, K] (or None) for uint8 or [-1, 1] images."""
+    """Features [N, D] (float32, CPU) and class probabilities [N, K] (or None) for uint8 or [-1, 1] images
+    (a tensor, an array, or a split's shard files read batch by batch)."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     feats, probs = [], []
     for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].to(device)
+        x = images[i : i + batch_size]
+        if isinstance(x, np.ndarray):  # shard files left on disk (ShardedImages) give rows as arrays
+            x = torch.from_numpy(x)
+        x = x.to(device)
         x = normalize(x) if x.dtype == torch.uint8 else x.float()
         f = net.features(x)
         feats.append(f.float().cpu())

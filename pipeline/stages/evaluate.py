@@ -113,7 +113,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Pat
     generator, gen_info = load_generator(models_dir / "best.pt", device=device)
     net, ev = load_evaluator(evaluator_path, device=device)
     test = load_split(tensors_dir, "test")
-    train = load_split(tensors_dir, "train")
+    train = load_split(tensors_dir, "train", mmap=True)  # only features of it are kept: read batch by batch
     seeds = draw_seeds(seed, p.seeds)
     fakes = [sample(generator, p.n_samples, nz=gen_info["nz"], num_classes=gen_info["num_classes"], seed=s,
                     batch_size=p.batch_size, device=device)[0] for s in seeds]  # S x uint8 [n, C, H, W]

@@ -86,14 +86,14 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
         device = f"cuda:{info.local_rank}"
     dist_utils.init(info, device)
     try:
-        data = load_split(augmented, "train")
+        data = load_split(augmented, "train", mmap=True)  # rows read as the placement needs them
         cfg = resolve(params.train, seed=params.base.seed, image_shape=data.shape, num_classes=data.num_classes)
         eval_fn = None
         eval_hash = None
         if evaluator_path is not None and evaluator_path.exists() and info.is_main:
             net, ev_info = load_evaluator(evaluator_path, device=device)
             eval_hash = ev_info["sha256"]
-            test = load_split(tensors, "test")
+            test = load_split(tensors, "test", mmap=True)  # features only: read batch by batch
             real_stats = gaussian_stats(extract(net, test.images, device=device)[0])
 
             def eval_fn(g: torch.nn.Module) -> float:
@@ -108,7 +108,7 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
             if tracker is not None:
                 tracker.log_metrics(values, step=step)
 
-        trainer = Trainer(cfg, torch.from_numpy(data.images), torch.from_numpy(data.labels), device=device,
+        trainer = Trainer(cfg, data.images, torch.from_numpy(data.labels), device=device,
                           workdir=workdir, info=info, log_fn=log_fn, eval_fn=eval_fn, progress=progress)
         resumed = trainer.try_resume()
         if not resumed:
