@@ -440,8 +440,10 @@ def read_split(in_dir: Path, entry: dict[str, Any], *, verify: bool = True) -> t
 # A mapping costs address space, not memory, until rows are touched; the window bounds both the
 # touched (resident, file-backed) pages of a streamed set and the address space, which is what a
 # process limit (RLIMIT_AS, `ulimit -v`) counts. 1 GiB keeps a streamed run's footprint small
-# however large the set is; mapping and unmapping a shard is a pair of system calls.
+# however large the set is. Shards are mapped in blocks of at most MAP_BLOCK_BYTES, so a window
+# smaller than a shard still works; mapping and unmapping a block is a pair of system calls.
 MAP_WINDOW_BYTES = 1 << 30
+MAP_BLOCK_BYTES = 64 << 20
 
 
 def address_space_headroom() -> int | None:
@@ -463,10 +465,10 @@ class ShardedImages:
     """A split's uint8 [N, C, H, W] images left in their shard files and read on demand.
 
     Each shard's sha256 is checked once when the split is opened (the file is streamed through
-    the hash, never loaded); rows are then read through memory maps. At most ``map_bytes`` of
-    shards are mapped at a time (least recently used unmapped first), so neither memory nor
-    address space grows with the set. Reads copy rows out: no view of a mapping escapes, which
-    is what lets a shard be unmapped. Thread-safe (one lock): the training prefetcher reads
+    the hash, never loaded); rows are then read through memory maps of blocks of a shard. At most
+    ``map_bytes`` are mapped at a time (least recently used blocks unmapped first), so neither
+    memory nor address space grows with the set. Reads copy rows out: no view of a mapping
+    escapes, which is what lets a block be unmapped. Thread-safe (one lock): the training prefetcher reads
     while the main thread may evaluate.
     """
 
@@ -487,7 +489,8 @@ class ShardedImages:
             # batches, the models and whatever the libraries map later.
             map_bytes = MAP_WINDOW_BYTES if room is None else min(MAP_WINDOW_BYTES, room // 4)
         self.map_bytes = map_bytes
-        self._maps: dict[int, tuple[Any, np.ndarray]] = {}  # shard -> (mmap, view); insertion order = LRU
+        self.block_rows = max(1, min(MAP_BLOCK_BYTES, map_bytes // 4) // self.row_bytes)
+        self._maps: dict[tuple[int, int], tuple[Any, np.ndarray]] = {}  # (shard, block) -> (mmap, view), LRU first
         self._mapped = 0
         self._lock = threading.Lock()
         self.rows_read = 0  # rows copied out so far (what a DDP rank really read)
@@ -514,29 +517,34 @@ class ShardedImages:
     def nbytes(self) -> int:
         return self.shape[0] * self.row_bytes
 
-    def _shard(self, s: int) -> np.ndarray:
-        """Shard ``s`` as a read-only view of its mapping (the caller holds the lock)."""
+    def _block(self, s: int, k: int) -> np.ndarray:
+        """Rows [k * block_rows, (k + 1) * block_rows) of shard ``s`` as a read-only view of a mapping
+        (the caller holds the lock); the least recently used blocks are unmapped to stay in the window."""
         import mmap  # noqa: PLC0415
 
-        hit = self._maps.pop(s, None)
+        hit = self._maps.pop((s, k), None)
         if hit is None:
-            size = self.counts[s] * self.row_bytes
+            r0 = k * self.block_rows
+            rows = min(self.counts[s], r0 + self.block_rows) - r0
+            size = rows * self.row_bytes
             while self._maps and self._mapped + size > self.map_bytes:
                 old = next(iter(self._maps))
                 mm, view = self._maps.pop(old)
-                del view
+                self._mapped -= view.nbytes
+                del view  # the mapping closes only once no array uses it
                 mm.close()
-                self._mapped -= self.counts[old] * self.row_bytes
+            start = self.offsets[s] + r0 * self.row_bytes
+            skip = start % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
             with open(self.paths[s], "rb") as fh:
-                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            view = np.frombuffer(mm, np.uint8, count=size, offset=self.offsets[s]).reshape(self.counts[s], *self.shape[1:])
+                mm = mmap.mmap(fh.fileno(), size + skip, offset=start - skip, access=mmap.ACCESS_READ)
+            view = np.frombuffer(mm, np.uint8, count=size, offset=skip).reshape(rows, *self.shape[1:])
             hit = (mm, view)
             self._mapped += size
-        self._maps[s] = hit  # most recently used last
+        self._maps[(s, k)] = hit  # most recently used last
         return hit[1]
 
     def gather(self, index: Any, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``index`` (any order, repeats allowed) as uint8 [len(index), C, H, W], read shard by shard."""
+        """Rows ``index`` (any order, repeats allowed) as uint8 [len(index), C, H, W], read block by block."""
         idx = np.asarray(index, dtype=np.int64).reshape(-1)
         if out is None:
             out = np.empty((len(idx), *self.shape[1:]), np.uint8)
@@ -547,11 +555,13 @@ class ShardedImages:
         order = np.argsort(idx, kind="stable")
         rows = idx[order]
         shard = np.searchsorted(self.starts, rows, side="right") - 1
-        cuts = np.flatnonzero(np.diff(shard)) + 1
+        local = rows - self.starts[shard]
+        block = local // self.block_rows
+        cuts = np.flatnonzero((np.diff(shard) != 0) | (np.diff(block) != 0)) + 1
         with self._lock:
             for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(rows)]]), strict=True):
-                s = int(shard[lo])
-                out[order[lo:hi]] = self._shard(s)[rows[lo:hi] - self.starts[s]]
+                s, k = int(shard[lo]), int(block[lo])
+                out[order[lo:hi]] = self._block(s, k)[local[lo:hi] - k * self.block_rows]
             self.rows_read += len(idx)
         return out
 

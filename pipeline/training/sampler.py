@@ -239,10 +239,19 @@ class Sampler:
             count, where = n // info.world_size, "streamed from the shard files"
         else:
             if isinstance(images, ShardedImages):
-                if self.on_device:
-                    own = _resident(images, shard, device, pin=False)
-                else:
-                    own = _resident(images, shard, torch.device("cpu"), pin=device.type == "cuda")
+                try:
+                    if self.on_device:
+                        own = _resident(images, shard, device, pin=False)
+                    else:
+                        own = _resident(images, shard, torch.device("cpu"), pin=device.type == "cuda")
+                except (MemoryError, RuntimeError) as exc:  # torch reports a failed allocation as RuntimeError
+                    if isinstance(exc, RuntimeError) and "memory" not in str(exc).lower():
+                        raise
+                    raise UserError(
+                        f"train.data_placement={placement}: the {own_n} training images ({_mib(own_n * row_bytes)}) "
+                        f"do not fit {'on ' + str(device) if self.on_device else 'in host memory'} "
+                        f"({str(exc).splitlines()[0][:160]}); set train.data_placement: stream (or auto, "
+                        "which streams sets that do not fit)") from None
             else:
                 own = images[shard]
                 if self.on_device:
