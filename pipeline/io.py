@@ -485,9 +485,10 @@ class ShardedImages:
         self.offsets = [self._header(p, c) for p, c in zip(self.paths, self.counts, strict=True)]
         if map_bytes is None:
             room = address_space_headroom()
-            # Under an address-space limit, a quarter of what is left: the rest is for the
-            # batches, the models and whatever the libraries map later.
-            map_bytes = MAP_WINDOW_BYTES if room is None else min(MAP_WINDOW_BYTES, room // 4)
+            # Under an address-space limit, a 64th of what is left: the rest is for the
+            # batches, the models, the threads and whatever the libraries map later. A smaller
+            # window costs more mapping calls, never a failure.
+            map_bytes = MAP_WINDOW_BYTES if room is None else min(MAP_WINDOW_BYTES, max(self.row_bytes, room // 64))
         self.map_bytes = map_bytes
         self.block_rows = max(1, min(MAP_BLOCK_BYTES, map_bytes // 4) // self.row_bytes)
         self._maps: dict[tuple[int, int], tuple[Any, np.ndarray]] = {}  # (shard, block) -> (mmap, view), LRU first

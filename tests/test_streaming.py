@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline.data.tensors import load_split
 from pipeline.errors import DataError
@@ -154,3 +160,149 @@ def test_resident_training_from_shard_files_equals_training_from_a_tensor(tiny_t
         tr.run()
     a, b = _weights(from_tensor), _weights(from_files)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------
+# Through the real stages, in processes whose address space is limited well below the set's size
+# --------------------------------------------------------------------------------------------
+
+# Reports the process's peak address space (VmPeak) when it exits, then runs `python -m pipeline`.
+_VMPEAK_MAIN = """
+import atexit, os, runpy, sys
+def report():
+    status = open("/proc/self/status").read()
+    peak = next(int(ln.split()[1]) * 1024 for ln in status.splitlines() if ln.startswith("VmPeak:"))
+    with open(os.environ["VMPEAK_FILE"], "w") as fh:
+        fh.write(str(peak))
+atexit.register(report)
+sys.argv = ["pipeline", *sys.argv[1:]]
+runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
+"""
+SHAPE = (3, 64, 64)
+BIG = 20_000  # 20,000 x 3 x 64 x 64 = 234 MiB of training images
+MARGIN = 64 << 20  # address space allowed beyond what the same command needs on a tiny set
+
+
+def _tensor_project(root: Path, n: int) -> Path:
+    """A project laid out like the stage tests', with ``n`` random 64x64 RGB training images (written
+    1,000 at a time) and 64 test images, in 16 MiB shards."""
+    from helpers_project import tiny_params, write_params
+    from pipeline.io import ShardWriter
+
+    (root / "dvc.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    out = root / "data" / "tensors"
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, count in (("train", n), ("test", 64)):
+        writer = ShardWriter(out, split, shard_bytes=16 << 20)
+        for start in range(0, count, 1000):
+            k = min(1000, count - start)
+            writer.add(rng.integers(0, 256, (k, *SHAPE), dtype=np.uint8), rng.integers(0, 10, k))
+        splits[split] = writer.close()
+    write_json(out / "meta.json", {"splits": splits, "num_classes": 10, "image_shape": list(SHAPE)})
+    params = tiny_params(
+        base={"device": "cpu"}, augment={"copies": 0},
+        train={**SMALL, "batch_size": 8, "steps": 6, "checkpoint_every": 3, "data_placement": "auto"},
+        evaluate={"n_samples": 20, "batch_size": 100, "kid_subsets": 2, "bootstrap": 2, "seeds": 1})
+    write_params(root / "params.yaml", params)
+    return root
+
+
+def _stage(root: Path, *args: str, limit: int | None = None, steps: int | None = None,
+           placement: str | None = None) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run ``python -m pipeline ARGS`` in ``root`` (under RLIMIT_AS = ``limit``): (result, its VmPeak)."""
+    import resource
+
+    from helpers_project import venv_env
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    if steps is not None:
+        params["train"]["steps"] = steps
+    params["train"]["data_placement"] = placement or "auto"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    peak_file = root / "vmpeak"
+    peak_file.unlink(missing_ok=True)
+
+    def set_limit() -> None:
+        if limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    env = venv_env(PIPELINE_TRACKING="0", VMPEAK_FILE=str(peak_file))
+    out = subprocess.run([sys.executable, "-c", _VMPEAK_MAIN, *args], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600, preexec_fn=set_limit)
+    return out, int(peak_file.read_text()) if peak_file.exists() else -1
+
+
+def _ok(out: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny project and a big one (234 MiB of training images), an evaluator, what each command
+    needs on the tiny set (torch alone maps gigabytes of address space), and the big set's
+    data/augmented written by the augment stage under a limit of that need + MARGIN."""
+    from pipeline.params import load_params
+    from pipeline.stages import evaluator
+
+    root = tmp_path_factory.mktemp("limited")
+    small, big = _tensor_project(root / "small", 256), _tensor_project(root / "big", BIG)
+    assert BIG * int(np.prod(SHAPE)) > 3 * MARGIN
+    # The evaluator is trained on the small set (its features only need the shape right).
+    evaluator.run(load_params(small / "params.yaml"), small / "data/tensors", small / "models/evaluator.pt",
+                  small / "evaluator.json", progress=False)
+    (big / "models").mkdir()
+    shutil.copy(small / "models/evaluator.pt", big / "models/evaluator.pt")
+    need = {}
+    out, need["augment"] = _stage(small, "augment")
+    _ok(out)
+    out, need["train"] = _stage(small, "train", "--evaluator", "none.pt", placement="stream")
+    _ok(out)
+    assert min(need.values()) > 0
+    # Augment copies the originals chunk by chunk: the set never passes through memory whole.
+    _ok(_stage(big, "augment", limit=need["augment"] + MARGIN)[0])
+    return {"small": small, "big": big, "need": need}
+
+
+def _weights_of(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": v for n, sd in ckpt["models"].items() for k, v in sd.items()} | {
+        f"ema.{k}": v for k, v in ckpt["ema"].items()}
+
+
+def test_a_set_several_times_the_memory_limit_trains_and_resumes_bitwise(limited: dict[str, Any]) -> None:
+    from pipeline.training.checkpoint import load_checkpoint
+
+    big, limit = limited["big"], limited["need"]["train"] + MARGIN
+    out = _ok(_stage(big, "train", "--evaluator", "none.pt", limit=limit, steps=6)[0])
+    # train.data_placement: auto chose to stream, and said why.
+    assert "streamed from the shard files" in out.stderr and "exceed half of the host's available" in out.stderr
+    straight = load_checkpoint(big / "models/checkpoint.pt")
+    shutil.rmtree(big / ".pipeline")
+    _ok(_stage(big, "train", "--evaluator", "none.pt", limit=limit, steps=3)[0])
+    out = _ok(_stage(big, "train", "--evaluator", "none.pt", limit=limit, steps=6)[0])
+    assert "resumed from" in out.stderr and "at step 3" in out.stderr
+    resumed = load_checkpoint(big / "models/checkpoint.pt")
+    a, b = _weights_of(straight), _weights_of(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed run differs"
+    assert (straight["sampler"]["epoch"], straight["sampler"]["pos"]) == (resumed["sampler"]["epoch"],
+                                                                          resumed["sampler"]["pos"]) == (0, 6)
+
+
+def test_a_set_several_times_the_memory_limit_evaluates_and_cannot_be_held_in_memory(
+        limited: dict[str, Any]) -> None:
+    small, big = limited["small"], limited["big"]
+    if not (big / "models/best.pt").exists():  # this test alone: train first (unlimited; tested above)
+        _ok(_stage(big, "train", "--evaluator", "none.pt", steps=3)[0])
+    out, need = _stage(small, "evaluate")
+    _ok(out)
+    _ok(_stage(big, "evaluate", limit=need + MARGIN)[0])
+    metrics = json.loads((big / "reports/metrics.json").read_text())
+    assert math.isfinite(float(metrics["fid_train_vs_test"]))
+    # The limit bites: holding the set in host memory (train.data_placement: host) fails, and says what to do.
+    out, _ = _stage(big, "train", "--evaluator", "none.pt", limit=limited["need"]["train"] + MARGIN, steps=6,
+                    placement="host")
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "do not fit in host memory" in out.stderr and "train.data_placement: stream" in out.stderr

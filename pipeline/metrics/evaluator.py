@@ -143,15 +143,26 @@ def extract(net: FeatureNet, images: torch.Tensor | np.ndarray, *, batch_size: i
     (a tensor, an array, or a split's shard files read batch by batch)."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
-    feats, probs = [], []
-    for i in range(0, len(images), batch_size):
+    # Written into outputs allocated once: thousands of small kept tensors between each batch's
+    # large temporaries fragment the C heap, which then grows with the number of batches.
+    n = len(images)
+    feats: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    for i in range(0, n, batch_size):
         x = images[i : i + batch_size]
         if isinstance(x, np.ndarray):  # shard files left on disk (ShardedImages) give rows as arrays
             x = torch.from_numpy(x)
         x = x.to(device)
         x = normalize(x) if x.dtype == torch.uint8 else x.float()
         f = net.features(x)
-        feats.append(f.float().cpu())
+        if feats is None:
+            feats = torch.empty(n, f.shape[1])
+        feats[i : i + len(f)] = f.float().cpu()
         if net.head is not None:
-            probs.append(torch.softmax(net.head(f).float(), dim=1).cpu())
-    return torch.cat(feats), (torch.cat(probs) if probs else None)
+            p = torch.softmax(net.head(f).float(), dim=1).cpu()
+            if probs is None:
+                probs = torch.empty(n, p.shape[1])
+            probs[i : i + len(p)] = p
+    if feats is None:
+        raise ValueError("extract: no images")
+    return feats, probs
