@@ -21,6 +21,7 @@ else, and a checkpoint records (epoch, batch) to continue from.
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import threading
@@ -244,8 +245,10 @@ class Sampler:
                         own = _resident(images, shard, device, pin=False)
                     else:
                         own = _resident(images, shard, torch.device("cpu"), pin=device.type == "cuda")
-                except (MemoryError, RuntimeError) as exc:  # torch reports a failed allocation as RuntimeError
-                    if isinstance(exc, RuntimeError) and "memory" not in str(exc).lower():
+                except (MemoryError, RuntimeError, OSError) as exc:
+                    # torch reports a failed allocation as RuntimeError, a refused mapping is ENOMEM
+                    if isinstance(exc, OSError) and exc.errno != errno.ENOMEM or (
+                            isinstance(exc, RuntimeError) and "memory" not in str(exc).lower()):
                         raise
                     raise UserError(
                         f"train.data_placement={placement}: the {own_n} training images ({_mib(own_n * row_bytes)}) "
