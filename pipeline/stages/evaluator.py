@@ -22,7 +22,7 @@ def run(params: Params, tensors_dir: Path, out_path: Path, report_path: Path, *,
 
     p = params.evaluator
     device = device_from(params)
-    train = load_split(tensors_dir, "train")
+    train = load_split(tensors_dir, "train", mmap=True)  # in memory only if it fits (train_evaluator decides)
     test = load_split(tensors_dir, "test")
     net, report = train_evaluator(train.images, train.labels, test.images, test.labels, epochs=p.epochs,
                                   batch_size=p.batch_size, lr=p.lr, width=p.width, feature_dim=p.feature_dim,
