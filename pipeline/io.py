@@ -461,6 +461,28 @@ def address_space_headroom() -> int | None:
     return max(0, soft - used)
 
 
+def host_memory_available() -> int:
+    """Bytes this process could still take from the host: the least of MemAvailable, the cgroup's
+    memory.max headroom and the RLIMIT_AS headroom (whichever are set)."""
+    limits = []
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        limits.append(next(int(ln.split()[1]) * 1024 for ln in meminfo.splitlines() if ln.startswith("MemAvailable:")))
+    except (OSError, StopIteration):
+        pass
+    try:
+        cg = Path("/sys/fs/cgroup")
+        top = cg / "memory.max"
+        if top.is_file() and (v := top.read_text().strip()) != "max":
+            limits.append(max(0, int(v) - int((cg / "memory.current").read_text())))
+    except (OSError, ValueError):
+        pass
+    room = address_space_headroom()
+    if room is not None:
+        limits.append(room)
+    return min(limits) if limits else 1 << 62
+
+
 class ShardedImages:
     """A split's uint8 [N, C, H, W] images left in their shard files and read on demand.
 

@@ -79,7 +79,7 @@ def train_evaluator(images: np.ndarray, labels: np.ndarray, test_images: np.ndar
     net = FeatureNet(channels=c, width=width, feature_dim=feature_dim, num_classes=num_classes, size=h).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     if not isinstance(images, np.ndarray):  # shard files left on disk (ShardedImages)
-        from ..training.sampler import host_memory_available  # noqa: PLC0415
+        from ..io import host_memory_available  # noqa: PLC0415
 
         if images.nbytes <= host_memory_available() // 2:
             images = np.asarray(images)

@@ -25,7 +25,6 @@ import errno
 import logging
 import queue
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +32,7 @@ import torch
 
 from ..errors import UserError
 from ..imaging import normalize
-from ..io import ShardedImages, address_space_headroom
+from ..io import ShardedImages, host_memory_available
 from ..models.layers import channels_last_strided
 from .distributed import DistInfo
 
@@ -45,28 +44,6 @@ PREFETCH = 3  # batches read ahead of the step in streamed mode
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
-
-
-def host_memory_available() -> int:
-    """Bytes this process could still take from the host: the least of MemAvailable, the cgroup's
-    memory.max headroom and the RLIMIT_AS headroom (whichever are set)."""
-    limits = []
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-        limits.append(next(int(ln.split()[1]) * 1024 for ln in meminfo.splitlines() if ln.startswith("MemAvailable:")))
-    except (OSError, StopIteration):
-        pass
-    try:
-        cg = Path("/sys/fs/cgroup")
-        top = cg / "memory.max"
-        if top.is_file() and (v := top.read_text().strip()) != "max":
-            limits.append(max(0, int(v) - int((cg / "memory.current").read_text())))
-    except (OSError, ValueError):
-        pass
-    room = address_space_headroom()
-    if room is not None:
-        limits.append(room)
-    return min(limits) if limits else 1 << 62
 
 
 def choose_placement(requested: str, own_bytes: int, device: torch.device) -> tuple[str, str]:
