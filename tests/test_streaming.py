@@ -306,3 +306,36 @@ def test_a_set_several_times_the_memory_limit_evaluates_and_cannot_be_held_in_me
                     placement="host")
     assert out.returncode == 2, out.stderr[-3000:]
     assert "do not fit in host memory" in out.stderr and "train.data_placement: stream" in out.stderr
+
+
+def test_ddp_ranks_stream_their_own_parts_and_resume(tiny_tensors: Path, tmp_path: Path) -> None:
+    """Two gloo processes through the train stage: each streams 60 of the 120 images an epoch
+    (3 batches of 16), the replicas stay identical, and the run resumes from per-rank checkpoints."""
+    from helpers_project import tiny_params, venv_env, write_params
+    from pipeline.training.checkpoint import load_checkpoint
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    shutil.copytree(tiny_tensors / "augmented", tmp_path / "data" / "augmented")
+    shutil.copytree(tiny_tensors / "tensors", tmp_path / "data" / "tensors")
+    params = tiny_params(base={"device": "cpu"}, train={**SMALL, "batch_size": 16, "steps": 4, "devices": 2,
+                                                        "checkpoint_every": 2, "data_placement": "stream"})
+    cmd = [sys.executable, "-m", "pipeline", "train", "--evaluator", "none.pt"]
+    env = venv_env(PIPELINE_TRACKING="0")
+    write_params(tmp_path / "params.yaml", params)
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stderr.count("60 images (1, 28, 28) uint8 (0 MiB) streamed from the shard files") == 2
+    work = next((tmp_path / ".pipeline" / "train").iterdir())
+    r0, r1 = (load_checkpoint(work / f"checkpoint-rank{r}.pt") for r in range(2))
+    assert (r0["sampler"]["epoch"], r0["sampler"]["pos"]) == (r1["sampler"]["epoch"], r1["sampler"]["pos"]) == (1, 1)
+    for net in ("g", "d"):
+        for k, v in r0["models"][net].items():
+            if "running_" not in k and "num_batches" not in k:  # BN statistics are per rank (sync_bn off)
+                assert torch.equal(v, r1["models"][net][k]), k
+    params["train"]["steps"] = 6
+    write_params(tmp_path / "params.yaml", params)
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "resumed from" in out.stderr
+    r0 = load_checkpoint(work / "checkpoint-rank0.pt")
+    assert r0["step"] == 6 and (r0["sampler"]["epoch"], r0["sampler"]["pos"]) == (1, 3)  # 2 epochs done
