@@ -10,7 +10,9 @@ process's peak memory is its own):
 * host: the set in pinned host memory, one copy per batch (no CUDA graphs: the batch is gathered on
   the host inside the step);
 * stream: rows read from the shard files by the prefetch thread into pinned buffers, copied to the
-  GPU on a side stream; at most ``--map-mb`` of the files mapped at a time.
+  GPU on a side stream, with the pipeline's 1 GiB window of mapped files (this whole set);
+* stream:64: the same with at most 64 MiB of the files mapped at a time (what a set much larger
+  than the window sees: blocks mapped and unmapped as batches need them).
 
 Per placement: images/s (real images through D per second, timed between synchronisations after
 warm-up and graph capture), and the process's host memory: peak resident set (VmHWM), and at the
@@ -39,7 +41,7 @@ import yaml
 from common import ROOT, find_fmnist, load_fmnist, machine, resize_on_device, write_result
 
 RECIPE = ROOT / "benchmarks" / "recipes" / "fmnist-gpu.yaml"
-PLACEMENTS = ("device", "host", "stream")
+PLACEMENTS = ("device", "host", "stream", "stream:64")
 
 
 def memory() -> dict[str, float]:
@@ -76,13 +78,14 @@ def child(args: argparse.Namespace) -> None:
     shards = Path(args.shards)
     entry = read_json(shards / "meta.json")["splits"]["train"]
     t0 = time.perf_counter()
-    images, labels = open_split(shards, entry, map_bytes=args.map_mb << 20)
-    train = {**json.loads(args.train), "data_placement": args.child, "steps": 10**9}
+    placement, _, map_mb = args.child.partition(":")
+    images, labels = open_split(shards, entry, map_bytes=int(map_mb or 1024) << 20)
+    train = {**json.loads(args.train), "data_placement": placement, "steps": 10**9}
     cfg = resolve(train, seed=0, image_shape=tuple(images.shape[1:]), num_classes=0)
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, images, torch.from_numpy(labels), device="cuda" if cuda else "cpu", workdir=Path(tmp),
                      progress=False)
-        assert tr.sampler.placement == args.child, tr.sampler.placement
+        assert tr.sampler.placement == placement, tr.sampler.placement
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         for _ in range(args.warmup):  # cuDNN autotuning, graph capture of each variant, the ring filled
             tr.train_step()
@@ -117,9 +120,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=20, help="untimed steps first")
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--placements", default=",".join(PLACEMENTS))
-    ap.add_argument("--map-mb", type=int, default=64, help="most MiB of shard files mapped at a time (stream)")
     ap.add_argument("--cpu-dry-run", action="store_true", help="random images, tiny model, CPU: checks the wiring")
-    ap.add_argument("--child", choices=PLACEMENTS, help=argparse.SUPPRESS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--shards", help=argparse.SUPPRESS)
     ap.add_argument("--train", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -133,6 +135,8 @@ def main() -> None:
         images = np.random.default_rng(0).integers(0, 256, (2048, 1, 64, 64), dtype=np.uint8)
         labels = np.zeros(len(images), np.int64)
         dataset = "2,048 random 64x64 images (CPU dry run)"
+        # The 8 MiB set against a 2 MiB window, as the 234 MiB set against 64 MiB on the GPU.
+        args.placements = args.placements.replace("stream:64", "stream:2")
     else:
         if not torch.cuda.is_available():
             raise SystemExit("this benchmark needs a CUDA GPU (or --cpu-dry-run)")
@@ -140,29 +144,31 @@ def main() -> None:
         images = resize_on_device(data["train_x"], 64, "cuda").cpu().numpy()
         labels = data["train_y"]
         dataset = "Fashion-MNIST train (60,000), resized to 64x64"
-    result: dict[str, Any] = {"machine": machine(), "dataset": dataset, "train": train, "map_window_mib": args.map_mb,
-                              "placements": {}}
+    result: dict[str, Any] = {"machine": machine(), "dataset": dataset, "train": train, "placements": {}}
     with tempfile.TemporaryDirectory() as tmp:
         write_shards(Path(tmp), images, labels)
         del images
         for placement in args.placements.split(","):
             cmd = [sys.executable, __file__, "--child", placement, "--shards", tmp, "--train", json.dumps(train),
-                   "--seconds", str(args.seconds), "--warmup", str(args.warmup), "--map-mb", str(args.map_mb)]
+                   "--seconds", str(args.seconds), "--warmup", str(args.warmup)]
             if args.cpu_dry_run:
                 cmd.append("--cpu-dry-run")
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             res = json.loads(line[7:]) if line else {"error": out.stderr[-3000:]}
             result["placements"][placement] = res
-            print(f"{placement:>7}: " + (f"{res['images_per_s']:9.0f} img/s  peak RSS {res['peak_rss_mib']:.0f} MiB "
+            print(f"{placement:>9}: " + (f"{res['images_per_s']:9.0f} img/s  peak RSS {res['peak_rss_mib']:.0f} MiB "
                                          f"(anon {res['rss_anon_mib']:.0f}, file {res['rss_file_mib']:.0f})  "
                                          f"{res['executor']}" if "images_per_s" in res else res["error"]), flush=True)
     pl = result["placements"]
     if "images_per_s" in pl.get("stream", {}) and "images_per_s" in pl.get("device", {}):
-        ratio = pl["stream"]["images_per_s"] / pl["device"]["images_per_s"]
-        result["goals"] = {f"stream_vs_resident_batch_{train['batch_size']}": {
-            "measured": ratio, "goal_at_least": 0.9, "met": ratio >= 0.9}}
-        print(f"streamed / resident: {ratio:.3f} (goal >= 0.9)")
+        result["goals"] = {}
+        for name in ("stream", "stream:64", "stream:2"):
+            if "images_per_s" in pl.get(name, {}):
+                ratio = pl[name]["images_per_s"] / pl["device"]["images_per_s"]
+                result["goals"][f"{name.replace(':', '_window_mib_')}_vs_resident_batch_{train['batch_size']}"] = {
+                    "measured": ratio, "goal_at_least": 0.9, "met": ratio >= 0.9}
+                print(f"{name} / resident: {ratio:.3f} (goal >= 0.9)")
     print(f"wrote {write_result('stream_throughput_cpu_dry_run' if args.cpu_dry_run else 'stream_throughput', result)}")
 
 
