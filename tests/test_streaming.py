@@ -104,7 +104,7 @@ def test_shard_files_are_verified_before_a_streamed_run_reads_them(tmp_path: Pat
         load_split(tmp_path, "train", mmap=True)
 
 
-def test_placement_follows_the_size_and_the_param(caplog: pytest.LogCaptureFixture) -> None:
+def test_placement_follows_the_size_and_the_param() -> None:
     cpu = torch.device("cpu")
     assert choose_placement("auto", 1 << 20, cpu)[0] == "device"
     mode, why = choose_placement("auto", 1 << 60, cpu)
