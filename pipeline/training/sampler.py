@@ -70,6 +70,23 @@ def choose_placement(requested: str, own_bytes: int, device: torch.device) -> tu
     return "stream", f"{_mib(own_bytes)} exceed half of the host's available {_mib(host)}"
 
 
+def _agree(placement: str, why: str, device: torch.device) -> tuple[str, str]:
+    """The placement every DDP rank uses: the most frugal any rank chose. Ranks that chose apart
+    (one GPU with less free memory) would otherwise read different parts of the set, and their
+    checkpoints would not resume together."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not dist.is_initialized():
+        return placement, why
+    order = ("device", "host", "stream")
+    level = torch.tensor([order.index(placement)], device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(level, op=dist.ReduceOp.MAX)
+    agreed = order[int(level.item())]
+    if agreed != placement:
+        return agreed, f"{why}; another process could not hold its share there, and every process places its share alike"
+    return placement, why
+
+
 def epoch_order(n: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
     """This rank's part of epoch ``epoch``'s permutation of ``n`` images (a function of these
     arguments only): positions rank, rank + world_size, ... of one global permutation, cut so
@@ -205,6 +222,8 @@ class Sampler:
         row_bytes = int(np.prod(images.shape[1:]))
         own_n = n // info.world_size if placement == "stream" else len(range(n)[shard])
         self.placement, why = choose_placement(placement, own_n * row_bytes, device)
+        if info.enabled and placement == "auto":
+            self.placement, why = _agree(self.placement, why, device)
         self.streamed = self.placement == "stream"
         self.on_device = self.placement == "device"
         if self.streamed:
