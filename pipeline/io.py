@@ -490,3 +490,197 @@ def read_split(in_dir: Path, entry: dict[str, Any], *, verify: bool = True) -> t
     if images.shape[0] != entry["count"] or labels.shape[0] != entry["count"]:
         raise DataError(f"{in_dir}: split has {images.shape[0]} images and {labels.shape[0]} labels, meta says {entry['count']}")
     return images, labels
+
+
+# A mapping costs address space, not memory, until rows are touched; the window bounds both the
+# touched (resident, file-backed) pages of a streamed set and the address space, which is what a
+# process limit (RLIMIT_AS, `ulimit -v`) counts. 1 GiB keeps a streamed run's footprint small
+# however large the set is. Shards are mapped in blocks of at most MAP_BLOCK_BYTES, so a window
+# smaller than a shard still works; mapping and unmapping a block is a pair of system calls.
+MAP_WINDOW_BYTES = 1 << 30
+MAP_BLOCK_BYTES = 64 << 20
+
+
+def address_space_headroom() -> int | None:
+    """Bytes of address space left under RLIMIT_AS (``ulimit -v``), or None when no limit is set."""
+    import resource  # noqa: PLC0415 - POSIX only
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        status = Path("/proc/self/status").read_text()
+        used = next(int(ln.split()[1]) * 1024 for ln in status.splitlines() if ln.startswith("VmSize:"))
+    except (OSError, StopIteration):
+        used = 0
+    return max(0, soft - used)
+
+
+def host_memory_available() -> int:
+    """Bytes this process could still take from the host: the least of MemAvailable, the cgroup's
+    memory.max headroom and the RLIMIT_AS headroom (whichever are set)."""
+    limits = []
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        limits.append(next(int(ln.split()[1]) * 1024 for ln in meminfo.splitlines() if ln.startswith("MemAvailable:")))
+    except (OSError, StopIteration):
+        pass
+    try:
+        cg = Path("/sys/fs/cgroup")
+        top = cg / "memory.max"
+        if top.is_file() and (v := top.read_text().strip()) != "max":
+            limits.append(max(0, int(v) - int((cg / "memory.current").read_text())))
+    except (OSError, ValueError):
+        pass
+    room = address_space_headroom()
+    if room is not None:
+        limits.append(room)
+    return min(limits) if limits else 1 << 62
+
+
+class ShardedImages:
+    """A split's uint8 [N, C, H, W] images left in their shard files and read on demand.
+
+    Each shard's sha256 is checked once when the split is opened (the file is streamed through
+    the hash, never loaded); rows are then read through memory maps of blocks of a shard. At most
+    ``map_bytes`` are mapped at a time (least recently used blocks unmapped first), so neither
+    memory nor address space grows with the set. Reads copy rows out: no view of a mapping
+    escapes, which is what lets a block be unmapped. Thread-safe (one lock): the training prefetcher reads
+    while the main thread may evaluate.
+    """
+
+    def __init__(self, paths: list[Path], counts: list[int], shape: tuple[int, ...], *,
+                 map_bytes: int | None = None) -> None:
+        import threading  # noqa: PLC0415
+
+        self.paths = [Path(p) for p in paths]
+        self.counts = [int(c) for c in counts]
+        self.starts = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+        self.shape = (int(self.starts[-1]), *(int(s) for s in shape))
+        self.dtype = np.dtype(np.uint8)
+        self.row_bytes = int(np.prod(self.shape[1:]))
+        self.offsets = [self._header(p, c) for p, c in zip(self.paths, self.counts, strict=True)]
+        if map_bytes is None:
+            room = address_space_headroom()
+            # Under an address-space limit, a 64th of what is left: the rest is for the
+            # batches, the models, the threads and whatever the libraries map later. A smaller
+            # window costs more mapping calls, never a failure.
+            map_bytes = MAP_WINDOW_BYTES if room is None else min(MAP_WINDOW_BYTES, max(self.row_bytes, room // 64))
+        self.map_bytes = map_bytes
+        self.block_rows = max(1, min(MAP_BLOCK_BYTES, map_bytes // 4) // self.row_bytes)
+        self._maps: dict[tuple[int, int], tuple[Any, np.ndarray]] = {}  # (shard, block) -> (mmap, view), LRU first
+        self._mapped = 0
+        self._lock = threading.Lock()
+        self.rows_read = 0  # rows copied out so far (what a DDP rank really read)
+
+    def _header(self, path: Path, count: int) -> int:
+        """Byte offset of the rows in a .npy shard, after checking its header against the index."""
+        try:
+            with open(path, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(fh)
+                offset = fh.tell()
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable .npy shard ({exc}); re-create it with `dvc repro --force <stage>`") from None
+        if fortran or dtype != np.uint8 or tuple(shape) != (count, *self.shape[1:]):
+            raise DataError(f"{path}: holds {dtype} {tuple(shape)}, the index says uint8 {(count, *self.shape[1:])}; "
+                            "the directory is inconsistent: re-create it with `dvc repro --force <stage>`")
+        return offset
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.row_bytes
+
+    def _block(self, s: int, k: int) -> np.ndarray:
+        """Rows [k * block_rows, (k + 1) * block_rows) of shard ``s`` as a read-only view of a mapping
+        (the caller holds the lock); the least recently used blocks are unmapped to stay in the window."""
+        import mmap  # noqa: PLC0415
+
+        hit = self._maps.pop((s, k), None)
+        if hit is None:
+            r0 = k * self.block_rows
+            rows = min(self.counts[s], r0 + self.block_rows) - r0
+            size = rows * self.row_bytes
+            while self._maps and self._mapped + size > self.map_bytes:
+                old = next(iter(self._maps))
+                mm, view = self._maps.pop(old)
+                self._mapped -= view.nbytes
+                del view  # the mapping closes only once no array uses it
+                mm.close()
+            start = self.offsets[s] + r0 * self.row_bytes
+            skip = start % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
+            with open(self.paths[s], "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), size + skip, offset=start - skip, access=mmap.ACCESS_READ)
+            view = np.frombuffer(mm, np.uint8, count=size, offset=skip).reshape(rows, *self.shape[1:])
+            hit = (mm, view)
+            self._mapped += size
+        self._maps[(s, k)] = hit  # most recently used last
+        return hit[1]
+
+    def gather(self, index: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``index`` (any order, repeats allowed) as uint8 [len(index), C, H, W], read block by block."""
+        idx = np.asarray(index, dtype=np.int64).reshape(-1)
+        if out is None:
+            out = np.empty((len(idx), *self.shape[1:]), np.uint8)
+        if len(idx) == 0:
+            return out
+        if idx.min() < 0 or idx.max() >= len(self):
+            raise IndexError(f"row index out of range for {len(self)} images")
+        order = np.argsort(idx, kind="stable")
+        rows = idx[order]
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        local = rows - self.starts[shard]
+        block = local // self.block_rows
+        cuts = np.flatnonzero((np.diff(shard) != 0) | (np.diff(block) != 0)) + 1
+        with self._lock:
+            for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(rows)]]), strict=True):
+                s, k = int(shard[lo]), int(block[lo])
+                out[order[lo:hi]] = self._block(s, k)[local[lo:hi] - k * self.block_rows]
+            self.rows_read += len(idx)
+        return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        """A copy of the selected rows (an int, a slice or an index array)."""
+        if isinstance(key, (int, np.integer)):
+            return self.gather([int(key) % len(self)])[0]
+        if isinstance(key, slice):
+            return self.gather(np.arange(len(self))[key])
+        return self.gather(key)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.gather(np.arange(len(self)))
+        return out if dtype is None else out.astype(dtype)
+
+    def close(self) -> None:
+        with self._lock:
+            while self._maps:
+                mm, view = self._maps.popitem()[1]
+                del view  # the mapping closes only once no array uses it
+                mm.close()
+            self._mapped = 0
+
+
+def open_split(in_dir: Path, entry: dict[str, Any], *, verify: bool = True,
+               map_bytes: int | None = None) -> tuple[ShardedImages, np.ndarray]:
+    """Like :func:`read_split`, but the images stay in their files (:class:`ShardedImages`); labels are loaded."""
+    in_dir = Path(in_dir)
+    paths, counts = [], []
+    for s in entry["shards"]:
+        path = in_dir / s["file"]
+        if not path.is_file():
+            raise DataError(f"{path}: file not found; run the stage that writes it first (dvc repro)")
+        if verify and (actual := sha256_file(path)) != s["sha256"]:
+            raise DataError(f"{path}: content hash {actual[:12]}… does not match the recorded {s['sha256'][:12]}…; "
+                            "the file is corrupt or was changed by hand. Restore it with `dvc checkout` "
+                            "or re-create it with `dvc repro --force <stage>`.")
+        paths.append(path)
+        counts.append(int(s["count"]))
+    images = ShardedImages(paths, counts, tuple(entry["shape"]), map_bytes=map_bytes)
+    labels = load_npy(in_dir / entry["labels"]["file"], sha256=entry["labels"]["sha256"] if verify else None)
+    if len(images) != entry["count"] or labels.shape[0] != entry["count"]:
+        raise DataError(f"{in_dir}: split has {len(images)} images and {labels.shape[0]} labels, meta says {entry['count']}")
+    return images, labels

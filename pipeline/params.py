@@ -192,6 +192,9 @@ class Train:
     devices: int | Literal["all"] = spec(1, "GPUs: 1, N or all (N > 1 runs DDP through torchrun)", semantic=False)
     sync_bn: bool = spec(False, "synchronise BatchNorm statistics across DDP processes")
     num_threads: int = spec(0, "CPU threads for torch (0 = all cores)", ge=0, semantic=False)
+    data_placement: Literal["auto", "device", "host", "stream"] = spec(
+        "auto", "training images on the GPU, in pinned host memory, or streamed from the shard files; auto picks "
+                "from the set's size and free memory", semantic=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.devices, int) and self.devices < 1:

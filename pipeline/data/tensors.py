@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from ..io import read_json, read_split
+from ..io import ShardedImages, open_split, read_json, read_split
 
 
 @dataclass(frozen=True)
 class TensorSet:
-    images: np.ndarray        # uint8 [N, C, H, W]
+    images: np.ndarray | ShardedImages  # uint8 [N, C, H, W]; left in the shard files when loaded with mmap
     labels: np.ndarray        # int64 [N]; -1 when unlabeled
     meta: dict[str, Any]      # the directory's meta.json
 
@@ -57,11 +57,18 @@ def load_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def load_split(directory: Path, split: str, *, verify: bool = True) -> TensorSet:
-    """Load one split, checking every file's sha256 first (a corrupt cache is caught here)."""
+def load_split(directory: Path, split: str, *, verify: bool = True, mmap: bool = False) -> TensorSet:
+    """Load one split, checking every file's sha256 first (a corrupt cache is caught here).
+
+    mmap: leave the images in their shard files (:class:`~pipeline.io.ShardedImages`, rows read
+    on demand), for sets that need not, or cannot, fit in memory.
+    """
     directory = Path(directory)
     meta = load_meta(directory)
     if split not in meta["splits"]:
         raise DataError(f"{directory}: no split {split!r}; it has {sorted(meta['splits'])}")
+    if mmap:
+        sharded, labels = open_split(directory, meta["splits"][split], verify=verify)
+        return TensorSet(images=sharded, labels=np.asarray(labels), meta=meta)
     images, labels = read_split(directory, meta["splits"][split], verify=verify)
     return TensorSet(images=np.asarray(images), labels=np.asarray(labels), meta=meta)

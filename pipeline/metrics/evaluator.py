@@ -137,26 +137,34 @@ def check_memory(*, what: str, shape: tuple[int, int, int], net_width: int, batc
 def train_evaluator(images: np.ndarray, labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray, *,
                     epochs: int, batch_size: int, lr: float, width: int, feature_dim: int, seed: int, device: str,
                     progress: bool = True) -> tuple[FeatureNet, dict[str, Any]]:
-    """Train on uint8 NCHW images; returns the network (eval mode) and its test report."""
+    """Train on uint8 NCHW images (an array, or a split's shard files); returns the network (eval mode) and its
+    test report."""
     torch.manual_seed(seed)
     labeled = bool((labels >= 0).all()) and len(np.unique(labels)) >= 2
     num_classes = int(labels.max()) + 1 if labeled else 0
     c, h, _ = images.shape[1:]
     net = FeatureNet(channels=c, width=width, feature_dim=feature_dim, num_classes=num_classes, size=h).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    x_all = torch.from_numpy(images).to(device)
+    if not isinstance(images, np.ndarray):  # shard files left on disk (ShardedImages)
+        from ..io import host_memory_available  # noqa: PLC0415
+
+        if images.nbytes <= host_memory_available() // 2:
+            images = np.asarray(images)
+    # A set larger than memory stays in its files and each batch's rows are read from them: the
+    # same rows in the same order as from memory, so the same network.
+    x_all = torch.from_numpy(images).to(device) if isinstance(images, np.ndarray) else None
     y_all = torch.from_numpy(labels).to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     shift_gen = torch.Generator().manual_seed(seed + 1)
-    steps_per_epoch = max(1, len(x_all) // batch_size)
+    steps_per_epoch = max(1, len(images) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
     bar = tqdm(total=epochs * steps_per_epoch, desc="evaluator", unit="step", disable=not progress, mininterval=1.0)
     net.train()
     for _ in range(epochs):
-        perm = torch.randperm(len(x_all), device=device, generator=gen)
+        perm = torch.randperm(len(images), device=device, generator=gen)
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size : (i + 1) * batch_size]
-            x = normalize(x_all[idx])
+            x = normalize(x_all[idx] if x_all is not None else torch.from_numpy(images.gather(idx.cpu().numpy())).to(device))
             # Small random shifts make the features robust to the jitter generators produce.
             dx, dy = torch.randint(-2, 3, (2,), generator=shift_gen).tolist()
             x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
@@ -238,15 +246,30 @@ def load_evaluator(path: Path, *, device: str = "cpu") -> tuple[FeatureNet, dict
 @torch.no_grad()
 def extract(net: FeatureNet, images: torch.Tensor | np.ndarray, *, batch_size: int = 500,
             device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Features [N, D] (float32, CPU) and class probabilities [N, K] (or None) for uint8 or [-1, 1] images."""
+    """Features [N, D] (float32, CPU) and class probabilities [N, K] (or None) for uint8 or [-1, 1] images
+    (a tensor, an array, or a split's shard files read batch by batch)."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
-    feats, probs = [], []
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].to(device)
+    # Written into outputs allocated once: thousands of small kept tensors between each batch's
+    # large temporaries fragment the C heap, which then grows with the number of batches.
+    n = len(images)
+    feats: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    for i in range(0, n, batch_size):
+        x = images[i : i + batch_size]
+        if isinstance(x, np.ndarray):  # shard files left on disk (ShardedImages) give rows as arrays
+            x = torch.from_numpy(x)
+        x = x.to(device)
         x = normalize(x) if x.dtype == torch.uint8 else x.float()
         f = net.features(x)
-        feats.append(f.float().cpu())
+        if feats is None:
+            feats = torch.empty(n, f.shape[1])
+        feats[i : i + len(f)] = f.float().cpu()
         if net.head is not None:
-            probs.append(torch.softmax(net.head(f).float(), dim=1).cpu())
-    return torch.cat(feats), (torch.cat(probs) if probs else None)
+            p = torch.softmax(net.head(f).float(), dim=1).cpu()
+            if probs is None:
+                probs = torch.empty(n, p.shape[1])
+            probs[i : i + len(p)] = p
+    if feats is None:
+        raise ValueError("extract: no images")
+    return feats, probs

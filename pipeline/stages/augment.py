@@ -37,11 +37,12 @@ def run(params: Params, tensors_dir: Path, out_dir: Path, *, progress: bool = Tr
                     p.copies)
     if copies:
         build_pipeline(ops, check=True)  # a bad op name or argument fails here, before any work
-    train = load_split(tensors_dir, "train")
+    train = load_split(tensors_dir, "train", mmap=True)  # read chunk by chunk: any size fits
     n = len(train.images)
     with staged_dir(out_dir, owns=OWNS) as tmp:
         writer = ShardWriter(tmp, "train")
-        writer.add(train.images, train.labels)
+        for start in range(0, n, chunk):
+            writer.add(train.images[start : start + chunk], train.labels[start : start + chunk])
         with tqdm(total=copies * n, desc="augment", unit="img", disable=not progress or not copies,
                   mininterval=1.0) as bar:
             done = 0

@@ -142,7 +142,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Pat
     generator, gen_info = load_generator(models_dir / "best.pt", device=device)
     net, ev = load_evaluator(evaluator_path, device=device)
     test = load_split(tensors_dir, "test")
-    train = load_split(tensors_dir, "train")
+    train = load_split(tensors_dir, "train", mmap=True)  # only features of it are kept: read batch by batch
     _check_inputs(params, test, train, tensors_dir, net, evaluator_path, gen_info, models_dir / "best.pt", device)
     warning = ev.get("warning") or quality_warning(ev)
     if warning:

@@ -22,7 +22,7 @@ def run(params: Params, tensors_dir: Path, out_path: Path, report_path: Path, *,
 
     p = params.evaluator
     device = device_from(params)
-    train = load_split(tensors_dir, "train")
+    train = load_split(tensors_dir, "train", mmap=True)  # in memory only if it fits (train_evaluator decides)
     test = load_split(tensors_dir, "test")
     require_images(tensors_dir, train=train, test=test)
     check_memory(what="evaluator", shape=train.shape, net_width=p.width, batch_size=min(p.batch_size, len(train.images)),

@@ -98,7 +98,7 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
         device = f"cuda:{info.local_rank}"
     dist_utils.init(info, device)
     try:
-        data = load_split(augmented, "train")
+        data = load_split(augmented, "train", mmap=True)  # rows read as the placement needs them
         require_images(augmented, train=data)
         if params.train.conditional:
             _require_every_class(augmented, data)
@@ -110,7 +110,7 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
         if evaluator_path is not None and evaluator_path.exists() and info.is_main:
             net, ev_info = load_evaluator(evaluator_path, device=device)
             eval_hash = ev_info["sha256"]
-            test = load_split(tensors, "test")
+            test = load_split(tensors, "test", mmap=True)  # features only: read batch by batch
             require_images(tensors, test=test)
             _require_fit(evaluator_path, net, test.shape, tensors)
             check_memory(what="train (in-loop evaluator scores)", shape=test.shape,
@@ -130,7 +130,7 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
             if tracker is not None:
                 tracker.log_metrics(values, step=step)
 
-        trainer = Trainer(cfg, torch.from_numpy(data.images), torch.from_numpy(data.labels), device=device,
+        trainer = Trainer(cfg, data.images, torch.from_numpy(data.labels), device=device,
                           workdir=workdir, info=info, log_fn=log_fn, eval_fn=eval_fn, progress=progress)
         resumed = trainer.try_resume()
         if not resumed:

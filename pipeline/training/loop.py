@@ -54,7 +54,7 @@ class Trainer:
                  info: DistInfo | None = None, log_fn: Callable[[dict[str, float], int], None] | None = None,
                  eval_fn: Callable[[nn.Module], float] | None = None, progress: bool = True,
                  objective: type[Objective] | None = None, compile_backend: str = "inductor") -> None:
-        """images: uint8 [N, C, H, W] (CPU or device); labels: int64 [N] (-1 when unlabeled);
+        """images: uint8 [N, C, H, W] (CPU or device, or shard files left on disk); labels: int64 [N] (-1 when unlabeled);
         workdir: where checkpoint.pt, log.jsonl, grids/ and best.pt of this run live;
         objective: the family's class (None = the recipe's, from the objectives registry)."""
         self.cfg, self.device, self.workdir = cfg, torch.device(device), Path(workdir)
@@ -70,14 +70,15 @@ class Trainer:
         ctx = StepContext(self.device, self.info, torch.bfloat16 if cuda and cfg.precision == "bf16" else None,
                           cuda and cfg.channels_last)
         self.sampler = Sampler(images, labels, batch_size=cfg.batch_size, nz=cfg.nz, num_classes=cfg.num_classes,
-                               seed=cfg.seed, device=self.device, info=self.info, channels_last=ctx.channels_last)
+                               seed=cfg.seed, device=self.device, info=self.info, channels_last=ctx.channels_last,
+                               placement=cfg.data_placement, batches_per_step=cfg.n_critic)
         self.objective = (objective or OBJECTIVES[cfg.objective])(cfg, ctx, self.sampler)
         if cfg.compile:
             self.objective.compile(compile_backend)
         self.ema = EMA(self.objective.generator, decay=cfg.ema_decay, start_step=cfg.ema_start)
         self.monitor = Monitor(self.device)
         self.scores = Scoreboard(margin=cfg.collapse_margin, patience=cfg.collapse_patience)
-        graph = cuda and cfg.cuda_graph and self.sampler.on_device and not (self.info.enabled and cfg.sync_bn)
+        graph = cuda and cfg.cuda_graph and self.sampler.capturable and not (self.info.enabled and cfg.sync_bn)
         self.executor = build_executor(self._body, self.info, device=self.device, graph=graph)
         ctx.sync = self.executor.sync
         self.step, self.transfer = 0, None
@@ -96,6 +97,7 @@ class Trainer:
     def train_step(self, want_norm: bool = False) -> None:
         draws = self.objective.draw()
         self.executor.run(draws, self.objective.variant(self.step, want_norm))
+        self.sampler.release()
         self.step += 1
         self.monitor.steps_accumulated += 1
         if self.device.type != "cuda":
@@ -109,7 +111,9 @@ class Trainer:
     @property
     def key(self) -> str:
         """What a checkpoint must match to be resumed: the semantic config and every tensor's name and shape."""
-        return self.cfg.key(layout=self.objective.layout())
+        # A streamed run draws its batches in another order than a resident one: not resumable across.
+        extra = {"sampling": "stream"} if self.sampler.streamed else {}
+        return self.cfg.key(layout=self.objective.layout(), **extra)
 
     @property
     def ckpt_path(self) -> Path:
@@ -253,6 +257,7 @@ class Trainer:
             raise
         finally:
             bar.close()
+            self.sampler.close()
         if main and self.scores.best is None:
             self.save_generator(self.workdir / "best.pt")  # no evaluator: the final EMA is the best we know
         best = self.scores.best
