@@ -15,7 +15,7 @@ from pipeline import deps
 
 from helpers_project import ROOT, run, venv_env
 
-STAGES = ["download", "clean", "preprocess", "augment", "evaluator", "train", "evaluate", "report"]
+STAGES = ["inputs", "download", "clean", "preprocess", "augment", "evaluator", "train", "evaluate", "report"]
 
 
 def _copy_project(dest: Path) -> Path:
