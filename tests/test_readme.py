@@ -132,3 +132,12 @@ def test_code_points_to_no_document_outside_the_project() -> None:
     for py in [*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("tests/*.py")]:
         for doc in re.findall(r"\b([A-Z][A-Z_]+\.md)\b", py.read_text()):
             assert (ROOT / doc).exists() or list(ROOT.glob(f"*/{doc}")), f"{py.relative_to(ROOT)} cites {doc}"
+
+
+def test_streaming_figures_match_benchmarks_results() -> None:
+    d = _load("benchmarks/results/stream_throughput_h100-80gb-hbm3.json")
+    p = {k: round(v["images_per_s"]) for k, v in d["placements"].items()}
+    ratio = d["goals"]["stream_vs_resident_batch_512"]["measured"]
+    assert (f"streamed training ran at {p['stream']:,} images/s against {p['device']:,} with the set on the GPU "
+            f"({ratio:.3f} of resident; {p['stream:64']:,} with a 64 MiB map window), and pinned host memory at "
+            f"{p['host']:,}") in _flat(README)
