@@ -713,6 +713,7 @@ def test_metrics_from_an_untrained_evaluator_are_marked_in_every_place_they_are_
         tiny_gan: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """An evaluator that did not train (lr 1e-9: its weights stay at their random start) is at chance;
     evaluator.json, metrics.json, the console and the HTML report all say so."""
+    from pipeline.metrics import record  # noqa: PLC0415
     from pipeline.stages import evaluate, evaluator, report  # noqa: PLC0415
 
 
@@ -726,7 +727,9 @@ def test_metrics_from_an_untrained_evaluator_are_marked_in_every_place_they_are_
         evaluate.run(params, tiny_gan.models, data.tensors, tmp_path / "evaluator.pt", tmp_path / "metrics.json",
                      tmp_path / "details.json")
         assert "these numbers are not to be trusted" in caplog.text
-        metrics = json.loads((tmp_path / "metrics.json").read_text())
+        numbers = json.loads((tmp_path / "metrics.json").read_text())
+        assert numbers["extractor_trusted"] == 0.0  # a number in metrics.json: `dvc metrics show` shows it
+        metrics = record.read(tmp_path / "metrics.json")  # with the protocol beside it
         assert "has not learned" in metrics["extractor_warning"]
         assert metrics["protocol"]["extractor_trusted"] is False
         report.run(params, tiny_gan.models, data.tensors, tiny_gan.train_reports, tmp_path / "metrics.json",
@@ -734,7 +737,8 @@ def test_metrics_from_an_untrained_evaluator_are_marked_in_every_place_they_are_
     page = (tmp_path / "index.html").read_text()
     assert "id='extractor-warning'" in page and "these metrics are not to be trusted" in page
     # Control: the tiny run's own (trained) evaluator carries no mark.
-    trained = json.loads(tiny_gan.metrics.read_text())
+    trained = record.read(tiny_gan.metrics)
+    assert trained["extractor_trusted"] == 1.0
     assert trained["protocol"]["extractor_trusted"] is True and "extractor_warning" not in trained
     assert "extractor-warning" not in tiny_gan.html.read_text()
 
