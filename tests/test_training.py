@@ -54,7 +54,9 @@ def _trainer(tiny_tensors: Path, workdir: Path, **train: Any) -> Trainer:
         {"model": "dcgan", "loss": "hinge", "r1_gamma": 1.0, "r1_every": 2, "grad_clip": 1.0, "init": "he",
          "lr_d": 4e-4},
         {"model": "vae", "kl_warmup_steps": 2},
-        {"model": "vae", "conditional": True, "recon": "mse"},
+        {"model": "vae", "conditional": True, "vae_likelihood": "gaussian", "free_bits": 0.1},
+        {"model": "vae", "vae_likelihood": "logistic", "vae_scale": "global", "vae_sampler": "prior",
+         "gmm_covariance": "diag"},
     ],
     ids=lambda t: "-".join(f"{k}={v}" for k, v in t.items()),
 )
