@@ -63,12 +63,19 @@ def test_gan_metrics_have_values_intervals_and_protocol(tiny_gan: TinyRun) -> No
 
 def test_vae_metrics_elbo_consistent(tiny_vae: TinyRun) -> None:
     m, _ = _load(tiny_vae)
-    assert m["protocol"]["model"] == "vae" and m["protocol"]["vae_likelihood"] == "bce"
+    assert m["protocol"]["model"] == "vae" and m["protocol"]["vae_likelihood"] == "bernoulli"
+    assert m["protocol"]["latent_sampler"] == "gmm"
     assert m["vae_elbo"] == pytest.approx(-(m["vae_recon_nll"] + m["vae_kl"]), rel=1e-9)
     assert m["vae_kl"] > 0 and m["vae_recon_nll"] > 0
-    # 28x28 Bernoulli pixels: an untrained model pays ~543 nats (784 ln 2); 40 steps already do better.
-    assert m["vae_recon_nll"] < 784 * math.log(2)
-    assert m["vae_elbo_ci_low"] < m["vae_elbo"] < m["vae_elbo_ci_high"]
+    # The 8-bit likelihood of a 28x28 image: a uniform model pays 784 ln 256 nats (8 bits/dim);
+    # 40 steps already do better.
+    assert m["vae_recon_nll"] < 784 * math.log(256) and m["vae_recon_bpd"] < 8
+    for key in ("vae_elbo", "vae_recon_nll", "vae_kl", "vae_bpd", "vae_recon_bpd", "vae_kl_bpd"):
+        assert m[f"{key}_ci_low"] < m[key] < m[f"{key}_ci_high"], key
+        assert all(isinstance(m[k], float) for k in (key, f"{key}_ci_low", f"{key}_ci_high"))
+    assert m["vae_bpd"] == pytest.approx(-m["vae_elbo"] / (784 * math.log(2)), rel=1e-9)
+    assert m["vae_bpd"] == pytest.approx(m["vae_recon_bpd"] + m["vae_kl_bpd"], rel=1e-9)
+    assert math.isfinite(m["vae_fid_prior"]) and m["vae_fid_prior"] != m["fid"]
     for key in HEADLINE:  # a VAE gets the same sample metrics as a GAN
         assert math.isfinite(m[key]) and f"{key}_ci_low" in m
 

@@ -91,7 +91,7 @@ def bernoulli_log_normaliser(logits: torch.Tensor) -> torch.Tensor:
     Closed form: (1-p) times a geometric series in exp(logits / 255), computed from its larger end so
     that it neither overflows nor loses precision (logits 0: log(128), the uniform case)."""
     a = logits / (LEVELS - 1)
-    m = a.abs().clamp_min(1e-7)
+    m = a.abs().clamp_min(1e-10)  # 0 itself would divide 0 by 0; the error of the clamp is ~ 255 * 1e-10 / 2
     log_series = (LEVELS - 1) * a.clamp_min(0) + torch.log(-torch.expm1(-LEVELS * m)) - torch.log(-torch.expm1(-m))
     return -F.softplus(logits) + log_series
 
