@@ -256,6 +256,8 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=10_000, help="generated images per FID")
     ap.add_argument("--evaluator-epochs", type=int, default=3)
     ap.add_argument("--cpu-dry-run", action="store_true", help="CPU, 2,000 training / 1,000 test images, 1 epoch")
+    ap.add_argument("--budget-s", type=float, default=270.0,
+                    help="start no further variant after this many seconds (the first always runs)")
     ap.add_argument("--limit", type=int, default=None, help="use the first N training images (quick runs)")
     args = ap.parse_args()
 
@@ -280,7 +282,12 @@ def main() -> None:
         name, _, kv = part.partition(":")
         variants.append((name.strip(), parse_overrides(kv)))
     ours: dict[str, Any] = {}
+    skipped = []
     for name, overrides in variants:
+        if ours and time.perf_counter() - t_all > args.budget_s:  # keep one invocation inside its time slot
+            skipped.append(name)
+            print(f"{name}: skipped (past --budget-s {args.budget_s:.0f} s)", flush=True)
+            continue
         r = run_ours(name, overrides, train, test, epochs=epochs, device=device, scorer=scorer, compile_=args.compile)
         ours[name] = r
         m = r["modes"]
@@ -311,7 +318,7 @@ def main() -> None:
                "data": {"train_images": n_train, "test_images": n_test, "size": 28, "epochs": epochs,
                         "generated_per_fid": n_samples, "fid_seed": 1},
                "evaluator": scorer.report, "mlp_vae": mlp, "ours": ours, "goals": goals,
-               "grids": sorted(grids), "total_seconds": time.perf_counter() - t_all}
+               "skipped_variants": skipped, "grids": sorted(grids), "total_seconds": time.perf_counter() - t_all}
     path = write_result(name, payload)
     out = os.environ.get("OUT")
     for fname, imgs in grids.items():
