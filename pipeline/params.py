@@ -171,7 +171,7 @@ class Train:
     kl_weight: float = spec(1.0, "VAE: beta, the weight of the KL term", ge=0)
     kl_warmup_steps: int = spec(500, "VAE: steps over which the KL weight ramps up from 0", ge=0)
     vae_likelihood: Literal["bernoulli", "gaussian", "logistic"] = spec(
-        "bernoulli", "VAE: pixel likelihood: bernoulli, or a gaussian or logistic discretised to 256 levels "
+        "logistic", "VAE: pixel likelihood: bernoulli, or a gaussian or logistic discretised to 256 levels "
                      "with a learned scale")
     vae_scale: Literal["pixel", "global"] = spec("pixel", "VAE: learned scale of gaussian/logistic: per pixel or one")
     free_bits: float = spec(0.0, "VAE: KL floor per latent dimension, nats (batch mean; 0 = off)", ge=0)
