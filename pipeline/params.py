@@ -155,7 +155,7 @@ class Train:
     gp_weight: float | None = spec(None, "gradient penalty weight; null = the recipe's (wgan_gp: 10)", ge=0)
     r1_gamma: float = spec(0.0, "lazy R1 penalty weight on real images (0 = off)", ge=0)
     r1_every: int = spec(16, "apply R1 every N D steps (lazy regularisation)", ge=1)
-    lr_g: float = spec(2e-4, "generator (or VAE) learning rate", gt=0)
+    lr_g: float | None = spec(None, "generator (or VAE) learning rate; null = the recipe's (2e-4; vae: 1e-3)", gt=0)
     lr_d: float = spec(2e-4, "discriminator learning rate (two time-scale rule: may differ from lr_g)", gt=0)
     beta1: float = spec(0.5, "Adam beta1", ge=0, lt=1)
     beta2: float = spec(0.999, "Adam beta2", ge=0, lt=1)

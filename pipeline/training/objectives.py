@@ -313,6 +313,8 @@ class VAEObjective(Objective):
     in-loop best checkpoint) :meth:`latent_density` fits the ex-post Gaussian mixture the
     generator file carries."""
 
+    SCALE_LR_MULT = 1.0  # learning rate of the likelihood's log-scale, relative to lr_g
+
     def __init__(self, cfg: TrainConfig, ctx: StepContext, sampler: Sampler) -> None:
         super().__init__(cfg, ctx, sampler)
         c, h, _ = cfg.image_shape
@@ -321,7 +323,13 @@ class VAEObjective(Objective):
                                                  scale=cfg.vae_scale, **common))
         self.vae = self.modules["vae"]
         self.generator, self.generator_spec = self.vae.decoder, ("dcgan", {"nz": cfg.nz, "ngf": cfg.ngf, **common})
-        self.optimizers = {"g": self._adam(self.vae.parameters(), cfg.lr_g)}
+        params: Any = self.vae.parameters()
+        if self.vae.log_scale is not None and self.SCALE_LR_MULT != 1:
+            # Adam moves a parameter by about its learning rate per step: at the networks' rate the
+            # likelihood's log-scale would need many thousands of steps to reach a sharp fit.
+            rest = [p for n, p in self.vae.named_parameters() if n != "log_scale"]
+            params = [{"params": rest}, {"params": [self.vae.log_scale], "lr": cfg.lr_g * self.SCALE_LR_MULT}]
+        self.optimizers = {"g": self._adam(params, cfg.lr_g)}
         self.vae_run = self.vae
         self._density: tuple[Any, Any] | None = None  # (weights version it was fitted for, (mixture, fit info))
 
