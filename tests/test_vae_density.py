@@ -156,3 +156,19 @@ def test_discretised_likelihoods_are_probabilities_of_the_256_levels(kind: str, 
     lg = torch.full_like(levels, 4 * loc)
     b = torch.nn.functional.binary_cross_entropy_with_logits(lg, (levels + 1) / 2, reduction="none")
     assert float(torch.logsumexp(-(b + bernoulli_log_normaliser(lg)).double(), 0)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_malformed_or_mismatched_density_is_refused(tmp_path: Path) -> None:
+    from pipeline.errors import CheckpointError
+
+    path, _, _ = _write(tmp_path, density=True)
+    raw = torch.load(path, weights_only=True)
+    broken = dict(raw, latent_density={"kind": "gmm", "state": {"means": MEANS}})
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="latent density is malformed"):
+        load_generator(tmp_path / "broken.pt")
+    wide = GaussianMixture(torch.zeros(2, 5), torch.eye(5).expand(2, 5, 5), torch.tensor([0.5, 0.5]))
+    torch.save(dict(raw, latent_density=wide.to_payload()), tmp_path / "wide.pt")
+    with pytest.raises(CheckpointError, match="5 dimensions, the generator 2"):
+        load_generator(tmp_path / "wide.pt")
+    assert load_generator(tmp_path / "wide.pt", sampler="prior")[1]["latent_sampler"] == "prior"
