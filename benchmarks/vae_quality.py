@@ -17,10 +17,10 @@ The MLP VAE is written as the tutorial writes it: 784-400-20 encoder, 20-400-784
 sigmoid output, BCE summed over pixels + KL, Adam(1e-3), batch 128, pixels x / 255; its data are
 shuffled on the device (no DataLoader) because only its quality is compared, not its speed.
 
-    python benchmarks/vae_quality.py [--data DIR] [--epochs 20] [--compile]
+    python benchmarks/vae_quality.py [--data DIR] [--epochs 20] [--compile] [--tag NAME]
                                      [--variants 'name:key=value,key=value;...'] [--cpu-dry-run]
 
-Writes benchmarks/results/vae_quality_<gpu>.json and three sample grids (MLP VAE; the first
+Writes benchmarks/results/vae_quality[_NAME]_<gpu>.json and three sample grids (MLP VAE; the first
 variant's prior and ex-post samples), also into $OUT when it is set.
 """
 
@@ -259,6 +259,7 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=10_000, help="generated images per FID")
     ap.add_argument("--evaluator-epochs", type=int, default=3)
     ap.add_argument("--cpu-dry-run", action="store_true", help="CPU, 2,000 training / 1,000 test images, 1 epoch")
+    ap.add_argument("--tag", default="", help="suffix of the result and grid names (keeps runs apart)")
     ap.add_argument("--budget-s", type=float, default=270.0,
                     help="start no further variant after this many seconds (the first always runs)")
     ap.add_argument("--limit", type=int, default=None, help="use the first N training images (quick runs)")
@@ -305,7 +306,7 @@ def main() -> None:
               f"bits/dim); train {r['train_seconds']:.1f} s ({r['train_seconds_after_first_epoch']:.1f} s after epoch 1)",
               flush=True)
 
-    result = "vae_quality_cpu_dry_run" if args.cpu_dry_run else "vae_quality"
+    result = ("vae_quality_cpu_dry_run" if args.cpu_dry_run else "vae_quality") + (f"_{args.tag}" if args.tag else "")
     grids = {f"{result}_mlp_samples_{device_tag()}.png": mlp.pop("samples")}
     first = next(iter(ours))
     for mode in ("prior", "gmm"):
