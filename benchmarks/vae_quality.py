@@ -264,7 +264,8 @@ def main() -> None:
                     help="start no further variant after this many seconds (the first always runs)")
     ap.add_argument("--limit", type=int, default=None, help="use the first N training images (quick runs)")
     ap.add_argument("--scale-lr-mult", type=float, default=None,
-                    help="experiment: learning rate of the likelihood's log-scale relative to lr_g (engine default if unset)")
+                    help="experiment: learning rate of the likelihood's log-scale relative to lr_g "
+                         "(the engine's if unset)")
     args = ap.parse_args()
     if args.scale_lr_mult is not None:
         from pipeline.training.objectives import VAEObjective  # noqa: PLC0415
@@ -301,9 +302,11 @@ def main() -> None:
         r = run_ours(name, overrides, train, test, epochs=epochs, device=device, scorer=scorer, compile_=args.compile)
         ours[name] = r
         m = r["modes"]
-        print(f"{name}: FID prior {m['prior']['fid']:.2f}, gmm {m['gmm']['fid']:.2f}, gmm_diag {m['gmm_diag']['fid']:.2f}; "
+        print(f"{name}: FID prior {m['prior']['fid']:.2f}, gmm {m['gmm']['fid']:.2f}, "
+              f"gmm_diag {m['gmm_diag']['fid']:.2f}; "
               f"test ELBO {r['test']['elbo_nats']['mean']:.1f} nats ({r['test']['neg_elbo_bits_per_dim']['mean']:.3f} "
-              f"bits/dim); train {r['train_seconds']:.1f} s ({r['train_seconds_after_first_epoch']:.1f} s after epoch 1)",
+              f"bits/dim); train {r['train_seconds']:.1f} s "
+              f"({r['train_seconds_after_first_epoch']:.1f} s after epoch 1)",
               flush=True)
 
     result = ("vae_quality_cpu_dry_run" if args.cpu_dry_run else "vae_quality") + (f"_{args.tag}" if args.tag else "")
@@ -326,7 +329,8 @@ def main() -> None:
         }
     from pipeline.training.objectives import VAEObjective  # noqa: PLC0415
 
-    payload = {"benchmark": "vae_quality", "scale_lr_mult": VAEObjective.SCALE_LR_MULT, "run": "cpu dry run" if args.cpu_dry_run else "full", "machine": machine(), "device": device,
+    payload = {"benchmark": "vae_quality", "run": "cpu dry run" if args.cpu_dry_run else "full",
+               "scale_lr_mult": VAEObjective.SCALE_LR_MULT, "machine": machine(), "device": device,
                "data": {"train_images": n_train, "test_images": n_test, "size": 28, "epochs": epochs,
                         "generated_per_fid": n_samples, "fid_seed": 1},
                "evaluator": scorer.report, "mlp_vae": mlp, "ours": ours, "goals": goals,

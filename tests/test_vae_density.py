@@ -108,7 +108,8 @@ def test_generator_file_with_density_round_trips_and_sample_uses_it(tmp_path: Pa
 
     # The sample command goes through the same loader.
     out = tmp_path / "s.npz"
-    assert cli(["sample", "--checkpoint", str(path), "--n", "20", "--seed", "3", "--out", str(out), "--device", "cpu"]) == 0
+    argv = ["sample", "--checkpoint", str(path), "--n", "20", "--seed", "3", "--out", str(out), "--device", "cpu"]
+    assert cli(argv) == 0
     assert np.array_equal(np.load(out)["images"], imgs.numpy())
 
 

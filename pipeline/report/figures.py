@@ -161,7 +161,8 @@ _OFFLINE = [
     ("VAE ELBO (nats/image, test split)", "vae_elbo", "higher"), ("VAE reconstruction NLL", "vae_recon_nll", "lower"),
     ("VAE KL", "vae_kl", "lower"), ("VAE negative ELBO (bits/dim)", "vae_bpd", "lower"),
     ("VAE reconstruction NLL (bits/dim)", "vae_recon_bpd", "lower"), ("VAE KL (bits/dim)", "vae_kl_bpd", "lower"),
-    ("VAE FID with prior N(0, I) latents (instead of the ex-post density)", "vae_fid_prior", "lower"), ("Memorisation ratio (nn-train / nn-test)", "memorisation_ratio", "higher"),
+    ("VAE FID with prior N(0, I) latents (instead of the ex-post density)", "vae_fid_prior", "lower"),
+    ("Memorisation ratio (nn-train / nn-test)", "memorisation_ratio", "higher"),
     ("Floor: FID of real train vs test", "fid_train_vs_test", "lower"), ("IS of real test images", "IS_real", "higher"),
 ]
 _INCEPTION = [

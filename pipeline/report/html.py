@@ -87,8 +87,8 @@ def render(ctx: dict[str, Any]) -> str:
     """Build the page from a context dict assembled by the report stage.
 
     Every panel is a <section> with a fixed id (metrics, real-vs-generated, timeline, curves,
-    interpolation, reconstructions, latent-samplers, traversal, nearest, cleaning, protocol), so a reader -- or a test -- can
-    find it; images are inlined, so the file is the whole report.
+    interpolation, reconstructions, latent-samplers, traversal, nearest, cleaning, protocol), so a
+    reader -- or a test -- can find it; images are inlined, so the file is the whole report.
     """
     figs = ctx["figures"]
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(ctx['title'])}</title>",
