@@ -9,8 +9,8 @@ is a probability of the stored images; the tutorial's own BCE-based figure is re
 
 Our VAE is the pipeline's Trainer (the engine's fast path on a GPU: bf16, channels_last, CUDA
 graphs, optionally torch.compile); for every variant the latent samplers are the prior N(0, I),
-the ex-post Gaussian mixture the generator file carries (``train.vae_sampler: gmm``), and a
-diagonal-covariance mixture fitted to the same means. Samples decode the EMA decoder (as the
+the ex-post Gaussian mixture the generator file carries (``train.vae_sampler: gmm``), a
+diagonal-covariance mixture and mixtures of other sizes (``--components``) fitted to the same means. Samples decode the EMA decoder (as the
 generator file does); the ELBO uses the trained VAE itself (as the evaluate stage does).
 
 The MLP VAE is written as the tutorial writes it: 784-400-20 encoder, 20-400-784 decoder, ReLU,
@@ -189,7 +189,7 @@ def run_mlp(train: torch.Tensor, test: torch.Tensor, *, epochs: int, device: str
 
 
 def run_ours(name: str, overrides: dict[str, Any], train: torch.Tensor, test: torch.Tensor, *, epochs: int,
-             device: str, scorer: Scorer, compile_: bool) -> dict[str, Any]:
+             device: str, scorer: Scorer, compile_: bool, extra_components: list[int]) -> dict[str, Any]:
     cfg_in = {**BASE, **(GPU_FAST if device.startswith("cuda") else {"cuda_graph": False}),
               "compile": compile_, "log_every": 10**6, "grid_every": 10**6, "checkpoint_every": 10**6,
               "eval_every": 10**6, **overrides}
@@ -216,7 +216,6 @@ def run_ours(name: str, overrides: dict[str, Any], train: torch.Tensor, test: to
                                "density_fit_seconds": fit_seconds, "modes": {}}
         vae = tr.objective.vae.eval()
         means = tr.objective.encoded_means()
-        diag, diag_info = fit_gmm(means, components=cfg.gmm_components, covariance="diag", seed=cfg.seed)
         samples = {}
         for mode in ("prior", "gmm"):
             g, info = load_generator(Path(tmp) / "generator.pt", device=device, sampler=mode)
@@ -225,11 +224,17 @@ def run_ours(name: str, overrides: dict[str, Any], train: torch.Tensor, test: to
             if mode == "gmm":
                 out["modes"][mode]["fit"] = info["latent_density_fit"]
         g_prior, _ = load_generator(Path(tmp) / "generator.pt", device=device, sampler="prior")
-        g_diag = DensityGenerator(g_prior, diag.to(device)).eval()
-        out["modes"]["gmm_diag"] = {"fid": scorer.fid(g_diag, cfg.nz)[0], "fit": diag_info}
+        # Other mixtures on the same means and decoder: which covariance and how many components pay.
+        others = {"gmm_diag": (cfg.gmm_components, "diag")}
+        others.update({f"gmm_k{k}": (k, cfg.gmm_covariance) for k in extra_components if k != cfg.gmm_components})
+        for mode, (k, cov) in others.items():
+            mixture, fit_info = fit_gmm(means, components=k, covariance=cov, seed=cfg.seed)
+            g_mode = DensityGenerator(g_prior, mixture.to(device)).eval()
+            out["modes"][mode] = {"fid": scorer.fid(g_mode, cfg.nz)[0], "fit": fit_info}
         prior = out["modes"]["prior"]["fid"]
-        for mode in ("gmm", "gmm_diag"):
-            out["modes"][mode]["fid_reduction_vs_prior"] = 1 - out["modes"][mode]["fid"] / prior
+        for mode in out["modes"]:
+            if mode != "prior":
+                out["modes"][mode]["fid_reduction_vs_prior"] = 1 - out["modes"][mode]["fid"] / prior
         nlls, kls, bces = [], [], []
         with torch.no_grad():
             torch.manual_seed(2)
@@ -259,6 +264,8 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=10_000, help="generated images per FID")
     ap.add_argument("--evaluator-epochs", type=int, default=3)
     ap.add_argument("--cpu-dry-run", action="store_true", help="CPU, 2,000 training / 1,000 test images, 1 epoch")
+    ap.add_argument("--components", default="30",
+                    help="comma-separated component counts of further full mixtures scored on each variant's means")
     ap.add_argument("--tag", default="", help="suffix of the result and grid names (keeps runs apart)")
     ap.add_argument("--budget-s", type=float, default=270.0,
                     help="start no further variant after this many seconds (the first always runs)")
@@ -299,11 +306,11 @@ def main() -> None:
             skipped.append(name)
             print(f"{name}: skipped (past --budget-s {args.budget_s:.0f} s)", flush=True)
             continue
-        r = run_ours(name, overrides, train, test, epochs=epochs, device=device, scorer=scorer, compile_=args.compile)
+        r = run_ours(name, overrides, train, test, epochs=epochs, device=device, scorer=scorer, compile_=args.compile,
+                     extra_components=[int(k) for k in args.components.split(",") if k])
         ours[name] = r
         m = r["modes"]
-        print(f"{name}: FID prior {m['prior']['fid']:.2f}, gmm {m['gmm']['fid']:.2f}, "
-              f"gmm_diag {m['gmm_diag']['fid']:.2f}; "
+        print(f"{name}: FID " + ", ".join(f"{k} {v['fid']:.2f}" for k, v in m.items()) + "; "
               f"test ELBO {r['test']['elbo_nats']['mean']:.1f} nats ({r['test']['neg_elbo_bits_per_dim']['mean']:.3f} "
               f"bits/dim); train {r['train_seconds']:.1f} s "
               f"({r['train_seconds_after_first_epoch']:.1f} s after epoch 1)",
