@@ -156,7 +156,7 @@ class Train:
     gp_weight: float | None = spec(None, "gradient penalty weight; null = the recipe's (wgan_gp: 10)", ge=0)
     r1_gamma: float = spec(0.0, "lazy R1 penalty weight on real images (0 = off)", ge=0)
     r1_every: int = spec(16, "apply R1 every N D steps (lazy regularisation)", ge=1)
-    lr_g: float = spec(2e-4, "generator (or VAE) learning rate", gt=0)
+    lr_g: float | None = spec(None, "generator (or VAE) learning rate; null = the recipe's (2e-4; vae: 1e-3)", gt=0)
     lr_d: float = spec(2e-4, "discriminator learning rate (two time-scale rule: may differ from lr_g)", gt=0)
     beta1: float = spec(0.5, "Adam beta1", ge=0, lt=1)
     beta2: float = spec(0.999, "Adam beta2", ge=0, lt=1)
@@ -171,7 +171,15 @@ class Train:
     init: Literal["normal", "xavier", "he"] = spec("normal", "weight init: N(0, 0.02) as DCGAN, Xavier, He")
     kl_weight: float = spec(1.0, "VAE: beta, the weight of the KL term", ge=0)
     kl_warmup_steps: int = spec(500, "VAE: steps over which the KL weight ramps up from 0", ge=0)
-    recon: Literal["bce", "mse"] = spec("bce", "VAE reconstruction likelihood")
+    vae_likelihood: Literal["bernoulli", "gaussian", "logistic"] = spec(
+        "logistic", "VAE: pixel likelihood: bernoulli, or a gaussian or logistic discretised to 256 levels "
+                     "with a learned scale")
+    vae_scale: Literal["pixel", "global"] = spec("pixel", "VAE: learned scale of gaussian/logistic: per pixel or one")
+    free_bits: float = spec(0.0, "VAE: KL floor per latent dimension, nats (batch mean; 0 = off)", ge=0)
+    vae_sampler: Literal["prior", "gmm"] = spec(
+        "gmm", "VAE: latents of samples: prior N(0, I), or a Gaussian mixture fitted to the encoder's means (ex-post)")
+    gmm_components: int = spec(10, "VAE: components of the ex-post Gaussian mixture", ge=1)
+    gmm_covariance: Literal["full", "diag"] = spec("full", "VAE: covariance of each mixture component")
     checkpoint_every: int = spec(500, "steps between checkpoints", ge=1, semantic=False)
     log_every: int = spec(25, "steps between log lines (the only host syncs of the loop)", ge=1, semantic=False)
     grid_every: int = spec(250, "steps between fixed-seed sample grids", ge=1, semantic=False)

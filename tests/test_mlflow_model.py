@@ -23,7 +23,7 @@ def _log(path: Path, root: Path) -> str:
     return state["run_id"]
 
 
-@pytest.mark.parametrize("which", ["tiny_gan", "tiny_conditional"])
+@pytest.mark.parametrize("which", ["tiny_gan", "tiny_conditional", "tiny_vae"])
 def test_generator_loads_with_mlflow_pytorch(which: str, request: pytest.FixtureRequest, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow

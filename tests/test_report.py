@@ -145,9 +145,11 @@ def test_report_renders_every_panel_as_embedded(tiny_gan: TinyRun, tmp_path: Pat
 
 
 def test_vae_report_has_reconstructions(tiny_vae: TinyRun, tmp_path: Path) -> None:
-    layout, _ = _check_page(tiny_vae.html, tmp_path, [*PANELS, "reconstructions"])
+    layout, _ = _check_page(tiny_vae.html, tmp_path, [*PANELS, "reconstructions", "latent-samplers", "traversal"])
     recon = [i for i in layout["images"] if i["section"] == "reconstructions"]
     assert len(recon) == 1
+    assert len([i for i in layout["images"] if i["section"] == "latent-samplers"]) == 2
+    assert len([i for i in layout["images"] if i["section"] == "traversal"]) == 1
     assert "VAE ELBO" in tiny_vae.html.read_text()
 
 

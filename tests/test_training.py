@@ -54,7 +54,9 @@ def _trainer(tiny_tensors: Path, workdir: Path, **train: Any) -> Trainer:
         {"model": "dcgan", "loss": "hinge", "r1_gamma": 1.0, "r1_every": 2, "grad_clip": 1.0, "init": "he",
          "lr_d": 4e-4},
         {"model": "vae", "kl_warmup_steps": 2},
-        {"model": "vae", "conditional": True, "recon": "mse"},
+        {"model": "vae", "conditional": True, "vae_likelihood": "gaussian", "free_bits": 0.1},
+        {"model": "vae", "vae_likelihood": "logistic", "vae_scale": "global", "vae_sampler": "prior",
+         "gmm_covariance": "diag"},
     ],
     ids=lambda t: "-".join(f"{k}={v}" for k, v in t.items()),
 )
@@ -382,3 +384,44 @@ def test_semantic_keys_are_declared_beside_each_param() -> None:
     assert cfg.key() == cfg.replace(steps=10, log_every=1, cuda_graph=False).key()
     assert cfg.key() != cfg.replace(lr_g=1e-3).key() != cfg.replace(seed=1).key()
     assert None not in (cfg.loss, cfg.d_norm, cfg.spectral_norm, cfg.n_critic, cfg.gp_weight)
+
+
+def test_vae_best_checkpoint_samples_and_carries_the_ex_post_density(tiny_tensors: Path, tmp_path: Path) -> None:
+    """The in-loop score samples what best.pt will sample (the mixture of the weights scored), and
+    both generator files carry a mixture fitted to the encoder's means at their step."""
+    from pipeline.models import load_generator
+    from pipeline.models.density import DensityGenerator
+
+    cfg, data = _config(tiny_tensors, model="vae", steps=4, eval_every=2, gmm_components=3)
+    scored: list[torch.nn.Module] = []
+
+    def eval_fn(g: torch.nn.Module) -> float:
+        scored.append(g)
+        return 10.0 - len(scored)  # every score is a new best: best.pt is the last one scored
+
+    trainer = Trainer(cfg, torch.from_numpy(data.images), torch.from_numpy(data.labels), device="cpu",
+                      workdir=tmp_path, progress=False, eval_fn=eval_fn)
+    trainer.run()
+    assert len(scored) == 2 and all(isinstance(g, DensityGenerator) for g in scored)
+    trainer.save_generator(tmp_path / "generator.pt")
+    raw = torch.load(tmp_path / "best.pt", weights_only=True)
+    fitted, info = trainer.objective.latent_density(trainer.step)
+    assert raw["info"]["latent_sampler"] == "gmm" and raw["latent_density"]["fit"]["components"] == 3
+    assert raw["latent_density"]["fit"]["points_available"] == len(data.images)
+    assert torch.equal(raw["latent_density"]["state"]["means"], fitted.means.cpu())
+    # Fitted to the encoder's means: its weighted mean is theirs.
+    means = trainer.objective.encoded_means()
+    assert torch.allclose(fitted.weights @ fitted.means, means.mean(0), atol=1e-4)
+    g, ginfo = load_generator(tmp_path / "generator.pt")
+    assert isinstance(g, DensityGenerator) and ginfo["step"] == 4
+
+
+def test_free_bits_floor_the_kl_term_per_dimension(tiny_tensors: Path, tmp_path: Path) -> None:
+    """With a floor above every dimension's KL, the KL term of the loss is exactly nz * free_bits
+    (so it pushes no posterior towards the prior), while the logged KL stays the real one."""
+    trainer = _trainer(tiny_tensors, tmp_path, steps=2, model="vae", kl_warmup_steps=0, free_bits=50.0,
+                       vae_sampler="prior")
+    trainer.run()
+    (line,) = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert line["loss"] - line["recon"] == pytest.approx(8 * 50.0, rel=1e-4)  # nz = 8
+    assert 0 < line["kl"] < 8 * 50.0

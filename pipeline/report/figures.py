@@ -39,6 +39,24 @@ def interpolation_strip(generator: nn.Module, *, nz: int, num_classes: int, step
     return generate(generator, path, y, device=device)
 
 
+@torch.no_grad()
+def latent_traversal(vae: nn.Module, x: torch.Tensor, *, steps: int, rows: int, span: float = 3.0) -> np.ndarray:
+    """uint8 [rows * steps, C, H, W]: the posterior mean of the first image of x [N, C, H, W] ([-1, 1]),
+    one latent dimension swept per row over [-span, span] prior standard deviations around it.
+
+    The rows are the dimensions with the largest mean KL over x (the ones the VAE uses; a collapsed
+    dimension would draw a row of identical images)."""
+    vae.eval()
+    mu, logvar = vae.encode(x)
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean(0)  # [nz]
+    dims = torch.argsort(kl, descending=True)[: min(rows, len(kl))]
+    t = torch.linspace(-span, span, steps)
+    z = mu[0].repeat(len(dims) * steps, 1)
+    for r, d in enumerate(dims.tolist()):
+        z[r * steps : (r + 1) * steps, d] = mu[0, d] + t
+    return to_uint8(torch.tanh(vae.decoder.logits(z)))
+
+
 def save_png(images: np.ndarray, path: Path, *, nrow: int, scale: int = 2) -> None:
     write_bytes(path, png_bytes(make_grid(images, nrow=nrow), scale=scale))
 
@@ -164,7 +182,10 @@ _OFFLINE = [
     ("Classification accuracy score (trained on samples)", "cas", "higher"),
     ("... the same classifier trained on as many real images", "cas_real", "higher"),
     ("VAE ELBO (nats/image, test split)", "vae_elbo", "higher"), ("VAE reconstruction NLL", "vae_recon_nll", "lower"),
-    ("VAE KL", "vae_kl", "lower"), ("Memorisation ratio (nn-train / nn-test)", "memorisation_ratio", "higher"),
+    ("VAE KL", "vae_kl", "lower"), ("VAE negative ELBO (bits/dim)", "vae_bpd", "lower"),
+    ("VAE reconstruction NLL (bits/dim)", "vae_recon_bpd", "lower"), ("VAE KL (bits/dim)", "vae_kl_bpd", "lower"),
+    ("VAE FID with prior N(0, I) latents (instead of the ex-post density)", "vae_fid_prior", "lower"),
+    ("Memorisation ratio (nn-train / nn-test)", "memorisation_ratio", "higher"),
     ("Floor: FID of real train vs test", "fid_train_vs_test", "lower"), ("IS of real test images", "IS_real", "higher"),
 ]
 _INCEPTION = [

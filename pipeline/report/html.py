@@ -88,8 +88,8 @@ def render(ctx: dict[str, Any]) -> str:
     """Build the page from a context dict assembled by the report stage.
 
     Every panel is a <section> with a fixed id (metrics, real-vs-generated, timeline, curves,
-    interpolation, reconstructions, nearest, cleaning, protocol), so a reader -- or a test -- can
-    find it; images are inlined, so the file is the whole report.
+    interpolation, reconstructions, latent-samplers, traversal, nearest, cleaning, protocol), so a
+    reader -- or a test -- can find it; images are inlined, so the file is the whole report.
     """
     figs = ctx["figures"]
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(ctx['title'])}</title>",
@@ -121,6 +121,15 @@ def render(ctx: dict[str, Any]) -> str:
         parts.append(_section("reconstructions", "VAE reconstructions",
                               figure(figs["reconstructions"], "Top of each pair: real test image; below: its "
                                      "reconstruction (posterior mean)")))
+    if figs.get("samples_prior") and figs.get("samples_gmm"):
+        parts.append(_section("latent-samplers", "VAE latent samplers", "<div class='pair'>",
+                              figure(figs["samples_prior"], "Latents from the prior N(0, I)"),
+                              figure(figs["samples_gmm"], "Latents from the ex-post Gaussian mixture fitted to the "
+                                     "encoder's means (same seeds)"), "</div>"))
+    if figs.get("traversal"):
+        parts.append(_section("traversal", "VAE latent traversal",
+                              figure(figs["traversal"], "One test image's posterior mean; each row sweeps one latent "
+                                     "dimension (the most used ones) from -3 to +3 prior standard deviations")))
     pairs = "".join(
         f"<figure>{img_tag(p['png'], alt='generated sample over its nearest training image')}"
         f"<figcaption>train #{p['train_index']}<br>d<sub>train</sub> {p['distance_train']:.3g}<br>"

@@ -19,33 +19,47 @@ SECTIONS = ["evaluate", "evaluator", "base"]
 
 def _vae_metrics(checkpoint: Path, test_images: Any, *, device: str, batch_size: int,
                  seed: int) -> tuple[dict[str, float], str]:
-    """ELBO, reconstruction NLL and KL per test image (nats), one posterior sample each (seeded),
-    and the likelihood they use (bce or mse, from the checkpoint's config).
+    """ELBO, reconstruction NLL and KL per test image, one posterior sample each (seeded), in nats
+    and in bits per dimension, and the likelihood they use (from the checkpoint's config).
 
-    ``vae_elbo_ci_low/high``: mean ± 1.96 standard errors over test images (the per-image ELBOs
-    are independent given the model, so the normal interval of their mean is the honest one).
+    The reconstruction NLL is that of the stored 8-bit image: the discretised Gaussian and logistic
+    are probabilities of the 256 levels already; a Bernoulli decoder is normalised over them
+    (:func:`~pipeline.models.vae.bernoulli_log_normaliser`), so the number is a bound on the
+    image's log-probability and bits/dim compare across likelihoods. Bits per dimension carry the
+    usual sign: ``vae_bpd`` is the negative ELBO, lower is better. Every number has a 95% interval,
+    mean ± 1.96 standard errors over test images (the per-image values are independent given the
+    model, so the normal interval of their mean is the honest one).
     """
     import torch  # noqa: PLC0415
 
     from ..models import load_vae  # noqa: PLC0415
-    from ..models.vae import vae_terms  # noqa: PLC0415
+    from ..models.vae import bits_per_dim, vae_terms  # noqa: PLC0415
 
     vae, cfg = load_vae(checkpoint, device=device)
     torch.manual_seed(seed)
     nlls, kls = [], []
     x_all = torch.from_numpy(test_images)
+    dims = int(x_all[0].numel())
     with torch.no_grad():
         for i in range(0, len(x_all), batch_size):
             x = normalize(x_all[i : i + batch_size].to(device))
             logits, mu, logvar = vae(x)
-            nll, kl = vae_terms(x, logits, mu, logvar, recon=cfg["recon"])
+            nll, kl = vae_terms(x, logits, mu, logvar, recon=cfg["vae_likelihood"], log_scale=vae.log_scale,
+                                discrete=True)
             nlls.append(nll.double().cpu())
             kls.append(kl.double().cpu())
     nll, kl = torch.cat(nlls), torch.cat(kls)  # [N] each
-    elbo = -(nll + kl)  # [N]
-    half = 1.96 * float(elbo.std(correction=1)) / len(elbo) ** 0.5 if len(elbo) > 1 else float("nan")
-    return {"vae_recon_nll": float(nll.mean()), "vae_kl": float(kl.mean()), "vae_elbo": float(elbo.mean()),
-            "vae_elbo_ci_low": float(elbo.mean()) - half, "vae_elbo_ci_high": float(elbo.mean()) + half}, cfg["recon"]
+    out: dict[str, float] = {}
+    for key, values, bpd_key in (("vae_elbo", -(nll + kl), "vae_bpd"), ("vae_recon_nll", nll, "vae_recon_bpd"),
+                                 ("vae_kl", kl, "vae_kl_bpd")):
+        mean = float(values.mean())
+        half = 1.96 * float(values.std(correction=1)) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+        out.update({key: mean, f"{key}_ci_low": mean - half, f"{key}_ci_high": mean + half})
+        sign = -1.0 if key == "vae_elbo" else 1.0  # bits/dim of the negative ELBO
+        lo, hi = sorted((sign * (mean - half), sign * (mean + half)))
+        out.update({bpd_key: bits_per_dim(sign * mean, dims), f"{bpd_key}_ci_low": bits_per_dim(lo, dims),
+                    f"{bpd_key}_ci_high": bits_per_dim(hi, dims)})
+    return out, cfg["vae_likelihood"]
 
 
 def _conditional_metrics(generator: Any, gen_info: dict[str, Any], net: Any, test: Any, train: Any, *,
@@ -165,6 +179,13 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Pat
         vae, vae_recon = _vae_metrics(models_dir / "checkpoint.pt", test.images, device=device,
                                       batch_size=p.batch_size, seed=seed)
         metrics.update(vae)
+        if gen_info["latent_sampler"] != "prior":
+            # What the ex-post density buys: the same decoder sampled from N(0, I), first seed.
+            prior_g, _ = load_generator(models_dir / "best.pt", device=device, sampler="prior")
+            prior = sample(prior_g, p.n_samples, nz=gen_info["nz"], num_classes=gen_info["num_classes"], seed=seed,
+                           batch_size=p.batch_size, device=device)[0]
+            metrics["vae_fid_prior"] = fid_only(gaussian_stats(real_feats),
+                                                extract(net, prior, device=device, batch_size=p.batch_size)[0])
     details: dict[str, Any] = {"memorisation": mem, "draws": {"seeds": seeds, "offline": per_draw}}
     if gen_info["num_classes"]:
         cond = _conditional_metrics(generator, gen_info, net, test, train, real_feats=real_feats,
@@ -194,6 +215,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Pat
     }
     if vae_recon is not None:
         metrics["protocol"]["vae_likelihood"] = vae_recon
+        metrics["protocol"]["latent_sampler"] = gen_info["latent_sampler"]
     # An untrusted extractor is marked by a number in metrics.json (shown by `dvc metrics` and
     # `dvc exp show`) and by its reason beside the protocol.
     metrics["extractor_trusted"] = float(warning is None)

@@ -16,7 +16,8 @@ from .common import add_common, device_from, run_stage, set_threads
 log = logging.getLogger(__name__)
 
 SECTIONS = ["report", "base"]
-FIGURES = ("samples", "real", "interpolation", "nearest", "reconstructions", "curves")
+FIGURES = ("samples", "real", "interpolation", "nearest", "reconstructions", "traversal", "samples_prior",
+           "samples_gmm", "curves")
 OWNS = tuple(f"{name}.png" for name in FIGURES) + tuple(  # reports/figures holds only these
     f"training_{pct:03d}pct.png" for pct in (0, 25, 50, 100))
 
@@ -104,6 +105,14 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
                 mu, _ = vae.encode(x)
                 rec = torch.tanh(vae.decoder.logits(mu))
             F.save_png(F.pairs_figure(test.images[idx[:16]], to_uint8(rec)), tmp / "reconstructions.png", nrow=8, scale=3)
+            F.save_png(F.latent_traversal(vae, x, steps=r.interpolation_steps, rows=8), tmp / "traversal.png",
+                       nrow=r.interpolation_steps, scale=3)
+            if "gmm" in info["samplers"]:
+                # The same latent seeds through both samplers: what the ex-post density changes.
+                for mode in ("prior", "gmm"):
+                    g_mode, _ = load_generator(models_dir / "best.pt", device=device, sampler=mode)
+                    F.save_png(F.generate(g_mode, latents(r.grid_n, nz, seed), y, device=device),
+                               tmp / f"samples_{mode}.png", nrow=r.grid_nrow, scale=2)
         F.plot_curves(train_reports / "losses.csv", train_reports / "scores.csv", tmp / "curves.png")
         F.progress_grids(train_reports / "grids", tmp)  # training_000pct.png ... for `dvc plots diff`
     for name in FIGURES:

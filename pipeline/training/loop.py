@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ..errors import CheckpointError, UserError
 from ..imaging import save_grid
 from ..models import save_generator
+from ..models.density import DensityGenerator
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint, transfer
 from .config import TrainConfig
 from .distributed import DistInfo
@@ -188,12 +189,24 @@ class Trainer:
         info = {"model": cfg.model, "nz": cfg.nz, "num_classes": cfg.num_classes, "image_shape": list(cfg.image_shape),
                 "step": self.step, "ema": cfg.ema_decay > 0, "config": json.dumps(cfg.to_dict(), sort_keys=True)}
         arch, kwargs = self.objective.generator_spec
-        save_generator(path, self.ema.shadow, arch=arch, kwargs=kwargs, info=info)
+        fitted, density = self.objective.latent_density(self.step), None
+        if fitted is not None:  # the ex-post latent density travels with the weights it was fitted for
+            density = fitted[0].to_payload(**fitted[1])
+            info["latent_sampler"] = cfg.vae_sampler
+        save_generator(path, self.ema.shadow, arch=arch, kwargs=kwargs, info=info, latent_density=density)
+
+    def sampling_generator(self) -> nn.Module:
+        """The EMA generator as the saved file samples it (through the latent density it selects)."""
+        g = self.ema.shadow.eval()
+        fitted = self.objective.latent_density(self.step) if self.cfg.vae_sampler == "gmm" else None
+        if fitted is not None:
+            g = DensityGenerator(g, fitted[0].to(self.device)).eval()
+        return g
 
     def evaluate(self) -> float | None:
         if self.eval_fn is None:
             return None
-        score = float(self.eval_fn(self.ema.shadow.eval()))
+        score = float(self.eval_fn(self.sampling_generator()))
         if self.scores.add(score, self.step):
             self.save_generator(self.workdir / "best.pt")
         return score

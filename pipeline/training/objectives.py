@@ -24,7 +24,8 @@ from torch import nn
 from ..losses import get_loss, gradient_penalty, r1_penalty
 from ..models import build_discriminator, build_generator, build_vae
 from ..models.layers import channels_last_strided, init_weights
-from ..models.vae import vae_terms
+from ..models.density import fit_gmm
+from ..models.vae import kl_per_dim
 from . import diffaug
 from . import distributed as dist_utils
 from .config import TrainConfig
@@ -129,6 +130,10 @@ class Objective:
     def frozen_candidates(self) -> list[nn.Module]:
         """Layers that ``freeze_d_layers`` counts, in order."""
         return []
+
+    def latent_density(self, version: Any = None) -> tuple[Any, dict[str, Any]] | None:
+        """(density module, plain data about its fit) that the generator file carries, or None."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"models": {n: m.state_dict() for n, m in self.modules.items()},
@@ -303,17 +308,32 @@ class GANObjective(Objective):
 
 
 class VAEObjective(Objective):
-    """β-VAE: reconstruction NLL + β KL, β warmed up linearly over kl_warmup_steps."""
+    """β-VAE: reconstruction NLL + β KL, β warmed up linearly over kl_warmup_steps, with an optional
+    KL floor per latent dimension (free bits, Kingma et al. 2016). After training (and for each
+    in-loop best checkpoint) :meth:`latent_density` fits the ex-post Gaussian mixture the
+    generator file carries."""
+
+    # Learning rate of the likelihood's log-scale, relative to lr_g. 10: on a CPU check (Fashion-MNIST,
+    # 6,000 images, 3 epochs) ex-post FID 0.58 against 0.79 at 1, test ELBO 4.52 against 4.57 bits/dim.
+    SCALE_LR_MULT = 10.0
 
     def __init__(self, cfg: TrainConfig, ctx: StepContext, sampler: Sampler) -> None:
         super().__init__(cfg, ctx, sampler)
         c, h, _ = cfg.image_shape
         common = {"channels": c, "size": h, "num_classes": cfg.num_classes}
-        self.modules = self._place(vae=build_vae(nz=cfg.nz, ngf=cfg.ngf, ndf=cfg.ndf, **common))
+        self.modules = self._place(vae=build_vae(nz=cfg.nz, ngf=cfg.ngf, ndf=cfg.ndf, likelihood=cfg.vae_likelihood,
+                                                 scale=cfg.vae_scale, **common))
         self.vae = self.modules["vae"]
         self.generator, self.generator_spec = self.vae.decoder, ("dcgan", {"nz": cfg.nz, "ngf": cfg.ngf, **common})
-        self.optimizers = {"g": self._adam(self.vae.parameters(), cfg.lr_g)}
+        params: Any = self.vae.parameters()
+        if self.vae.log_scale is not None and self.SCALE_LR_MULT != 1:
+            # Adam moves a parameter by about its learning rate per step: at the networks' rate the
+            # likelihood's log-scale would need many thousands of steps to reach a sharp fit.
+            rest = [p for n, p in self.vae.named_parameters() if n != "log_scale"]
+            params = [{"params": rest}, {"params": [self.vae.log_scale], "lr": cfg.lr_g * self.SCALE_LR_MULT}]
+        self.optimizers = {"g": self._adam(params, cfg.lr_g)}
         self.vae_run = self.vae
+        self._density: tuple[Any, Any] | None = None  # (weights version it was fitted for, (mixture, fit info))
 
     def compile(self, backend: str = "inductor") -> None:
         self.vae_run = torch.compile(self.vae, dynamic=False, backend=backend)
@@ -329,12 +349,47 @@ class VAEObjective(Objective):
         beta = cfg.kl_weight * self._ramp(step, cfg.kl_warmup_steps)
         with self.autocast():
             logits, mu, logvar = self.vae_run(x, y, draws["eps"])
-        nll, kl = vae_terms(x.float(), logits.float(), mu.float(), logvar.float(), recon=cfg.recon)
-        loss = (nll + beta * kl).mean()
+        nll, kl = self.vae.terms(x.float(), logits.float(), mu.float(), logvar.float())
+        if cfg.free_bits > 0:
+            # Free bits: each dimension's batch-mean KL counts at least free_bits nats, so the
+            # optimiser gains nothing by pushing a dimension's posterior onto the prior below it.
+            kl_fit = kl_per_dim(mu.float(), logvar.float()).mean(0).clamp(min=cfg.free_bits).sum()
+        else:
+            kl_fit = kl.mean()
+        loss = nll.mean() + beta * kl_fit
         out = {"loss": loss.detach(), "recon": nll.mean().detach(), "kl": kl.mean().detach(),
                "elbo": -(nll + kl).mean().detach(), "kl_weight": beta.detach()}
         self._update(loss, self.vae, self.optimizers["g"], want_norm, "grad_norm", out)
         return out
+
+    @torch.no_grad()
+    def encoded_means(self, batch_size: int = 1000) -> torch.Tensor:
+        """Posterior means [N, nz] (float32, on the device) of this process's training images, eval mode."""
+        was_training = self.vae.training
+        self.vae.eval()
+        out = []
+        try:
+            for i in range(0, len(self.sampler.images), batch_size):
+                idx = torch.arange(i, min(i + batch_size, len(self.sampler.images)), device=self.sampler.images.device)
+                x, _ = self.sampler.batch(idx)
+                with self.autocast():
+                    mu, _ = self.vae.encode(x)
+                out.append(mu.float())
+        finally:
+            self.vae.train(was_training)
+        return torch.cat(out)
+
+    def latent_density(self, version: Any = None) -> tuple[Any, dict[str, Any]]:
+        """The ex-post Gaussian mixture of the encoder's means on the training set (Ghosh et al.
+        2020) and plain data about its fit; refitted only when ``version`` (the caller's step) changes.
+        Seeded by the run's seed and drawn from its own generator: the training draws stay untouched."""
+        if self._density is not None and version is not None and self._density[0] == version:
+            return self._density[1]
+        cfg = self.cfg
+        fitted = fit_gmm(self.encoded_means(), components=cfg.gmm_components, covariance=cfg.gmm_covariance,
+                         seed=cfg.seed)
+        self._density = (version, fitted)
+        return fitted
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"gan": GANObjective, "vae": VAEObjective}
