@@ -264,7 +264,7 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=10_000, help="generated images per FID")
     ap.add_argument("--evaluator-epochs", type=int, default=3)
     ap.add_argument("--cpu-dry-run", action="store_true", help="CPU, 2,000 training / 1,000 test images, 1 epoch")
-    ap.add_argument("--components", default="30",
+    ap.add_argument("--components", default="10,50",
                     help="comma-separated component counts of further full mixtures scored on each variant's means")
     ap.add_argument("--tag", default="", help="suffix of the result and grid names (keeps runs apart)")
     ap.add_argument("--budget-s", type=float, default=270.0,

@@ -178,7 +178,7 @@ class Train:
     free_bits: float = spec(0.0, "VAE: KL floor per latent dimension, nats (batch mean; 0 = off)", ge=0)
     vae_sampler: Literal["prior", "gmm"] = spec(
         "gmm", "VAE: latents of samples: prior N(0, I), or a Gaussian mixture fitted to the encoder's means (ex-post)")
-    gmm_components: int = spec(10, "VAE: components of the ex-post Gaussian mixture", ge=1)
+    gmm_components: int = spec(30, "VAE: components of the ex-post Gaussian mixture", ge=1)
     gmm_covariance: Literal["full", "diag"] = spec("full", "VAE: covariance of each mixture component")
     checkpoint_every: int = spec(500, "steps between checkpoints", ge=1, semantic=False)
     log_every: int = spec(25, "steps between log lines (the only host syncs of the loop)", ge=1, semantic=False)
