@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import yaml
 
-from common import ROOT, find_fmnist, load_fmnist, machine, resize_on_device, write_result
+from common import ROOT, find_fmnist, load_fmnist, machine, parse_overrides, resize_on_device, write_result
 
 
 from pipeline.training import distributed as dist_utils  # noqa: E402
@@ -50,7 +50,8 @@ def child(args: argparse.Namespace) -> None:
     size = 28 if args.cpu_dry_run else 64
     n_img = 2048 if args.cpu_dry_run else len(data["train_x"])
     images = resize_on_device(data["train_x"][:n_img], size, device)
-    train = {**yaml.safe_load(RECIPE.read_text())["train"], "batch_size": args.per_gpu_batch, "steps": 10**9}
+    train = {**yaml.safe_load(RECIPE.read_text())["train"], **parse_overrides(args.train or ""),
+             "batch_size": args.per_gpu_batch, "steps": 10**9}
     if args.cpu_dry_run:
         train.update(ngf=8, ndf=8, nz=16, precision="fp32", channels_last=False, cuda_graph=False)
     cfg = resolve(train, seed=args.seed, image_shape=(1, size, size), num_classes=0)
@@ -125,6 +126,7 @@ def main() -> None:
     ap.add_argument("--quality-images", type=int, default=600_000, help="images seen by each quality run (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--evaluator", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--train", default=None, help="recipe overrides, key=value[,key=value] (e.g. compile=false)")
     ap.add_argument("--cpu-dry-run", action="store_true", help="gloo on CPU with a tiny model: checks the wiring")
     args = ap.parse_args()
     if args.child:
@@ -136,6 +138,8 @@ def main() -> None:
     wanted = [int(g) for g in args.gpus.split(",")]
     points = [n for n in wanted if n <= available]
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--cpu-dry-run"] if args.cpu_dry_run else [])
+    if args.train:
+        common += ["--train", args.train]
     if args.data:
         common += ["--data", args.data]
     res: dict[str, Any] = {"machine": machine(), "mode": "cpu-gloo-dry-run" if args.cpu_dry_run else "cuda-nccl",
