@@ -229,7 +229,10 @@ def _stage(root: Path, *args: str, limit: int | None = None, steps: int | None =
         if limit is not None:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    env = venv_env(PIPELINE_TRACKING="0", VMPEAK_FILE=str(peak_file))
+    # One malloc arena: glibc otherwise reserves 64 MiB of address space for each arena a new thread
+    # happens to create under contention, which made the measured need and the limited run differ
+    # by more than MARGIN at random (RLIMIT_AS counts reserved address space, not memory used).
+    env = venv_env(PIPELINE_TRACKING="0", VMPEAK_FILE=str(peak_file), MALLOC_ARENA_MAX="1")
     out = subprocess.run([sys.executable, "-c", _VMPEAK_MAIN, *args], cwd=root, env=env, capture_output=True,
                          text=True, timeout=600, preexec_fn=set_limit)
     return out, int(peak_file.read_text()) if peak_file.exists() else -1
