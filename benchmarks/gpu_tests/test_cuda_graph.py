@@ -54,14 +54,6 @@ def _run(train: dict[str, Any], graph: bool, precision: str, tmp: Path) -> Train
     return tr
 
 
-@pytest.fixture(autouse=True)
-def _same_algorithms() -> Any:
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    yield
-    torch.backends.cudnn.deterministic = False
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_graph_replay_trains_as_eager_does(family: str, precision: str, tmp_path: Path) -> None:

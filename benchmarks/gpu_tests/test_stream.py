@@ -43,14 +43,6 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@pytest.fixture(autouse=True)
-def _same_algorithms() -> Any:
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    yield
-    torch.backends.cudnn.deterministic = False
-
-
 def test_every_streamed_batch_on_the_gpu_is_the_rows_the_cpu_reads(shards: Path) -> None:
     def sampler(device: str) -> Sampler:
         data = load_split(shards, "train", mmap=True)

@@ -113,12 +113,12 @@ class GraphExecutor(EagerExecutor):
             self.body(draws, variant)
             return
         self._load(draws)
-        static = pytree.tree_unflatten(self.static, self.spec)
         plan = self.plans.get(variant)
         if plan is not None:
             for part in plan:
                 part.replay() if isinstance(part, torch.cuda.CUDAGraph) else part()
             return
+        static = pytree.tree_unflatten(self.static, self.spec)  # warm-up and capture only, not per replay
         # Warm-up steps are real steps, run eagerly on a side stream as capture requires.
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)

@@ -66,8 +66,7 @@ class Monitor:
     def flush(self) -> dict[str, float]:
         """Mean of every accumulated output since the last flush, then zeroed in place (a captured
         graph keeps adding into the same tensors)."""
-        n = max(1, self.steps_accumulated)
-        values = {k: float(v.item()) / n for k, v in self._acc.items()}
+        values = self.means()
         for v in self._acc.values():
             v.zero_()
         self.steps_accumulated = 0
