@@ -229,10 +229,13 @@ def _stage(root: Path, *args: str, limit: int | None = None, steps: int | None =
         if limit is not None:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    # One malloc arena: glibc otherwise reserves 64 MiB of address space for each arena a new thread
-    # happens to create under contention, which made the measured need and the limited run differ
-    # by more than MARGIN at random (RLIMIT_AS counts reserved address space, not memory used).
-    env = venv_env(PIPELINE_TRACKING="0", VMPEAK_FILE=str(peak_file), MALLOC_ARENA_MAX="1")
+    # RLIMIT_AS counts reserved address space, not memory used, and glibc's malloc reserves it at
+    # random unless told otherwise: a new arena (64 MiB) for each thread that meets contention, and
+    # a threshold between heap and mmap'd blocks that moves with the order of frees (the heap then
+    # keeps holes). Both made the same command's peak vary by 60 MiB from run to run, about MARGIN.
+    # One arena and a fixed threshold make it repeat to 0.1 MiB.
+    env = venv_env(PIPELINE_TRACKING="0", VMPEAK_FILE=str(peak_file), MALLOC_ARENA_MAX="1",
+                   MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TOP_PAD_="0")
     out = subprocess.run([sys.executable, "-c", _VMPEAK_MAIN, *args], cwd=root, env=env, capture_output=True,
                          text=True, timeout=600, preexec_fn=set_limit)
     return out, int(peak_file.read_text()) if peak_file.exists() else -1
