@@ -137,6 +137,7 @@ class Evaluator:
 Model = Literal["dcgan", "sngan", "wgan_gp", "vae"]
 Loss = Literal["nonsaturating", "hinge", "lsgan", "wasserstein"]
 DiffAug = Literal["translation", "cutout", "color"]
+AdaOp = Literal["xflip", "rotate90", "translation", "geometric", "color", "cutout"]
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,14 @@ class Train:
     instance_noise_decay_steps: int = spec(1000, "steps over which instance noise decays linearly to 0", ge=1)
     diffaug: list[DiffAug] = spec(None, "differentiable augmentation of D inputs (translation, cutout, color)",
                                   default_factory=list)
+    ada: bool = spec(False, "adaptive discriminator augmentation (ADA): D's inputs augmented with a probability p "
+                            "that follows D's overfitting (for small datasets; any GAN)")
+    ada_ops: list[AdaOp] = spec(None, "ADA's transforms: xflip, rotate90, translation, geometric, color, cutout",
+                                default_factory=lambda: ["xflip", "rotate90", "translation", "geometric", "color"])
+    ada_target: float = spec(0.6, "ADA: the r_t = E[sign(D(real))] that p is adjusted to hold", gt=0, lt=1)
+    ada_interval: int = spec(4, "ADA: steps between adjustments of p", ge=1)
+    ada_kimg: float = spec(100.0, "ADA: thousands of real images over which p can move from 0 to 1", gt=0)
+    ada_p_init: float = spec(0.0, "ADA: p at step 0", ge=0, le=1)
     ema_decay: float = spec(0.999, "EMA of generator weights, warmed up (0 = off); grids and metrics use it", ge=0, lt=1)
     ema_start: int = spec(0, "step from which the EMA averages (before: it copies the weights)", ge=0)
     grad_clip: float = spec(0.0, "clip gradient norm of G and D to this (0 = off)", ge=0)

@@ -35,6 +35,9 @@ FAMILIES = {
     "dcgan_diffaug_noise_clip": {"model": "dcgan", "diffaug": ["translation", "cutout", "color"],
                                  "instance_noise": 0.1, "grad_clip": 1.0},
     "vae": {"model": "vae", "kl_warmup_steps": 10},
+    # p moves between replays (adjusted outside the graphs): the replayed gates must read the new p.
+    "dcgan_ada": {"model": "dcgan", "ada": True, "ada_kimg": 2.0, "ada_interval": 2,
+                  "ada_ops": ["xflip", "rotate90", "translation", "geometric", "color", "cutout"]},
 }
 STEPS = 24  # R1 every 4 steps: 3 warm-ups of each variant by step 12, then replays
 

@@ -98,6 +98,8 @@ def plot_curves(losses_csv: Path, scores_csv: Path, path: Path) -> bool:
     panels: list[tuple[str, list[str], dict[str, list[float]]]] = [
         ("losses", [k for k in ("loss_d", "loss_g", "loss", "recon", "kl") if k in losses], losses),
         ("discriminator", [k for k in ("p_real", "p_fake") if k in losses], losses),
+        # ADA: the augmentation probability and the overfitting heuristic it holds at its target.
+        ("adaptive augmentation", [k for k in ("ada_p", "ada_rt") if k in losses], losses),
         ("evaluator FID (in-loop, lower is better)", ["score"] if "score" in scores else [], scores),
     ]
     panels = [p for p in panels if p[1]]

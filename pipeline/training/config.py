@@ -57,6 +57,11 @@ def resolve(train: Train | dict[str, Any], *, seed: int, image_shape: tuple[int,
     for k, v in rec.items():
         if k in values and values[k] is None:
             values[k] = v
+    if values["ada"] and values["diffaug"]:
+        raise UserError("train.ada and train.diffaug both augment D's inputs; choose one (set train.diffaug: [] "
+                        "or train.ada: false)")
+    if values["ada"] and rec.get("objective", "gan") == "vae":
+        raise UserError(f"train.ada: {values['model']} has no discriminator; ADA is for GANs (set train.ada: false)")
     if values["conditional"] and num_classes < 2:
         raise UserError("train.conditional: the dataset has no labels (or one class); "
                         "set train.conditional: false or use a labeled source")

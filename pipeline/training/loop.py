@@ -100,6 +100,7 @@ class Trainer:
         self.executor.run(draws, self.objective.variant(self.step, want_norm))
         self.sampler.release()
         self.step += 1
+        self.objective.after_step(self.step)
         self.monitor.steps_accumulated += 1
         if self.device.type != "cuda":
             self.check()  # free on CPU: a divergence is caught within its step

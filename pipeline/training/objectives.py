@@ -27,6 +27,7 @@ from ..models.layers import channels_last_strided, init_weights
 from ..models.density import fit_gmm
 from ..models.vae import kl_per_dim
 from . import diffaug
+from .ada import AdaptiveAugment
 from . import distributed as dist_utils
 from .config import TrainConfig
 from .distributed import DistInfo
@@ -124,6 +125,10 @@ class Objective:
         """All device work of one step; ``step`` is a 0-dim device tensor (steps done so far)."""
         raise NotImplementedError
 
+    def after_step(self, step: int) -> None:
+        """Host-side work between steps (``step`` = steps done), outside any captured graph: it may
+        launch kernels and collectives but must not wait for the device."""
+
     def compile(self, backend: str = "inductor") -> None:
         """Run the networks' forward and backward through torch.compile (double backward excluded)."""
 
@@ -183,12 +188,31 @@ class GANObjective(Objective):
         self.reuse_fake = cfg.n_critic == 1
         self.batches_per_step = cfg.n_critic
         self.g_run, self.d_run = self.g, self.d  # torch.compile'd views after compile(); R1/GP use the plain D
+        self.ada = None if not cfg.ada else AdaptiveAugment(
+            cfg.ada_ops, channels=c, size=(h, cfg.image_shape[2]), target=cfg.ada_target, interval=cfg.ada_interval,
+            speed_images=round(cfg.ada_kimg * 1000), images_per_step=cfg.batch_size * cfg.n_critic * ctx.info.world_size,
+            p_init=cfg.ada_p_init, device=ctx.device)
 
     def compile(self, backend: str = "inductor") -> None:
         self.g_run, self.d_run = _compiled(self.g, backend), _compiled(self.d, backend)
 
     def frozen_candidates(self) -> list[nn.Module]:
         return [m for m in self.d.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    def after_step(self, step: int) -> None:
+        if self.ada is not None and step % self.cfg.ada_interval == 0:
+            self.ada.adjust(self.ctx.info)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.ada is not None:
+            state["ada"] = self.ada.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.ada is not None:
+            self.ada.load_state_dict(state["ada"])
 
     # -- draws -----------------------------------------------------------------------------------
 
@@ -198,6 +222,8 @@ class GANObjective(Objective):
         out: Draws = {}
         if cfg.diffaug:
             out["aug"] = diffaug.draw(cfg.diffaug, n, h, w, channels=c, device=s.device, g=s.gen)
+        if self.ada is not None:
+            out["ada"] = self.ada.draw(n, s.gen)
         if cfg.instance_noise > 0:
             out["noise"] = s.randn(n, c, h, w)
         return out
@@ -230,10 +256,12 @@ class GANObjective(Objective):
     def _d_input(self, x: torch.Tensor, dr: Draws, sigma: torch.Tensor | None) -> torch.Tensor:
         """What D sees: augmented and noised (in fp32) when configured, then in the dtype D computes
         in, so real and fake batches reach D in one dtype (one compiled graph of D)."""
-        if "aug" in dr or "noise" in dr:
+        if "aug" in dr or "ada" in dr or "noise" in dr:
             x = x.float()
         if "aug" in dr:
             x = diffaug.apply(x, self.cfg.diffaug, dr["aug"])
+        if "ada" in dr:
+            x = self.ada.apply(x, dr["ada"])  # type: ignore[union-attr]
         if "noise" in dr:
             x = x + sigma * dr["noise"]
         x = x.to(self.ctx.autocast_dtype or torch.float32)
@@ -272,6 +300,9 @@ class GANObjective(Objective):
             loss = self.loss.d(real_logits, fake_logits, cfg.label_smoothing)
         out.update(loss_d=loss.detach(), d_real=real_logits.mean().detach(), d_fake=fake_logits.mean().detach(),
                    p_real=torch.sigmoid(real_logits).mean().detach(), p_fake=torch.sigmoid(fake_logits).mean().detach())
+        if self.ada is not None:
+            self.ada.observe(real_logits)
+            out.update(ada_p=self.ada.p, ada_rt=self.ada.last_rt)
         total = loss
         if cfg.gp_weight > 0:
             # In the step's precision: under bf16 autocast the penalty's forward and double backward
