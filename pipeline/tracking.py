@@ -68,7 +68,7 @@ PARENT_METRICS = ("fid", "fid_ci_low", "fid_ci_high", "kid", "kid_ci_low", "kid_
 PARENT_PARAMS = ("base.seed", "data.source", "data.path", "data.limit", "data.channels", "preprocess.size",
                  "augment.copies", "train.model", "train.conditional", "train.steps", "train.batch_size", "train.nz",
                  "train.ngf", "train.ndf", "train.loss", "train.lr_g", "train.lr_d", "train.n_critic", "train.r1_gamma",
-                 "train.diffaug", "train.ema_decay", "train.precision", "train.devices")
+                 "train.diffaug", "train.ada", "train.ema_decay", "train.precision", "train.devices")
 # Loggers of "model" events by flavor, registered by the module that knows the model
 # (pipeline.mlflow_models): a stage that logs no model does not import the model code.
 MODEL_LOGGERS: dict[str, Callable[[Any, Mapping[str, Any], Path], None]] = {}
