@@ -68,6 +68,27 @@ def latents(n: int, nz: int, seed: int) -> torch.Tensor:
     return torch.randn(n, nz, generator=torch.Generator().manual_seed(seed))
 
 
+def check_truncation(generator: nn.Module, psi: float, *, option: str = "psi", model: str | None = None) -> None:
+    """Refuse a truncation ``psi`` outside (0, 1], or psi != 1 for a generator without truncation
+    (one that defines no ``truncated(z, y, psi)``); ``option`` and ``model`` name them in the UserError."""
+    name = model or type(generator).__name__
+    if not 0 < psi <= 1:
+        raise UserError(f"{option} {psi}: truncation psi must be in (0, 1] (1 = no truncation, smaller = closer "
+                        "to the average image)")
+    if psi != 1 and not callable(getattr(generator, "truncated", None)):
+        raise UserError(f"{option} {psi}: the {name} generator has no truncation (only generators that define "
+                        f"truncated(z, y, psi) do, e.g. train.model stylegan2); use {option} 1")
+
+
+def generate(generator: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None, *, psi: float = 1.0) -> torch.Tensor:
+    """Images of latents z (labels y): ``generator(z, y)``, or with the truncation trick when psi != 1
+    (``generator.truncated(z, y, psi)``; :func:`check_truncation` says which generators have it)."""
+    if psi == 1:
+        return generator(z, y)
+    check_truncation(generator, psi)
+    return generator.truncated(z, y, psi)
+
+
 def recipe(name: str) -> dict[str, Any]:
     """Recipe ``name``: its own values over :data:`RECIPE_DEFAULTS`."""
     try:
