@@ -211,7 +211,7 @@ class StyleGAN2Generator(nn.Module):
         resolutions = [s0 * 2**i for i in range(n_up(size) + 1)]
         self.w_dim = width(ngf, size, s0)
         self.mapping = MappingNetwork(nz, self.w_dim, num_classes, mapping_layers)
-        self.const = nn.Parameter(torch.randn(width(ngf, size, s0), s0, s0))
+        self.const = nn.Parameter(torch.randn(self.w_dim, s0, s0))
         self.layers = nn.ModuleList()
         self.to_rgb = nn.ModuleList()
         for i, r in enumerate(resolutions):
@@ -253,8 +253,8 @@ class StyleGAN2Generator(nn.Module):
             for _ in range(1 if bi == 0 else 2):
                 x = self.layers[li](x, ws[:, li], None if noise is None else noise[li])
                 li += 1
-            y = rgb(x, ws[:, li])
-            img = y if img is None else F.interpolate(img, scale_factor=2, mode="bilinear", align_corners=False) + y
+            rgb_out = rgb(x, ws[:, li])
+            img = rgb_out if img is None else F.interpolate(img, scale_factor=2, mode="bilinear", align_corners=False) + rgb_out
         assert img is not None
         return img
 
