@@ -35,6 +35,8 @@ FAMILIES = {
     "dcgan_diffaug_noise_clip": {"model": "dcgan", "diffaug": ["translation", "cutout", "color"],
                                  "instance_noise": 0.1, "grad_clip": 1.0},
     "vae": {"model": "vae", "kl_warmup_steps": 10},
+    # Lazy R1 and path length every 4 steps (with the pl_mean buffer), noise and style-mixing draws.
+    "stylegan2": {"model": "stylegan2", "r1_every": 4, "pl_every": 4},
 }
 STEPS = 24  # R1 every 4 steps: 3 warm-ups of each variant by step 12, then replays
 
