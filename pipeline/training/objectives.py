@@ -397,6 +397,10 @@ class StyleGAN2Objective(GANObjective):
         loss = super()._g_loss(it, kept, sigma, out)
         if self._pl_now:
             loss = loss + self._path_length_penalty(it["pl"], out) * (self.cfg.pl_weight * self.cfg.pl_every)
+        if self.cfg.pl_weight > 0:
+            # Recorded every step, so its logged mean is the running mean's (the lazy "pl", like "r1",
+            # is averaged over all the steps of a log interval).
+            out["pl_mean"] = self.pl_mean.clone()
         return loss
 
     def _path_length_penalty(self, pl: Draws, out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -411,7 +415,7 @@ class StyleGAN2Objective(GANObjective):
         pl_mean = self.pl_mean.lerp(lengths.mean(), self.PL_DECAY)
         self.pl_mean.copy_(pl_mean.detach())
         penalty = (lengths - pl_mean).square().mean()
-        out.update(pl=penalty.detach(), pl_mean=pl_mean.detach())
+        out["pl"] = penalty.detach()
         return penalty
 
     # -- state -----------------------------------------------------------------------------------
