@@ -270,7 +270,8 @@ class StyleGAN2Generator(nn.Module):
 
     def truncated(self, z: torch.Tensor, y: torch.Tensor | None, psi: float) -> torch.Tensor:
         """Images of z with the truncation trick: w moved towards ``w_avg`` by psi (1: unchanged,
-        0: every z gives the average image)."""
+        0: every z gives the average image); conditional generators share one ``w_avg`` over the
+        classes (as StyleGAN2-ADA's does)."""
         ws = self.w_avg_lerp(self.ws(z, y), psi)
         return self._output(self.synthesis(ws))
 

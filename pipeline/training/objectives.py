@@ -369,7 +369,7 @@ class StyleGAN2Objective(GANObjective):
             it.update(self._g_draws(cfg.batch_size))
         if not self.reuse_fake:
             draws["g"].update(self._g_draws(cfg.batch_size))
-        if cfg.pl_weight > 0:
+        if cfg.pl_weight > 0:  # drawn every step: the draws' layout is the same for every variant
             c, h, w = cfg.image_shape
             z, y = s.latents(self.pl_batch)
             pl: Draws = {"z": z, "noise": [s.randn(*shape) for shape in self.g.noise_shapes(self.pl_batch)],
