@@ -35,7 +35,7 @@ def _sample(args: argparse.Namespace) -> int:
     from .imaging import save_grid  # noqa: PLC0415
     from .io import atomic_write  # noqa: PLC0415
     from .metrics.compute import sample  # noqa: PLC0415
-    from .models import load_generator  # noqa: PLC0415
+    from .models import check_truncation, load_generator  # noqa: PLC0415
     from .stages.common import setup_logging  # noqa: PLC0415
 
     setup_logging(False)
@@ -49,13 +49,15 @@ def _sample(args: argparse.Namespace) -> int:
                 raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
         device = cli_device(args.device, "--device")
         g, info = load_generator(args.checkpoint, device=device)
+        check_truncation(g, args.psi, option="--psi", model=info["model"])
         k = info["num_classes"]
         labels = None
         if args.label is not None:
             if not k or not 0 <= args.label < k:
                 raise UserError(f"--label {args.label}: this generator has {k or 'no'} classes")
             labels = torch.full((args.n,), args.label, dtype=torch.long)
-        images, y = sample(g, args.n, nz=info["nz"], num_classes=k, seed=args.seed, device=device, labels=labels)
+        images, y = sample(g, args.n, nz=info["nz"], num_classes=k, seed=args.seed, device=device, labels=labels,
+                           psi=args.psi)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -253,6 +255,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help=".npz (uint8 'images' [N, C, H, W]) or .png (grid)")
     s.add_argument("--seed", type=int, default=0, help="latent seed (same seed, same images)")
     s.add_argument("--label", type=int, default=None, help="class to sample (conditional generators)")
+    s.add_argument("--psi", type=float, default=1.0,
+                   help="truncation psi in (0, 1]: 1 = none, smaller = closer to the average image "
+                        "(generators with truncation, e.g. stylegan2)")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
     s.add_argument("--nrow", type=int, default=8, help="grid: images per row")
     s.add_argument("--scale", type=int, default=2, help="grid: pixel enlargement")

@@ -134,7 +134,7 @@ class Evaluator:
     feature_dim: int = spec(128, "dimension of the feature vector used for FID/KID/PR", ge=8)
 
 
-Model = Literal["dcgan", "sngan", "wgan_gp", "vae"]
+Model = Literal["dcgan", "sngan", "wgan_gp", "vae", "stylegan2"]
 Loss = Literal["nonsaturating", "hinge", "lsgan", "wasserstein"]
 DiffAug = Literal["translation", "cutout", "color"]
 AdaOp = Literal["xflip", "rotate90", "translation", "geometric", "color", "cutout"]
@@ -142,7 +142,7 @@ AdaOp = Literal["xflip", "rotate90", "translation", "geometric", "color", "cutou
 
 @dataclass(frozen=True)
 class Train:
-    model: Model = spec("dcgan", "recipe: dcgan, sngan (ResNet + spectral norm + hinge), wgan_gp, vae")
+    model: Model = spec("dcgan", "recipe: dcgan, sngan (ResNet + spectral norm + hinge), wgan_gp, vae, stylegan2")
     conditional: bool = spec(False, "class-conditional G (conditional BN) and projection D; needs labels")
     steps: int = spec(3000, "generator optimizer steps", ge=1, semantic=False)
     batch_size: int = spec(64, "images per step (per process under DDP)", ge=2)
@@ -152,15 +152,18 @@ class Train:
     loss: Loss | None = spec(None, "GAN loss on logits; null = the recipe's (dcgan: nonsaturating)")
     d_norm: Literal["batch", "layer", "none"] | None = spec(None, "D normalisation; null = the recipe's")
     spectral_norm: bool | None = spec(None, "spectral normalization in D; null = the recipe's (sngan: true)")
-    mbstd: bool = spec(False, "minibatch standard-deviation channel in D")
+    mbstd: bool | None = spec(None, "minibatch standard-deviation channel in D; null = the recipe's (stylegan2: true, "
+                                    "else false)")
     n_critic: int | None = spec(None, "D steps per G step; null = the recipe's (wgan_gp: 5, else 1)", ge=1)
     gp_weight: float | None = spec(None, "gradient penalty weight; null = the recipe's (wgan_gp: 10)", ge=0)
-    r1_gamma: float = spec(0.0, "lazy R1 penalty weight on real images (0 = off)", ge=0)
+    r1_gamma: float | None = spec(None, "lazy R1 penalty weight on real images (0 = off); null = the recipe's "
+                                        "(stylegan2: 0.01, else 0)", ge=0)
     r1_every: int = spec(16, "apply R1 every N D steps (lazy regularisation)", ge=1)
     lr_g: float | None = spec(None, "generator (or VAE) learning rate; null = the recipe's (2e-4; vae: 1e-3)", gt=0)
-    lr_d: float = spec(2e-4, "discriminator learning rate (two time-scale rule: may differ from lr_g)", gt=0)
-    beta1: float = spec(0.5, "Adam beta1", ge=0, lt=1)
-    beta2: float = spec(0.999, "Adam beta2", ge=0, lt=1)
+    lr_d: float | None = spec(None, "discriminator learning rate (two time-scale rule: may differ from lr_g); "
+                                    "null = the recipe's (2e-4; stylegan2: 0.0025)", gt=0)
+    beta1: float | None = spec(None, "Adam beta1; null = the recipe's (0.5; stylegan2: 0)", ge=0, lt=1)
+    beta2: float | None = spec(None, "Adam beta2; null = the recipe's (0.999; stylegan2: 0.99)", ge=0, lt=1)
     label_smoothing: float = spec(0.0, "one-sided: real targets become 1 - this (nonsaturating, lsgan)", ge=0, lt=0.5)
     instance_noise: float = spec(0.0, "std of Gaussian noise added to D inputs at step 0", ge=0)
     instance_noise_decay_steps: int = spec(1000, "steps over which instance noise decays linearly to 0", ge=1)
@@ -176,8 +179,19 @@ class Train:
     ada_p_init: float = spec(0.0, "ADA: p at step 0", ge=0, le=1)
     ema_decay: float = spec(0.999, "EMA of generator weights, warmed up (0 = off); grids and metrics use it", ge=0, lt=1)
     ema_start: int = spec(0, "step from which the EMA averages (before: it copies the weights)", ge=0)
+    ema_kimg: float | None = spec(None, "EMA half-life in thousands of images, replacing ema_decay when > 0 "
+                                        "(StyleGAN2); null = the recipe's (stylegan2: 10, else 0)", ge=0)
+    ema_rampup: float | None = spec(None, "with ema_kimg: the half-life is at most this times the images seen "
+                                          "(0 = no ramp-up); null = the recipe's (stylegan2: 0.05, else 0)", ge=0)
+    style_mixing: float | None = spec(None, "StyleGAN2: probability of mixing two latents' styles at a random "
+                                            "layer; null = the recipe's (0.9)", ge=0, le=1)
+    pl_weight: float | None = spec(None, "StyleGAN2: path-length regularisation weight (0 = off); null = the "
+                                         "recipe's (2)", ge=0)
+    pl_every: int = spec(4, "StyleGAN2: apply path-length regularisation every N G steps (lazy, on half the batch)",
+                         ge=1)
     grad_clip: float = spec(0.0, "clip gradient norm of G and D to this (0 = off)", ge=0)
-    init: Literal["normal", "xavier", "he"] = spec("normal", "weight init: N(0, 0.02) as DCGAN, Xavier, He")
+    init: Literal["normal", "xavier", "he"] = spec("normal", "weight init: N(0, 0.02) as DCGAN, Xavier, He "
+                                                             "(stylegan2: unused, equalized learning rate)")
     kl_weight: float = spec(1.0, "VAE: beta, the weight of the KL term", ge=0)
     kl_warmup_steps: int = spec(500, "VAE: steps over which the KL weight ramps up from 0", ge=0)
     vae_likelihood: Literal["bernoulli", "gaussian", "logistic"] = spec(
@@ -238,6 +252,9 @@ class Report:
     grid_n: int = spec(64, "images in each sample grid", ge=1)
     interpolation_steps: int = spec(10, "images in the latent interpolation strip", ge=2)
     neighbours: int = spec(8, "closest generated/train pairs shown (memorisation panel)", ge=1)
+    truncation_psi: float = spec(1.0, "truncation psi of the report's sample grids and interpolations (1 = off; "
+                                      "needs a generator with truncation, e.g. stylegan2); metrics always use 1",
+                                 gt=0, le=1)
 
 
 @dataclass(frozen=True)

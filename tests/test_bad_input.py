@@ -333,6 +333,9 @@ SAMPLE_BAD = {
     "scale 0": (["--scale", "0"], "--scale 0: must be at least 1"),
     "scale -3": (["--scale", "-3"], "--scale -3: must be at least 1"),
     "n 0": (["--n", "0"], "--n 0: must be at least 1"),
+    "psi 0": (["--psi", "0"], "--psi 0.0: truncation psi must be in (0, 1]"),
+    "psi 1.5": (["--psi", "1.5"], "--psi 1.5: truncation psi must be in (0, 1]"),
+    "psi on a generator without truncation": (["--psi", "0.7"], "--psi 0.7: the dcgan generator has no truncation"),
     "device tpu": (["--device", "tpu"], "--device tpu: not a device; use cpu, cuda or cuda:N"),
     "device cuda:x": (["--device", "cuda:x"], "--device cuda:x: not a device"),
     "device cuda:99": (["--device", "cuda:99"], "CUDA device"),
@@ -362,6 +365,20 @@ def test_sample_with_good_options_writes_the_grid(tmp_path: Path, cli: Cli, gene
                      "--device", "cpu", "--out", str(tmp_path / "g.png")], tmp_path)
     assert code == 0, err
     assert Image.open(tmp_path / "g.png").size == (3 * 30 + 2, 2 * 30 + 2)
+
+
+def test_sample_with_truncation_writes_the_grid(tmp_path: Path, cli: Cli) -> None:
+    from pipeline.models import build_generator, save_generator  # noqa: PLC0415
+
+    kwargs = {"nz": 8, "ngf": 8, "channels": 1, "size": 28, "num_classes": 0}
+    save_generator(tmp_path / "sg2.pt", build_generator("stylegan2", **kwargs), arch="stylegan2", kwargs=kwargs,
+                   info={"model": "stylegan2", "nz": 8, "num_classes": 0, "step": 1, "ema": True})
+    for psi in ("1", "0.5"):
+        code, err = cli(["sample", "--checkpoint", str(tmp_path / "sg2.pt"), "--n", "4", "--psi", psi,
+                         "--device", "cpu", "--out", str(tmp_path / f"g{psi}.npz")], tmp_path)
+        assert code == 0, err
+    full, truncated = (np.load(tmp_path / f"g{psi}.npz")["images"] for psi in ("1", "0.5"))
+    assert full.shape == truncated.shape == (4, 1, 28, 28) and not np.array_equal(full, truncated)
 
 
 @pytest.mark.parametrize("argv", [["params"], ["--help"], ["train", "--help"], ["sample", "--help"]],

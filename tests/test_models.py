@@ -220,3 +220,96 @@ def test_channels_last_dcgan_computes_what_the_nchw_one_does(mbstd: bool) -> Non
     for (name, a), b in zip([*g.named_parameters(), *d.named_parameters()], [*g_cl.parameters(), *d_cl.parameters()],
                             strict=True):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5), name
+
+
+# --------------------------------------------------------------------------------------------
+# StyleGAN2
+# --------------------------------------------------------------------------------------------
+
+
+def _stylegan2(size: int = 28, channels: int = 1, num_classes: int = 0) -> tuple[nn.Module, nn.Module]:
+    g = build_generator("stylegan2", nz=16, ngf=8, channels=channels, size=size, num_classes=num_classes,
+                        mapping_layers=2)
+    d = build_discriminator("stylegan2", ndf=8, channels=channels, size=size, num_classes=num_classes, mbstd=True)
+    return g, d
+
+
+@pytest.mark.parametrize(("size", "channels"), [(28, 1), (32, 3), (64, 1), (64, 3)])
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_stylegan2_shapes(size: int, channels: int, num_classes: int) -> None:
+    torch.manual_seed(0)
+    g, d = _stylegan2(size, channels, num_classes)
+    z, y = torch.randn(4, 16), (torch.tensor([0, 1, 2, 9]) if num_classes else None)
+    assert g.const.shape[-1] == start_size(size)  # 7x7 for 28 px, 4x4 for powers of two
+    x = g.eval()(z, y)
+    assert x.shape == (4, channels, size, size) and x.min() >= -1 and x.max() <= 1
+    assert d(x, y).shape == (4,)
+    noise = [torch.randn(s) for s in g.noise_shapes(4)]
+    assert g.train()(z, y, noise=noise).shape == (4, channels, size, size)
+    with pytest.raises(UserError, match="no normalisation"):
+        build_discriminator("stylegan2", ndf=8, channels=channels, size=size, norm="batch")
+
+
+def test_stylegan2_demodulation_normalises_each_output_channel() -> None:
+    """Demodulated weights have unit L2 norm per (sample, output channel), so unit-variance inputs
+    give unit-variance outputs whatever the style's scale; the batched forward equals a grouped
+    convolution with those per-sample weights. Without demodulation a 10x style gives a 10x output."""
+    from pipeline.models.stylegan2 import ModulatedConv2d
+
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(64, 32, 3, w_dim=16)
+    w = torch.randn(4, 16)
+    weight = conv.modulated_weight(w)  # [N, out, in, k, k]
+    assert torch.allclose(weight.square().sum(dim=(2, 3, 4)), torch.ones(4, 32), atol=1e-5)
+    x = torch.randn(4, 64, 16, 16)
+    grouped = torch.nn.functional.conv2d(x.reshape(1, 4 * 64, 16, 16), weight.reshape(4 * 32, 64, 3, 3), padding=1,
+                                         groups=4).reshape(4, 32, 16, 16)
+    assert torch.allclose(conv(x, w), grouped, atol=1e-5)
+    with torch.no_grad():
+        conv.affine.weight.mul_(10.0)  # styles 10x larger (their bias of 1 aside)
+        conv.affine.bias.mul_(10.0)
+    assert torch.allclose(conv(x, w), grouped, atol=1e-4)  # demodulation removes the style's scale
+    out = conv(x, w)
+    assert 0.8 < out[:, :, 1:-1, 1:-1].std().item() < 1.2
+    plain = ModulatedConv2d(64, 32, 3, w_dim=16, demodulate=False)
+    plain.load_state_dict(conv.state_dict())
+    with torch.no_grad():
+        before = plain(x, w).std()
+        plain.affine.weight.mul_(10.0)
+        plain.affine.bias.mul_(10.0)
+        assert plain(x, w).std() / before == pytest.approx(10.0, rel=1e-4)
+
+
+def test_stylegan2_truncation_and_style_mixing() -> None:
+    """psi = 0 gives the w_avg image for every z, psi = 1 plain sampling; crossover at layer 0 takes
+    every style from the second latent, at num_ws none; training forwards move w_avg."""
+    torch.manual_seed(0)
+    g, _ = _stylegan2(28, 1, 0)
+    z, z2 = torch.randn(3, 16), torch.randn(3, 16)
+    g.train()(z)  # a training forward updates the running mean of w
+    w_avg = g.mapping.w_avg.clone()
+    assert w_avg.abs().sum() > 0
+    g.eval()
+    with torch.no_grad():
+        avg_image = g.synthesis(w_avg.expand(1, g.num_ws, -1)).clamp(-1, 1)
+        assert torch.allclose(g.truncated(z, None, 0.0), avg_image.expand(3, -1, -1, -1), atol=1e-6)
+        assert torch.equal(g.truncated(z, None, 1.0), g(z))
+        assert not torch.allclose(g.truncated(z, None, 0.5), g(z))
+        assert torch.equal(g(z, z2=z2, crossover=torch.zeros(3, dtype=torch.long)), g(z2))
+        assert torch.equal(g(z, z2=z2, crossover=torch.full((3,), g.num_ws)), g(z))
+        mixed = g(z, z2=z2, crossover=torch.full((3,), 3))
+        assert not torch.allclose(mixed, g(z)) and not torch.allclose(mixed, g(z2))
+    assert torch.equal(g.mapping.w_avg, w_avg)  # eval forwards leave it alone
+
+
+def test_truncation_is_refused_for_generators_without_it() -> None:
+    from pipeline.metrics.compute import sample
+
+    g = build_generator("dcgan", nz=8, ngf=8, channels=1, size=28)
+    with pytest.raises(UserError, match=r"psi 0.5: the DCGANGenerator generator has no truncation"):
+        sample(g, 4, nz=8, psi=0.5)
+    assert sample(g, 4, nz=8, psi=1.0)[0].shape == (4, 1, 28, 28)
+    sg, _ = _stylegan2(28, 1, 0)
+    full, _ = sample(sg, 4, nz=16)
+    assert torch.equal(sample(sg, 4, nz=16, psi=1.0)[0], full)
+    assert not torch.equal(sample(sg, 4, nz=16, psi=0.5)[0], full)

@@ -25,7 +25,7 @@ from PIL import Image
 from pipeline.report.figures import metric_rows
 from pipeline.report.html import render
 
-from helpers_eval import TinyRun, in_dir
+from helpers_eval import TinyData, TinyRun, in_dir, run_model
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 WIDTH = 1280
@@ -230,3 +230,28 @@ def test_no_change_is_shown_against_another_extractor() -> None:
     assert "not comparable (other extractor)" in page
     previous["protocol"]["extractor_sha256"] = "a" * 64
     assert metric_rows(metrics, previous)[0]["delta"] == pytest.approx(-1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_stylegan2(tiny_data: TinyData) -> TinyRun:
+    return run_model(tiny_data, "stylegan2", {"train": {"model": "stylegan2", "steps": 20},
+                                              "report": {"truncation_psi": 0.7}})
+
+
+def test_stylegan2_report_grids_use_the_truncation_psi(tiny_stylegan2: TinyRun, tmp_path: Path) -> None:
+    """report.truncation_psi: the sample grid and interpolation are drawn at psi (their captions say
+    so, and that the metrics use psi 1)."""
+    from pipeline.models import latents, load_generator
+    from pipeline.params import load_params
+    from pipeline.report import figures as F
+
+    html = tiny_stylegan2.html.read_text()
+    note = "; truncation psi 0.7 (the metrics use psi 1)"
+    assert f"fixed latent seeds{note})" in html and f"between two fixed latents{note}" in html
+    r = load_params(tiny_stylegan2.params).report
+    g, info = load_generator(tiny_stylegan2.models / "best.pt")
+    for psi in (0.7, 1.0):
+        F.save_png(F.generate(g, latents(r.grid_n, info["nz"], 0), psi=psi), tmp_path / f"{psi}.png",
+                   nrow=r.grid_nrow, scale=2)
+    written = (tiny_stylegan2.figures / "samples.png").read_bytes()
+    assert written == (tmp_path / "0.7.png").read_bytes() != (tmp_path / "1.0.png").read_bytes()

@@ -38,6 +38,8 @@ FAMILIES = {
     # p moves between replays (adjusted outside the graphs): the replayed gates must read the new p.
     "dcgan_ada": {"model": "dcgan", "ada": True, "ada_kimg": 2.0, "ada_interval": 2,
                   "ada_ops": ["xflip", "rotate90", "translation", "geometric", "color", "cutout"]},
+    # Lazy R1 and path length every 4 steps (with the pl_mean buffer), noise and style-mixing draws.
+    "stylegan2": {"model": "stylegan2", "r1_every": 4, "pl_every": 4},
 }
 STEPS = 24  # R1 every 4 steps: 3 warm-ups of each variant by step 12, then replays
 

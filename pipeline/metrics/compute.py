@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import latents
+from ..models import generate, latents
 from . import math as M
 
 log = logging.getLogger(__name__)
@@ -25,11 +25,13 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def sample(generator: nn.Module, n: int, *, nz: int, num_classes: int = 0, seed: int = 0, batch_size: int = 250,
-           device: str = "cpu", labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+           device: str = "cpu", labels: torch.Tensor | None = None,
+           psi: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """n images as uint8 [n, C, H, W] on the CPU (and their labels when conditional).
 
     Latents (and labels) come from a CPU generator seeded with ``seed``, so the same seed gives the
-    same images on any device up to kernel rounding.
+    same images on any device up to kernel rounding. psi: truncation (1 = none, the metrics'
+    protocol; other values need a generator with truncation, see :func:`pipeline.models.check_truncation`).
     """
     generator = generator.eval()
     z_all = latents(n, nz, seed)
@@ -40,7 +42,7 @@ def sample(generator: nn.Module, n: int, *, nz: int, num_classes: int = 0, seed:
     for i in range(0, n, batch_size):
         z = z_all[i : i + batch_size].to(device)
         y = None if y_all is None else y_all[i : i + batch_size].to(device)
-        x = generator(z, y).float()
+        x = generate(generator, z, y, psi=psi).float()
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
     return torch.cat(out), y_all
 

@@ -22,9 +22,14 @@ from ..safeload import safe_load
 from .dcgan import DCGANDiscriminator, DCGANGenerator
 from .density import DensityGenerator, GaussianMixture
 from .resnet import ResNetDiscriminator, ResNetGenerator
+from .stylegan2 import StyleGAN2Discriminator, StyleGAN2Generator
 from .vae import VAE
 
 GENERATOR_FORMAT = "pipeline.generator/1"
+
+# What every recipe takes unless it names its own value (the keys added after the first recipes).
+RECIPE_DEFAULTS: dict[str, Any] = {"lr_d": 2e-4, "beta1": 0.5, "beta2": 0.999, "r1_gamma": 0.0, "mbstd": False,
+                                   "ema_kimg": 0.0, "ema_rampup": 0.0, "style_mixing": 0.0, "pl_weight": 0.0}
 
 RECIPES: dict[str, dict[str, Any]] = {
     # Radford et al. 2016: BN in both nets, non-saturating loss, Adam(2e-4, 0.5).
@@ -41,10 +46,20 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 3 epochs; benchmarks/vae_quality.py).
     "vae": {"arch": "vae", "objective": "vae", "loss": "nonsaturating", "d_norm": "none", "spectral_norm": False,
             "n_critic": 1, "gp_weight": 0.0, "lr_g": 1e-3},
+    # Karras et al. 2020 (config F, with the small-resolution settings of StyleGAN2-ADA): equalized
+    # learning rate, no normalisation, non-saturating loss, lazy R1 every 16 D steps, lazy path-length
+    # regularisation (weight 2, every 4 G steps), style mixing 0.9, Adam(0.0025, betas 0, 0.99) for
+    # both networks, EMA half-life 10k images ramped up over the first 5% of the images seen.
+    # R1 gamma 0.01: StyleGAN2-ADA's CIFAR-10 setting (its rule 0.0002 * res^2 / batch gives 0.013
+    # at 64 px and batch 64).
+    "stylegan2": {"arch": "stylegan2", "objective": "stylegan2", "loss": "nonsaturating", "d_norm": "none",
+                  "spectral_norm": False, "n_critic": 1, "gp_weight": 0.0, "lr_g": 0.0025, "lr_d": 0.0025,
+                  "beta1": 0.0, "beta2": 0.99, "r1_gamma": 0.01, "mbstd": True, "ema_kimg": 10.0, "ema_rampup": 0.05,
+                  "style_mixing": 0.9, "pl_weight": 2.0},
 }
 
-GENERATORS = {"dcgan": DCGANGenerator, "resnet": ResNetGenerator}
-DISCRIMINATORS = {"dcgan": DCGANDiscriminator, "resnet": ResNetDiscriminator}
+GENERATORS = {"dcgan": DCGANGenerator, "resnet": ResNetGenerator, "stylegan2": StyleGAN2Generator}
+DISCRIMINATORS = {"dcgan": DCGANDiscriminator, "resnet": ResNetDiscriminator, "stylegan2": StyleGAN2Discriminator}
 
 
 def latents(n: int, nz: int, seed: int) -> torch.Tensor:
@@ -53,9 +68,31 @@ def latents(n: int, nz: int, seed: int) -> torch.Tensor:
     return torch.randn(n, nz, generator=torch.Generator().manual_seed(seed))
 
 
+def check_truncation(generator: nn.Module, psi: float, *, option: str = "psi", model: str | None = None) -> None:
+    """Refuse a truncation ``psi`` outside (0, 1], or psi != 1 for a generator without truncation
+    (one that defines no ``truncated(z, y, psi)``); ``option`` and ``model`` name them in the UserError."""
+    name = model or type(generator).__name__
+    if not 0 < psi <= 1:
+        raise UserError(f"{option} {psi}: truncation psi must be in (0, 1] (1 = no truncation, smaller = closer "
+                        "to the average image)")
+    if psi != 1 and not callable(getattr(generator, "truncated", None)):
+        raise UserError(f"{option} {psi}: the {name} generator has no truncation (only generators that define "
+                        f"truncated(z, y, psi) do, e.g. train.model stylegan2); use {option} 1")
+
+
+def generate(generator: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None, *, psi: float = 1.0) -> torch.Tensor:
+    """Images of latents z (labels y): ``generator(z, y)``, or with the truncation trick when psi != 1
+    (``generator.truncated(z, y, psi)``; :func:`check_truncation` says which generators have it)."""
+    if psi == 1:
+        return generator(z, y)
+    check_truncation(generator, psi)
+    return generator.truncated(z, y, psi)
+
+
 def recipe(name: str) -> dict[str, Any]:
+    """Recipe ``name``: its own values over :data:`RECIPE_DEFAULTS`."""
     try:
-        return dict(RECIPES[name])
+        return {**RECIPE_DEFAULTS, **RECIPES[name]}
     except KeyError:
         raise UserError(f"train.model: unknown model {name!r}; available: {', '.join(RECIPES)}") from None
 

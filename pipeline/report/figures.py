@@ -12,13 +12,16 @@ from torch import nn
 
 from ..imaging import make_grid, png_bytes, to_uint8
 from ..io import write_bytes
+from ..models import generate as run_generator
 from ..models import latents
 
 
 @torch.no_grad()
-def generate(generator: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None, *, device: str = "cpu") -> np.ndarray:
+def generate(generator: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None, *, device: str = "cpu",
+             psi: float = 1.0) -> np.ndarray:
+    """uint8 images of latents z (labels y), in eval mode; psi: truncation (1 = none)."""
     generator.eval()
-    return to_uint8(generator(z.to(device), None if y is None else y.to(device)).float().cpu())
+    return to_uint8(run_generator(generator, z.to(device), None if y is None else y.to(device), psi=psi).float().cpu())
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -30,13 +33,14 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def interpolation_strip(generator: nn.Module, *, nz: int, num_classes: int, steps: int, rows: int, seed: int,
-                        device: str) -> np.ndarray:
-    """uint8 [rows * steps, C, H, W]: each row walks the latent sphere between two fixed latents."""
+                        device: str, psi: float = 1.0) -> np.ndarray:
+    """uint8 [rows * steps, C, H, W]: each row walks the latent sphere between two fixed latents
+    (psi: truncation, 1 = none)."""
     z = latents(2 * rows, nz, seed + 100)
     t = torch.linspace(0, 1, steps)
     path = torch.cat([slerp(z[2 * r], z[2 * r + 1], t) for r in range(rows)])
     y = (torch.arange(rows).repeat_interleave(steps) % num_classes) if num_classes else None
-    return generate(generator, path, y, device=device)
+    return generate(generator, path, y, device=device, psi=psi)
 
 
 @torch.no_grad()

@@ -106,7 +106,8 @@ def render(ctx: dict[str, Any]) -> str:
                           note))
     parts.append(_section("real-vs-generated", "Real vs generated", "<div class='pair'>",
                           figure(figs.get("real"), "Real test images (random, fixed seed)"),
-                          figure(figs.get("samples"), "Generated (best checkpoint, EMA, fixed latent seeds)"),
+                          figure(figs.get("samples"), "Generated (best checkpoint, EMA, fixed latent seeds"
+                                 f"{ctx.get('truncation_note', '')})"),
                           "</div>"))
     if ctx.get("timeline"):
         frames = "".join(figure(path, f"step {step}", width=200) for step, path in ctx["timeline"])
@@ -116,7 +117,8 @@ def render(ctx: dict[str, Any]) -> str:
                                  pixelated=False)))
     parts.append(_section("interpolation", "Latent interpolation",
                           figure(figs.get("interpolation"),
-                                 "Each row walks the latent sphere (slerp) between two fixed latents")))
+                                 "Each row walks the latent sphere (slerp) between two fixed latents"
+                                 f"{ctx.get('truncation_note', '')}")))
     if figs.get("reconstructions"):
         parts.append(_section("reconstructions", "VAE reconstructions",
                               figure(figs["reconstructions"], "Top of each pair: real test image; below: its "

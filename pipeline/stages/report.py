@@ -54,7 +54,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
     from ..data.tensors import load_split  # noqa: PLC0415
     from ..imaging import make_grid, normalize, png_bytes, to_uint8  # noqa: PLC0415
     from ..metrics import record  # noqa: PLC0415
-    from ..models import latents, load_generator  # noqa: PLC0415
+    from ..models import check_truncation, latents, load_generator  # noqa: PLC0415
     from ..report import figures as F  # noqa: PLC0415
     from ..report.html import render  # noqa: PLC0415
 
@@ -67,6 +67,8 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
     details = read_json(details_path)
     cleaning = read_json(clean_report)
     generator, info = load_generator(models_dir / "best.pt", device=device)
+    psi = r.truncation_psi  # the grids' and interpolations'; the nearest pairs are the metrics' samples (psi 1)
+    check_truncation(generator, psi, option="report.truncation_psi:", model=info["model"])
     test = load_split(tensors_dir, "test")
     train = load_split(tensors_dir, "train")
     nz, k = info["nz"], info["num_classes"]
@@ -74,14 +76,14 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
     with staged_dir(figures_dir, owns=OWNS, option="--figures") as tmp:
         # Fixed-seed grid: the first grid_n latents of the evaluation seed (the same images every run).
         y = (torch.arange(r.grid_n) % k) if k else None
-        samples = F.generate(generator, latents(r.grid_n, nz, seed), y, device=device)
+        samples = F.generate(generator, latents(r.grid_n, nz, seed), y, device=device, psi=psi)
         # Scale 2: a grid of 8 28x28 digits is 484 px wide, so real and generated fit side by side.
         F.save_png(samples, tmp / "samples.png", nrow=r.grid_nrow, scale=2)
         # A seeded random choice: test splits are often stored class-sorted.
         idx = np.random.default_rng(seed).permutation(len(test.images))[: r.grid_n]
         F.save_png(test.images[idx], tmp / "real.png", nrow=r.grid_nrow, scale=2)
         strip = F.interpolation_strip(generator, nz=nz, num_classes=k, steps=r.interpolation_steps, rows=4, seed=seed,
-                                      device=device)
+                                      device=device, psi=psi)
         F.save_png(strip, tmp / "interpolation.png", nrow=r.interpolation_steps, scale=3)
         closest = details["memorisation"]["closest"][: r.neighbours]
         nearest_pairs = []
@@ -132,6 +134,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
         "warning": metrics.get("extractor_warning"),
         "protocol": [(k2, v) for k2, v in prot.items()],
         "figures": figs,
+        "truncation_note": "" if psi == 1 else f"; truncation psi {psi} (the metrics use psi 1)",
         "timeline": F.grid_timeline(train_reports / "grids"),
         "nearest_pairs": nearest_pairs,
         "memorisation": [("reference sets (equal size)", f"{mem['reference_size']} training vs "

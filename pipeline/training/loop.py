@@ -76,7 +76,9 @@ class Trainer:
         self.objective = (objective or OBJECTIVES[cfg.objective])(cfg, ctx, self.sampler)
         if cfg.compile:
             self.objective.compile(compile_backend)
-        self.ema = EMA(self.objective.generator, decay=cfg.ema_decay, start_step=cfg.ema_start)
+        self.ema = EMA(self.objective.generator, decay=cfg.ema_decay, start_step=cfg.ema_start,
+                       half_life_images=cfg.ema_kimg * 1000, rampup=cfg.ema_rampup,
+                       images_per_step=cfg.batch_size * self.info.world_size)
         self.monitor = Monitor(self.device)
         self.scores = Scoreboard(margin=cfg.collapse_margin, patience=cfg.collapse_patience)
         graph = cuda and cfg.cuda_graph and self.sampler.capturable and not (self.info.enabled and cfg.sync_bn)
@@ -188,7 +190,7 @@ class Trainer:
     def save_generator(self, path: Path) -> None:
         cfg = self.cfg
         info = {"model": cfg.model, "nz": cfg.nz, "num_classes": cfg.num_classes, "image_shape": list(cfg.image_shape),
-                "step": self.step, "ema": cfg.ema_decay > 0, "config": json.dumps(cfg.to_dict(), sort_keys=True)}
+                "step": self.step, "ema": cfg.ema_decay > 0 or cfg.ema_kimg > 0, "config": json.dumps(cfg.to_dict(), sort_keys=True)}
         arch, kwargs = self.objective.generator_spec
         fitted, density = self.objective.latent_density(self.step), None
         if fitted is not None:  # the ex-post latent density travels with the weights it was fitted for

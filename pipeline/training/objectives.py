@@ -14,6 +14,7 @@ Adding a model family is a subclass registered in :data:`OBJECTIVES` and named b
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,10 +80,14 @@ class Objective:
             out[name] = m
         return out
 
-    def _adam(self, params: Any, lr: float) -> torch.optim.Optimizer:
+    def _adam(self, params: Any, lr: float, *, lazy_every: int = 0) -> torch.optim.Optimizer:
+        """Adam at the config's betas. lazy_every > 0: the network is regularised lazily every that
+        many steps, so lr and both betas are corrected by c = every / (every + 1) (lr * c, beta ** c;
+        Karras et al. 2020, appendix B), keeping the optimizer's time scale that of the unregularised steps."""
+        c = lazy_every / (lazy_every + 1) if lazy_every else 1.0
         # Fused on CUDA; capturable so its step counters live on the device (CUDA graphs).
         fused = {"fused": True, "capturable": True} if self.ctx.device.type == "cuda" else {}
-        return torch.optim.Adam(params, lr=lr, betas=(self.cfg.beta1, self.cfg.beta2), **fused)
+        return torch.optim.Adam(params, lr=lr * c, betas=(self.cfg.beta1**c, self.cfg.beta2**c), **fused)
 
     def autocast(self) -> Any:
         # No weight-cast cache: inside a CUDA graph the cached copies would be stale.
@@ -216,6 +221,10 @@ class GANObjective(Objective):
 
     # -- draws -----------------------------------------------------------------------------------
 
+    def _generate(self, it: Draws, y: torch.Tensor | None) -> torch.Tensor:
+        """G's images for one phase's draws (a family whose generator takes more inputs overrides this)."""
+        return self.g_run(it["z"], y)
+
     def _d_input_draws(self, n: int) -> Draws:
         cfg, s = self.cfg, self.sampler
         c, h, w = cfg.image_shape
@@ -288,11 +297,11 @@ class GANObjective(Objective):
         x, y = self.sampler.batch(it["idx"])
         if self.reuse_fake:
             with self.autocast():
-                fake_g = self.g_run(it["z"], y)
+                fake_g = self._generate(it, y)
             fake = fake_g.detach()
         else:
             with torch.no_grad(), self.autocast():
-                fake = self.g_run(it["z"], y)
+                fake = self._generate(it, y)
             fake_g = None
         with self.autocast():
             real_logits = self.d_run(self._d_input(x, it["real"], sigma), y).float()
@@ -318,17 +327,24 @@ class GANObjective(Objective):
         self._update(total, self.d, self.optimizers["d"], want_norm, "grad_norm_d", out)
         return None if fake_g is None else (fake_g, y)
 
-    def _g_phase(self, it: Draws, kept: tuple[torch.Tensor, torch.Tensor | None] | None, want_norm: bool,
-                 sigma: torch.Tensor | None, out: dict[str, torch.Tensor]) -> None:
-        self.d.requires_grad_(False)  # no D parameter gradients in the G phase
+    def _g_loss(self, it: Draws, kept: tuple[torch.Tensor, torch.Tensor | None] | None, sigma: torch.Tensor | None,
+                out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The G phase's loss (D's parameters are frozen meanwhile); kept: the D phase's fake batch
+        and labels, when the G phase reuses them."""
         with self.autocast():
             if kept is None:
                 y = it.get("y")
-                fake = self.g_run(it["z"], y)
+                fake = self._generate(it, y)
             else:
                 fake, y = kept
             loss = self.loss.g(self.d_run(self._d_input(fake, it["fake"], sigma), y).float())
         out["loss_g"] = loss.detach()
+        return loss
+
+    def _g_phase(self, it: Draws, kept: tuple[torch.Tensor, torch.Tensor | None] | None, want_norm: bool,
+                 sigma: torch.Tensor | None, out: dict[str, torch.Tensor]) -> None:
+        self.d.requires_grad_(False)  # no D parameter gradients in the G phase
+        loss = self._g_loss(it, kept, sigma, out)
 
         def unfreeze_d() -> None:
             self.d.requires_grad_(True)
@@ -336,6 +352,111 @@ class GANObjective(Objective):
                 m.requires_grad_(False)
 
         self._update(loss, self.g, self.optimizers["g"], want_norm, "grad_norm_g", out, before_sync=unfreeze_d)
+
+
+class StyleGAN2Objective(GANObjective):
+    """StyleGAN2 (Karras et al. 2020) on the GAN phases. The generator's noise maps and, with style
+    mixing, a second latent and a crossover layer per sample are drawn outside the step; lazy R1
+    is the GAN phases'; every ``pl_every`` steps the G phase adds the lazy path-length penalty on
+    a half batch, against ``pl_mean``, a running mean kept on the device and saved in checkpoints.
+    A lazily regularised network's Adam is corrected for the interval (:meth:`Objective._adam`)."""
+
+    PL_DECAY = 0.01  # update rate of the path lengths' running mean (the paper's)
+    PL_BATCH_SHRINK = 2  # the path-length batch is the batch divided by this (the paper's)
+
+    def __init__(self, cfg: TrainConfig, ctx: StepContext, sampler: Sampler) -> None:
+        super().__init__(cfg, ctx, sampler)
+        self.optimizers = {
+            "g": self._adam(self.g.parameters(), cfg.lr_g, lazy_every=cfg.pl_every if cfg.pl_weight > 0 else 0),
+            "d": self._adam(self.d.parameters(), cfg.lr_d, lazy_every=cfg.r1_every if cfg.r1_gamma > 0 else 0)}
+        self.pl_mean = torch.zeros((), device=ctx.device)
+        self.pl_batch = max(cfg.batch_size // self.PL_BATCH_SHRINK, 1)
+        self._pl_now = False  # the path-length flag of the variant step() is running
+
+    def frozen_candidates(self) -> list[nn.Module]:
+        from ..models.stylegan2 import EqualConv2d, EqualLinear  # noqa: PLC0415
+
+        return [m for m in self.d.modules() if isinstance(m, (EqualConv2d, EqualLinear))]
+
+    # -- draws -----------------------------------------------------------------------------------
+
+    def _g_draws(self, n: int) -> Draws:
+        """Noise maps for n images and, with style mixing, the second latents and crossover layers:
+        with probability style_mixing a layer drawn from 1 .. num_ws - 1, else num_ws (no mixing)."""
+        cfg, s = self.cfg, self.sampler
+        out: Draws = {"g_noise": [s.randn(*shape) for shape in self.g.noise_shapes(n)]}
+        if cfg.style_mixing > 0:
+            num_ws = self.g.num_ws
+            out["z2"] = s.randn(n, cfg.nz)
+            mix, layer = s.rand(n), s.rand(n)
+            out["crossover"] = torch.where(mix < cfg.style_mixing, 1 + (layer * (num_ws - 1)).long(),
+                                           torch.full_like(layer, num_ws, dtype=torch.long))
+        return out
+
+    def draw(self) -> Draws:
+        cfg, s = self.cfg, self.sampler
+        draws = super().draw()
+        for it in draws["d"]:
+            it.update(self._g_draws(cfg.batch_size))
+        if not self.reuse_fake:
+            draws["g"].update(self._g_draws(cfg.batch_size))
+        if cfg.pl_weight > 0:  # drawn every step: the draws' layout is the same for every variant
+            c, h, w = cfg.image_shape
+            z, y = s.latents(self.pl_batch)
+            pl: Draws = {"z": z, "noise": [s.randn(*shape) for shape in self.g.noise_shapes(self.pl_batch)],
+                         "pl_noise": s.randn(self.pl_batch, c, h, w) / math.sqrt(h * w)}
+            if y is not None:
+                pl["y"] = y
+            draws["g"]["pl"] = pl
+        return draws
+
+    def variant(self, step: int, want_norm: bool) -> Hashable:
+        r1_pattern, want_norm = super().variant(step, want_norm)  # type: ignore[misc]
+        return (r1_pattern, self.cfg.pl_weight > 0 and step % self.cfg.pl_every == 0, want_norm)
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    def step(self, draws: Draws, variant: Hashable, step: torch.Tensor) -> dict[str, torch.Tensor]:
+        r1_pattern, self._pl_now, want_norm = variant  # type: ignore[misc]
+        return super().step(draws, (r1_pattern, want_norm), step)
+
+    def _generate(self, it: Draws, y: torch.Tensor | None) -> torch.Tensor:
+        return self.g_run(it["z"], y, z2=it.get("z2"), crossover=it.get("crossover"), noise=it["g_noise"])
+
+    def _g_loss(self, it: Draws, kept: tuple[torch.Tensor, torch.Tensor | None] | None, sigma: torch.Tensor | None,
+                out: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = super()._g_loss(it, kept, sigma, out)
+        if self._pl_now:
+            loss = loss + self._path_length_penalty(it["pl"], out) * (self.cfg.pl_weight * self.cfg.pl_every)
+        if self.cfg.pl_weight > 0:
+            # Recorded every step, so its logged mean is the running mean's (the lazy "pl", like "r1",
+            # is averaged over all the steps of a log interval).
+            out["pl_mean"] = self.pl_mean.clone()
+        return loss
+
+    def _path_length_penalty(self, pl: Draws, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean of (|J_w^T u| - a)^2 over the path-length batch: J the Jacobian of the images in w,
+        u image-space noise scaled by 1/sqrt(pixels), a the running mean of the lengths (updated
+        here, in place). Through the plain G (a double backward)."""
+        with self.autocast():
+            ws = self.g.ws(pl["z"], pl.get("y"))
+            images = self.g.synthesis(ws, pl["noise"])
+        (grad,) = torch.autograd.grad((images.float() * pl["pl_noise"]).sum(), ws, create_graph=True)
+        lengths = grad.float().square().sum(dim=2).mean(dim=1).sqrt()  # [n]
+        pl_mean = self.pl_mean.lerp(lengths.mean(), self.PL_DECAY)
+        self.pl_mean.copy_(pl_mean.detach())
+        penalty = (lengths - pl_mean).square().mean()
+        out["pl"] = penalty.detach()
+        return penalty
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pl_mean": self.pl_mean.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.pl_mean.copy_(state["pl_mean"])  # in place: a captured CUDA graph keeps reading this tensor
 
 
 class VAEObjective(Objective):
@@ -423,7 +544,7 @@ class VAEObjective(Objective):
         return fitted
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"gan": GANObjective, "vae": VAEObjective}
+OBJECTIVES: dict[str, type[Objective]] = {"gan": GANObjective, "vae": VAEObjective, "stylegan2": StyleGAN2Objective}
 
 
 def build_objective(cfg: TrainConfig, ctx: StepContext, sampler: Sampler) -> Objective:
