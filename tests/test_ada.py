@@ -137,7 +137,7 @@ def _weights(tr: Trainer) -> dict[str, torch.Tensor]:
         f"ema.{k}": v for k, v in st["ema"].items()} | {f"ada.{k}": v for k, v in st["ada"].items()}
 
 
-@pytest.mark.parametrize("model", ["dcgan", "wgan_gp"])
+@pytest.mark.parametrize("model", ["dcgan", "wgan_gp", "stylegan2"])
 def test_ada_trains_logs_p_and_resumes_bitwise(tiny_tensors: Path, tmp_path: Path, model: str) -> None:
     """A fast controller (p moves 0.08 per adjustment) so p leaves 0 within the run; the resumed run
     restores p and the window's statistics, and ends where the straight run ends, bit for bit."""
