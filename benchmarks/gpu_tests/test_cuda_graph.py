@@ -35,6 +35,7 @@ FAMILIES = {
     "dcgan_diffaug_noise_clip": {"model": "dcgan", "diffaug": ["translation", "cutout", "color"],
                                  "instance_noise": 0.1, "grad_clip": 1.0},
     "vae": {"model": "vae", "kl_warmup_steps": 10},
+    "biggan": {"model": "biggan", "conditional": True},  # 32 px: self-attention at 16x16; orthogonal penalty
 }
 STEPS = 24  # R1 every 4 steps: 3 warm-ups of each variant by step 12, then replays
 
