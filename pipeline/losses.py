@@ -6,7 +6,7 @@ log-sigmoid inside softplus is exact where Sigmoid + BCELoss saturates and under
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,3 +90,22 @@ def r1_penalty(d: Callable[..., torch.Tensor], real: torch.Tensor, y: torch.Tens
     out = d(x, y)
     (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     return grad.pow(2).flatten(1).sum(1).mean()
+
+
+def orthogonal_penalty(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """BigGAN's orthogonal regularisation (Brock et al. 2019, eq. 3) before its weight beta:
+    the sum over ``weights`` of ||W W^T * (1 - I)||_F^2, each weight flattened to W [out, rest].
+
+    Only the off-diagonal entries of the filters' Gram matrix count: filters are pushed towards
+    mutually orthogonal directions while their norms stay free (0 for orthogonal filters of any
+    lengths). A weight with more rows than columns uses ||W W^T||_F = ||W^T W||_F, the smaller
+    product (same value: the off-diagonal sum is then ||W^T W||_F^2 - sum_i ||w_i||^4)."""
+    total = torch.zeros((), device=weights[0].device)
+    for weight in weights:
+        w = weight.float().flatten(1)
+        if w.shape[0] <= w.shape[1]:
+            gram = w @ w.t()
+            total = total + (gram - torch.diag_embed(gram.diagonal())).pow(2).sum()
+        else:
+            total = total + (w.t() @ w).pow(2).sum() - w.pow(2).sum(1).pow(2).sum()
+    return total

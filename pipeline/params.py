@@ -134,7 +134,7 @@ class Evaluator:
     feature_dim: int = spec(128, "dimension of the feature vector used for FID/KID/PR", ge=8)
 
 
-Model = Literal["dcgan", "sngan", "wgan_gp", "vae", "stylegan2"]
+Model = Literal["dcgan", "sngan", "wgan_gp", "vae", "stylegan2", "biggan"]
 Loss = Literal["nonsaturating", "hinge", "lsgan", "wasserstein"]
 DiffAug = Literal["translation", "cutout", "color"]
 AdaOp = Literal["xflip", "rotate90", "translation", "geometric", "color", "cutout"]
@@ -142,7 +142,8 @@ AdaOp = Literal["xflip", "rotate90", "translation", "geometric", "color", "cutou
 
 @dataclass(frozen=True)
 class Train:
-    model: Model = spec("dcgan", "recipe: dcgan, sngan (ResNet + spectral norm + hinge), wgan_gp, vae, stylegan2")
+    model: Model = spec("dcgan", "recipe: dcgan, sngan (ResNet + spectral norm + hinge), wgan_gp, vae, stylegan2, "
+                                 "biggan (hierarchical latents, self-attention, orthogonal regularisation)")
     conditional: bool = spec(False, "class-conditional G (conditional BN) and projection D; needs labels")
     steps: int = spec(3000, "generator optimizer steps", ge=1, semantic=False)
     batch_size: int = spec(64, "images per step (per process under DDP)", ge=2)
@@ -154,16 +155,19 @@ class Train:
     spectral_norm: bool | None = spec(None, "spectral normalization in D; null = the recipe's (sngan: true)")
     mbstd: bool | None = spec(None, "minibatch standard-deviation channel in D; null = the recipe's (stylegan2: true, "
                                     "else false)")
-    n_critic: int | None = spec(None, "D steps per G step; null = the recipe's (wgan_gp: 5, else 1)", ge=1)
+    n_critic: int | None = spec(None, "D steps per G step; null = the recipe's (wgan_gp: 5, biggan: 2, else 1)", ge=1)
     gp_weight: float | None = spec(None, "gradient penalty weight; null = the recipe's (wgan_gp: 10)", ge=0)
     r1_gamma: float | None = spec(None, "lazy R1 penalty weight on real images (0 = off); null = the recipe's "
                                         "(stylegan2: 0.01, else 0)", ge=0)
     r1_every: int = spec(16, "apply R1 every N D steps (lazy regularisation)", ge=1)
-    lr_g: float | None = spec(None, "generator (or VAE) learning rate; null = the recipe's (2e-4; vae: 1e-3)", gt=0)
+    lr_g: float | None = spec(None, "generator (or VAE) learning rate; null = the recipe's (2e-4; vae: 1e-3; "
+                                    "biggan: 1e-4; stylegan2: 0.0025)", gt=0)
     lr_d: float | None = spec(None, "discriminator learning rate (two time-scale rule: may differ from lr_g); "
-                                    "null = the recipe's (2e-4; stylegan2: 0.0025)", gt=0)
-    beta1: float | None = spec(None, "Adam beta1; null = the recipe's (0.5; stylegan2: 0)", ge=0, lt=1)
+                                    "null = the recipe's (2e-4; biggan: 4e-4; stylegan2: 0.0025)", gt=0)
+    beta1: float | None = spec(None, "Adam beta1; null = the recipe's (0.5; biggan, stylegan2: 0)", ge=0, lt=1)
     beta2: float | None = spec(None, "Adam beta2; null = the recipe's (0.999; stylegan2: 0.99)", ge=0, lt=1)
+    ortho_reg: float | None = spec(None, "orthogonal regularisation of G's weights (BigGAN's off-diagonal form, "
+                                         "GANs only); null = the recipe's (biggan: 1e-4, else 0)", ge=0)
     label_smoothing: float = spec(0.0, "one-sided: real targets become 1 - this (nonsaturating, lsgan)", ge=0, lt=0.5)
     instance_noise: float = spec(0.0, "std of Gaussian noise added to D inputs at step 0", ge=0)
     instance_noise_decay_steps: int = spec(1000, "steps over which instance noise decays linearly to 0", ge=1)

@@ -211,7 +211,7 @@ SIZES = [([28, 64], "is not square"), ([64, 32], "is not square"), ([32, 28], "i
          (48, "cannot generate"), (30, "cannot generate"), (100, "cannot generate"), (1000, "cannot generate")]
 
 
-@pytest.mark.parametrize("model", ["dcgan", "sngan", "wgan_gp", "vae"])
+@pytest.mark.parametrize("model", ["dcgan", "sngan", "wgan_gp", "vae", "biggan"])
 @pytest.mark.parametrize(("size", "needle"), SIZES, ids=[str(s) for s, _ in SIZES])
 def test_a_size_the_model_cannot_generate_is_refused_when_params_are_read(tmp_path: Path, model: str, size: Any,
                                                                           needle: str) -> None:
@@ -226,15 +226,15 @@ def test_sizes_the_params_accept_are_sizes_every_model_builds_at(tmp_path: Path,
     """Control: what the check lets through, the models really generate (and discriminate) at."""
     from pipeline.models import build_discriminator, build_generator, build_vae, recipe  # noqa: PLC0415
 
-    for model in ("dcgan", "sngan", "wgan_gp", "vae"):
+    for model in ("dcgan", "sngan", "wgan_gp", "vae", "biggan"):
         params = load_params(params_file(tmp_path, preprocess={"size": size}, train={"model": model}), models=True)
         h, w = params.preprocess.hw
         arch = recipe(model)["arch"]
-        z = torch.randn(2, 4)
+        z = torch.randn(2, 8)  # biggan splits z into a chunk per block and one more: 6 at 128 px
         if arch == "vae":
-            g = build_vae(nz=4, ngf=4, ndf=4, channels=1, size=h).decoder
+            g = build_vae(nz=8, ngf=4, ndf=4, channels=1, size=h).decoder
         else:
-            g = build_generator(arch, nz=4, ngf=4, channels=1, size=h)
+            g = build_generator(arch, nz=8, ngf=4, channels=1, size=h)
             d = build_discriminator(arch, ndf=4, channels=1, size=h)
             assert d(torch.zeros(2, 1, h, w)).shape[0] == 2
         assert tuple(g(z).shape) == (2, 1, h, w)

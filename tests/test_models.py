@@ -18,14 +18,14 @@ from pipeline.models.vae import vae_terms
 from pipeline.training.ema import EMA
 
 
-@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
-@pytest.mark.parametrize(("size", "channels"), [(28, 1), (32, 3), (64, 3)])
+@pytest.mark.parametrize("arch", ["dcgan", "resnet", "biggan"])
+@pytest.mark.parametrize(("size", "channels"), [(28, 1), (32, 3), (64, 3), (64, 1)])
 @pytest.mark.parametrize("num_classes", [0, 10])
 def test_generator_and_discriminator_shapes(arch: str, size: int, channels: int, num_classes: int) -> None:
     torch.manual_seed(0)
     g = build_generator(arch, nz=16, ngf=8, channels=channels, size=size, num_classes=num_classes)
     d = build_discriminator(arch, ndf=8, channels=channels, size=size, num_classes=num_classes, norm="none",
-                            spectral_norm=True, mbstd=True)
+                            spectral_norm=True, mbstd=arch != "biggan")
     z = torch.randn(4, 16)
     y = torch.tensor([0, 1, 2, 3]) if num_classes else None
     x = g(z, y)
@@ -188,8 +188,10 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
 
 def test_recipes() -> None:
     assert recipe("wgan_gp")["n_critic"] == 5 and recipe("sngan")["spectral_norm"] is True
-    with pytest.raises(UserError, match="available: dcgan, sngan, wgan_gp, vae"):
-        recipe("biggan")
+    biggan = recipe("biggan")
+    assert (biggan["n_critic"], biggan["beta1"], biggan["lr_d"], biggan["ortho_reg"]) == (2, 0.0, 4e-4, 1e-4)
+    with pytest.raises(UserError, match="available: dcgan, sngan, wgan_gp, vae, biggan"):
+        recipe("stylegan9")
 
 
 @pytest.mark.parametrize("mbstd", [False, True])
@@ -313,3 +315,102 @@ def test_truncation_is_refused_for_generators_without_it() -> None:
     full, _ = sample(sg, 4, nz=16)
     assert torch.equal(sample(sg, 4, nz=16, psi=1.0)[0], full)
     assert not torch.equal(sample(sg, 4, nz=16, psi=0.5)[0], full)
+
+
+# --------------------------------------------------------------------------------------------
+# BigGAN: self-attention, hierarchical latents, shared embedding, orthogonal regularisation, truncation
+# --------------------------------------------------------------------------------------------
+
+
+def _biggan(num_classes: int = 10, size: int = 32, nz: int = 16) -> tuple[nn.Module, nn.Module]:
+    from pipeline.models.layers import init_weights
+
+    torch.manual_seed(0)
+    g = build_generator("biggan", nz=nz, ngf=8, channels=1, size=size, num_classes=num_classes)
+    d = build_discriminator("biggan", ndf=8, channels=1, size=size, num_classes=num_classes)
+    for m in (g, d):
+        init_weights(m, "normal")  # what training does to every network
+    return g, d
+
+
+def test_biggan_self_attention_starts_as_the_identity_and_sits_by_size() -> None:
+    from pipeline.models.biggan import SelfAttention, attention_resolution
+
+    assert [attention_resolution(s) for s in (28, 32, 64, 128)] == [None, 16, 32, 64]
+    g, d = _biggan(size=64)
+    blocks = [m for m in (*g.modules(), *d.modules()) if isinstance(m, SelfAttention)]
+    assert len(blocks) == 2 and all(b.gamma.item() == 0.0 for b in blocks)
+    x = torch.randn(3, 8 * 2, 32, 32)  # G's attention sees 2 * ngf channels at 32x32 (64 px)
+    assert torch.equal(g.attn(x), x)
+    with torch.no_grad():
+        g.attn.gamma.fill_(0.5)
+    assert not torch.allclose(g.attn(x), x)  # a learned gamma lets attention in
+    g28, _ = _biggan(size=28)
+    assert not any(isinstance(m, SelfAttention) for m in g28.modules())
+
+
+def test_biggan_hierarchical_latents_reach_every_block_and_the_embedding_is_shared() -> None:
+    from pipeline.models.biggan import latent_chunks
+
+    g, _ = _biggan(size=32, nz=18)
+    assert latent_chunks(18, 32) == g.chunks == [5, 5, 4, 4]  # the first layer + 3 up-blocks
+    assert sum(isinstance(m, nn.Embedding) for m in g.modules()) == 1  # one class embedding for all blocks
+    assert all(b.bn1.gain.in_features == chunk + 18 for b, chunk in zip(g.blocks, g.chunks[1:], strict=True))
+    g.eval()
+    z, y = torch.randn(4, 18), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        base = g(z, y)
+        start = 0
+        for chunk in g.chunks:  # changing any one chunk changes the images
+            moved = z.clone()
+            moved[:, start : start + chunk] += 1.0
+            assert (g(moved, y) - base).abs().max() > 1e-4, f"chunk at {start} is unused"
+            start += chunk
+        assert (g(z, torch.tensor([4, 5, 6, 7])) - base).abs().max() > 1e-4  # the class matters too
+    with pytest.raises(UserError, match="train.nz: 3 is too small for biggan at 32 px"):
+        build_generator("biggan", nz=3, ngf=8, channels=1, size=32)
+    with pytest.raises(UserError, match="train.d_norm: 'batch' is not available for biggan"):
+        build_discriminator("biggan", ndf=8, channels=1, size=32, norm="batch")
+
+
+def test_orthogonal_penalty_is_zero_for_orthogonal_filters_and_positive_otherwise() -> None:
+    from pipeline.losses import orthogonal_penalty
+
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(12, 12))
+    lengths = torch.linspace(0.5, 3.0, 8)[:, None]
+    assert orthogonal_penalty([q[:8] * lengths]).item() == pytest.approx(0.0, abs=1e-5)  # norms are free
+    conv = torch.randn(6, 2, 3, 3)  # [out, in, k, k]: filters flattened to 18 entries
+    tall = torch.randn(20, 4)  # more rows than columns: the W^T W form
+    for w in (conv, tall):
+        m = w.flatten(1)
+        gram = m @ m.t()
+        brute = (gram * (1 - torch.eye(len(m)))).pow(2).sum()
+        assert brute > 0 and orthogonal_penalty([w]).item() == pytest.approx(brute.item(), rel=1e-4)
+    assert orthogonal_penalty([conv, tall]).item() == pytest.approx(
+        orthogonal_penalty([conv]).item() + orthogonal_penalty([tall]).item(), rel=1e-5)
+
+
+def test_biggan_truncation_is_deterministic_and_bounded_by_its_threshold() -> None:
+    from pipeline.models.biggan import truncate_latents
+
+    z = torch.randn(2000, 16, generator=torch.Generator().manual_seed(0))
+    for psi in (0.1, 0.5, 0.9):
+        t = torch.special.ndtri(torch.tensor((1 + psi) / 2)).item()
+        zt = truncate_latents(z, psi)
+        assert zt.abs().max() <= t + 1e-5 and torch.equal(zt, truncate_latents(z, psi))
+        assert torch.equal(torch.sign(zt), torch.sign(z))  # monotone: each entry keeps its side
+        assert (zt.abs() <= t).float().mean() == 1 and zt.std() < z.std()
+    assert torch.equal(truncate_latents(z, 1.0), z)  # psi = 1: no truncation
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match=f"psi: {bad} is outside"):
+            truncate_latents(z, bad)
+    g, _ = _biggan(size=32)
+    g.eval()
+    zs, y = z[:8], torch.arange(8)
+    with torch.no_grad():
+        assert torch.equal(g.truncated(zs, y, 0.5), g.truncated(zs, y, 0.5))  # same seed, same images
+        assert torch.equal(g.truncated(zs, y, 1.0), g(zs, y))
+        centre = g(torch.zeros_like(zs), y)  # the images of the mean latent
+        dist = [(g.truncated(zs, y, psi) - centre).flatten(1).norm(dim=1).mean().item() for psi in (1.0, 0.5, 0.05)]
+    assert dist[0] > dist[1] > dist[2]  # a smaller psi pulls samples towards the mean latent's images

@@ -59,6 +59,7 @@ def _trainer(tiny_tensors: Path, workdir: Path, **train: Any) -> Trainer:
         {"model": "vae", "conditional": True, "vae_likelihood": "gaussian", "free_bits": 0.1},
         {"model": "vae", "vae_likelihood": "logistic", "vae_scale": "global", "vae_sampler": "prior",
          "gmm_covariance": "diag"},
+        {"model": "biggan", "conditional": True},
     ],
     ids=lambda t: "-".join(f"{k}={v}" for k, v in t.items()),
 )
@@ -96,12 +97,16 @@ def _state_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("model", ["dcgan", "vae", "wgan_gp", "stylegan2"])
+RESUME_EXTRA: dict[str, dict[str, Any]] = {"dcgan": {"diffaug": ["translation", "color"], "instance_noise": 0.2},
+                                           "vae": {}, "wgan_gp": {}, "biggan": {"conditional": True},
+                                           # Lazy R1 and path length (its running mean) on both sides of the resume point.
+                                           "stylegan2": {"r1_every": 3, "pl_every": 3}}
+
+
+@pytest.mark.parametrize("model", list(RESUME_EXTRA))
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_tensors: Path, tmp_path: Path, model: str) -> None:
     torch.use_deterministic_algorithms(True)
-    extra = {"dcgan": {"diffaug": ["translation", "color"], "instance_noise": 0.2},
-             # Lazy R1 and path length (its running mean) on both sides of the resume point.
-             "stylegan2": {"r1_every": 3, "pl_every": 3}}.get(model, {})
+    extra = RESUME_EXTRA[model]
     straight = _trainer(tiny_tensors, tmp_path / "a", steps=8, model=model, **extra)
     straight.run()
     first = _trainer(tiny_tensors, tmp_path / "b", steps=4, model=model, **extra)
@@ -298,6 +303,7 @@ FAMILIES = {
     "diffaug": {"model": "dcgan", "diffaug": ["translation", "cutout", "color"], "grad_clip": 1.0},
     "vae": {"model": "vae", "kl_warmup_steps": 2},
     "stylegan2": {"model": "stylegan2", "r1_every": 2, "pl_every": 2},
+    "biggan": {"model": "biggan", "conditional": True},
 }
 
 
@@ -430,3 +436,20 @@ def test_free_bits_floor_the_kl_term_per_dimension(tiny_tensors: Path, tmp_path:
     (line,) = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert line["loss"] - line["recon"] == pytest.approx(8 * 50.0, rel=1e-4)  # nz = 8
     assert 0 < line["kl"] < 8 * 50.0
+
+
+def test_biggan_trains_its_attention_and_orthogonal_regularisation_at_32_pixels(tmp_path: Path) -> None:
+    """At 32 px BigGAN has self-attention in G and D (16x16): a few steps move both gammas off 0,
+    and the G phase logs the orthogonal penalty it adds (recipe: 1e-4), which is finite."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 1, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.arange(64) % 10
+    cfg = resolve({**SMALL, "model": "biggan", "conditional": True, "steps": 2, "log_every": 2}, seed=0,
+                  image_shape=(1, 32, 32), num_classes=10)
+    assert (cfg.n_critic, cfg.beta1, cfg.lr_d, cfg.ortho_reg) == (2, 0.0, 4e-4, 1e-4)
+    trainer = Trainer(cfg, images, labels, device="cpu", workdir=tmp_path, progress=False)
+    trainer.run()
+    g, d = trainer.objective.g, trainer.objective.d
+    assert g.attn.gamma.item() != 0 and d.blocks[1].gamma.item() != 0
+    (line,) = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert math.isfinite(line["ortho"]) and line["ortho"] > 0

@@ -40,6 +40,7 @@ FAMILIES = {
                   "ada_ops": ["xflip", "rotate90", "translation", "geometric", "color", "cutout"]},
     # Lazy R1 and path length every 4 steps (with the pl_mean buffer), noise and style-mixing draws.
     "stylegan2": {"model": "stylegan2", "r1_every": 4, "pl_every": 4},
+    "biggan": {"model": "biggan", "conditional": True},  # 32 px: self-attention at 16x16; orthogonal penalty
 }
 STEPS = 24  # R1 every 4 steps: 3 warm-ups of each variant by step 12, then replays
 

@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import CheckpointError, UserError
 from ..io import atomic_write
 from ..safeload import safe_load
+from .biggan import BigGANDiscriminator, BigGANGenerator
 from .dcgan import DCGANDiscriminator, DCGANGenerator
 from .density import DensityGenerator, GaussianMixture
 from .resnet import ResNetDiscriminator, ResNetGenerator
@@ -29,7 +30,8 @@ GENERATOR_FORMAT = "pipeline.generator/1"
 
 # What every recipe takes unless it names its own value (the keys added after the first recipes).
 RECIPE_DEFAULTS: dict[str, Any] = {"lr_d": 2e-4, "beta1": 0.5, "beta2": 0.999, "r1_gamma": 0.0, "mbstd": False,
-                                   "ema_kimg": 0.0, "ema_rampup": 0.0, "style_mixing": 0.0, "pl_weight": 0.0}
+                                   "ema_kimg": 0.0, "ema_rampup": 0.0, "style_mixing": 0.0, "pl_weight": 0.0,
+                                   "ortho_reg": 0.0}
 
 RECIPES: dict[str, dict[str, Any]] = {
     # Radford et al. 2016: BN in both nets, non-saturating loss, Adam(2e-4, 0.5).
@@ -56,10 +58,18 @@ RECIPES: dict[str, dict[str, Any]] = {
                   "spectral_norm": False, "n_critic": 1, "gp_weight": 0.0, "lr_g": 0.0025, "lr_d": 0.0025,
                   "beta1": 0.0, "beta2": 0.99, "r1_gamma": 0.01, "mbstd": True, "ema_kimg": 10.0, "ema_rampup": 0.05,
                   "style_mixing": 0.9, "pl_weight": 2.0},
+    # Brock et al. 2019: hierarchical latents, shared class embedding, self-attention, spectral norm
+    # in G and D, hinge loss, 2 D steps per G step, Adam(beta1 0, beta2 0.999), orthogonal
+    # regularisation 1e-4 on G. Learning rates are SAGAN's two time-scale pair (G 1e-4, D 4e-4),
+    # which the paper's small-scale baseline starts from; at ImageNet scale it halves both.
+    "biggan": {"arch": "biggan", "loss": "hinge", "d_norm": "none", "spectral_norm": True, "n_critic": 2,
+               "gp_weight": 0.0, "lr_g": 1e-4, "lr_d": 4e-4, "beta1": 0.0, "beta2": 0.999, "ortho_reg": 1e-4},
 }
 
-GENERATORS = {"dcgan": DCGANGenerator, "resnet": ResNetGenerator, "stylegan2": StyleGAN2Generator}
-DISCRIMINATORS = {"dcgan": DCGANDiscriminator, "resnet": ResNetDiscriminator, "stylegan2": StyleGAN2Discriminator}
+GENERATORS = {"dcgan": DCGANGenerator, "resnet": ResNetGenerator, "stylegan2": StyleGAN2Generator,
+              "biggan": BigGANGenerator}
+DISCRIMINATORS = {"dcgan": DCGANDiscriminator, "resnet": ResNetDiscriminator, "stylegan2": StyleGAN2Discriminator,
+                  "biggan": BigGANDiscriminator}
 
 
 def latents(n: int, nz: int, seed: int) -> torch.Tensor:

@@ -55,6 +55,18 @@ class ConditionalBatchNorm2d(nn.Module):
         return self.bn(x) * gamma[:, :, None, None] + beta[:, :, None, None]
 
 
+class SharedClassEmbedding(nn.Embedding):
+    """A generator's class embedding shared by all its layers (BigGAN), projected by each layer.
+
+    Its entries start N(0, 1), the scale of the latent entries it is concatenated with, and
+    :func:`init_weights` leaves them so: at the N(0, 0.02) of the other schemes the class would
+    reach each projection at a fiftieth of the latent's scale."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__(num_classes, dim)
+        nn.init.normal_(self.weight, 0.0, 1.0)
+
+
 class MinibatchStd(nn.Module):
     """Appends the mean standard deviation over groups of samples as one extra channel.
 
@@ -83,10 +95,11 @@ def init_weights(module: nn.Module, scheme: str) -> None:
     Class embeddings (the projection discriminator's) get the scheme too: at PyTorch's default
     N(0, 1) the class projection outweighed the rest of D fifty-fold at the start (logits near 70)
     and conditional runs collapsed. Conditional BN's embeddings keep their identity start (scale 1,
-    shift 0)."""
-    conditional_bn = {id(m.embed) for m in module.modules() if isinstance(m, ConditionalBatchNorm2d)}
+    shift 0), and a :class:`SharedClassEmbedding` its N(0, 1) start."""
+    kept = {id(m.embed) for m in module.modules() if isinstance(m, ConditionalBatchNorm2d)}
+    kept |= {id(m) for m in module.modules() if isinstance(m, SharedClassEmbedding)}
     for m in module.modules():
-        if isinstance(m, nn.Embedding) and id(m) not in conditional_bn:
+        if isinstance(m, nn.Embedding) and id(m) not in kept:
             w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
             if scheme == "normal":
                 nn.init.normal_(w, 0.0, 0.02)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..losses import get_loss, gradient_penalty, r1_penalty
+from ..losses import get_loss, gradient_penalty, orthogonal_penalty, r1_penalty
 from ..models import build_discriminator, build_generator, build_vae
 from ..models.layers import channels_last_strided, init_weights
 from ..models.density import fit_gmm
@@ -174,8 +174,9 @@ def _compiled(module: nn.Module, backend: str) -> nn.Module:
 
 class GANObjective(Objective):
     """Alternating D and G updates: n_critic D phases (each optionally with a gradient penalty and
-    lazy R1), then one G phase. With one critic step the G phase reuses the D phase's fake batch
-    and its graph, as the classic DCGAN loop does (one G forward per step)."""
+    lazy R1), then one G phase (optionally with orthogonal regularisation of G). With one critic
+    step the G phase reuses the D phase's fake batch and its graph, as the classic DCGAN loop does
+    (one G forward per step)."""
 
     def __init__(self, cfg: TrainConfig, ctx: StepContext, sampler: Sampler) -> None:
         super().__init__(cfg, ctx, sampler)
@@ -197,6 +198,11 @@ class GANObjective(Objective):
             cfg.ada_ops, channels=c, size=(h, cfg.image_shape[2]), target=cfg.ada_target, interval=cfg.ada_interval,
             speed_images=round(cfg.ada_kimg * 1000), images_per_step=cfg.batch_size * cfg.n_critic * ctx.info.world_size,
             p_init=cfg.ada_p_init, device=ctx.device)
+        # Orthogonal regularisation: every weight of G's convolutions and linear layers (the raw
+        # weight under spectral norm, as the paper's optimizer sees it); embeddings are tables.
+        self.ortho_weights = [] if cfg.ortho_reg == 0 else [
+            m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+            for m in self.g.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
 
     def compile(self, backend: str = "inductor") -> None:
         self.g_run, self.d_run = _compiled(self.g, backend), _compiled(self.d, backend)
@@ -339,6 +345,10 @@ class GANObjective(Objective):
                 fake, y = kept
             loss = self.loss.g(self.d_run(self._d_input(fake, it["fake"], sigma), y).float())
         out["loss_g"] = loss.detach()
+        if self.ortho_weights:  # in fp32, outside autocast: a Gram matrix in bf16 would round away the penalty
+            ortho = orthogonal_penalty(self.ortho_weights)
+            loss = loss + self.cfg.ortho_reg * ortho
+            out["ortho"] = ortho.detach()
         return loss
 
     def _g_phase(self, it: Draws, kept: tuple[torch.Tensor, torch.Tensor | None] | None, want_norm: bool,
