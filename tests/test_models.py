@@ -190,7 +190,7 @@ def test_recipes() -> None:
     assert recipe("wgan_gp")["n_critic"] == 5 and recipe("sngan")["spectral_norm"] is True
     biggan = recipe("biggan")
     assert (biggan["n_critic"], biggan["beta1"], biggan["lr_d"], biggan["ortho_reg"]) == (2, 0.0, 4e-4, 1e-4)
-    with pytest.raises(UserError, match="available: dcgan, sngan, wgan_gp, vae, biggan"):
+    with pytest.raises(UserError, match="available: dcgan, sngan, wgan_gp, vae, stylegan2, biggan"):
         recipe("stylegan9")
 
 
