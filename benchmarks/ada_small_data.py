@@ -88,7 +88,8 @@ def main() -> None:
         fids = [c["fid"] for c in curve]
         best = min(fids)
         result["runs"][name] = {"curve": curve, "best_fid": best, "best_step": curve[fids.index(best)]["step"],
-                                "final_fid": fids[-1], "collapsed": fids[-1] > 1.1 * best, "grid": grid.name}
+                                "final_fid": fids[-1], "collapsed": fids[-1] > 1.1 * best, "grid": grid.name,
+                                "config": tr.cfg.to_dict()}
     r = result["runs"]
     result["ada_best_over_no_ada_best"] = r["ada"]["best_fid"] / r["no_ada"]["best_fid"]
     result["goal"] = "ADA's best FID at least 30% lower than without it (ratio <= 0.70), no collapse"

@@ -179,7 +179,8 @@ class Train:
                                 default_factory=lambda: ["xflip", "rotate90", "translation", "geometric", "color"])
     ada_target: float = spec(0.6, "ADA: the r_t = E[sign(D(real))] that p is adjusted to hold", gt=0, lt=1)
     ada_interval: int = spec(4, "ADA: steps between adjustments of p", ge=1)
-    ada_kimg: float = spec(100.0, "ADA: thousands of real images over which p can move from 0 to 1", gt=0)
+    ada_kimg: float = spec(500.0, "ADA: thousands of real images over which p can move from 0 to 1 (the paper's 500)",
+                           gt=0)
     ada_p_init: float = spec(0.0, "ADA: p at step 0", ge=0, le=1)
     ema_decay: float = spec(0.999, "EMA of generator weights, warmed up (0 = off); grids and metrics use it", ge=0, lt=1)
     ema_start: int = spec(0, "step from which the EMA averages (before: it copies the weights)", ge=0)
