@@ -48,6 +48,14 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def fast_cuda_kernels() -> None:
+    """What every GPU benchmark measures under: TF32 matrix products and convolutions, and cuDNN's
+    autotuner (the training engine's own settings on CUDA)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
 def device_tag() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0).replace("NVIDIA ", "").replace(" ", "-").lower()

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import yaml
 
-from common import (ROOT, cuda_time, find_fmnist, load_fmnist, machine, make_trainer, measured_peak_tflops,
-                    parse_overrides, resize_on_device, step_flops, write_result)
+from common import (ROOT, cuda_time, fast_cuda_kernels, find_fmnist, load_fmnist, machine, make_trainer,
+                    measured_peak_tflops, parse_overrides, resize_on_device, step_flops, write_result)
 
 from pipeline.training.loop import Trainer  # noqa: E402
 
@@ -227,9 +227,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     configs = parse_configs(args.configs)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+    fast_cuda_kernels()
     data = load_fmnist(find_fmnist(args.data))
     images = resize_on_device(data["train_x"], 64, "cuda")
     result: dict[str, Any] = {"machine": machine(), "peak_bf16_tflops": measured_peak_tflops(torch.bfloat16),

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from common import ROOT, find_fmnist, load_fmnist, machine, make_trainer, resize_on_device, write_result
+from common import (ROOT, fast_cuda_kernels, find_fmnist, load_fmnist, machine, make_trainer, resize_on_device,
+                    write_result)
 
 from pipeline.imaging import save_grid  # noqa: E402
 from pipeline.metrics.compute import sample  # noqa: E402
@@ -36,9 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this script needs a CUDA GPU")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+    fast_cuda_kernels()
     data = load_fmnist(find_fmnist(args.data))
     images = resize_on_device(data["train_x"], 64, "cuda")
     train = yaml.safe_load(RECIPE.read_text())["train"]

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import yaml
 
-from common import ROOT, find_fmnist, load_fmnist, machine, resize_on_device, write_result
+from common import ROOT, fast_cuda_kernels, find_fmnist, load_fmnist, machine, resize_on_device, write_result
 
 RECIPE = ROOT / "benchmarks" / "recipes" / "fmnist-gpu.yaml"
 PLACEMENTS = ("device", "host", "stream", "stream:64")
@@ -72,9 +72,7 @@ def child(args: argparse.Namespace) -> None:
 
     cuda = not args.cpu_dry_run
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        fast_cuda_kernels()
     shards = Path(args.shards)
     entry = read_json(shards / "meta.json")["splits"]["train"]
     t0 = time.perf_counter()

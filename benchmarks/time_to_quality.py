@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import yaml
 
-from common import (ROOT, find_fmnist, load_fmnist, machine, make_trainer, parse_overrides, resize_on_device,
-                    write_result)
+from common import (ROOT, fast_cuda_kernels, find_fmnist, load_fmnist, machine, make_trainer, parse_overrides,
+                    resize_on_device, write_result)
 
 from pipeline.metrics.compute import sample  # noqa: E402
 from pipeline.metrics.evaluator import extract, train_evaluator  # noqa: E402
@@ -177,9 +177,7 @@ def main() -> None:
     global DEVICE, N_EVAL
     if args.smoke:
         DEVICE, N_EVAL = "cpu", 200
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+    fast_cuda_kernels()
     data = load_fmnist(find_fmnist(args.data))
     if args.smoke:
         data = {k: v[:1024] for k, v in data.items()}

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from common import (RESULTS, cuda_time, device_tag, find_fmnist, load_fmnist, machine, make_trainer,
+from common import (RESULTS, cuda_time, device_tag, fast_cuda_kernels, find_fmnist, load_fmnist, machine, make_trainer,
                     measured_peak_tflops, resize_on_device, step_flops, write_result)
 
 ARCH = {"nz": 100, "ngf": 64, "ndf": 64, "ema_decay": 0.999}
@@ -128,9 +128,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+    fast_cuda_kernels()
     data = load_fmnist(find_fmnist(args.data))
     images = resize_on_device(data["train_x"], 64, "cuda")
     labels = torch.from_numpy(data["train_y"]).cuda()
