@@ -8,7 +8,13 @@ reached, whether it collapsed afterwards (final within 10% of best), and the cla
 over 25 epochs (or the time budget).
 
     python benchmarks/time_to_quality.py [--data DIR] [--seconds 60] [--classic-epochs 25] [--compare-fp32]
-                                         [--variants 'name:key=value,key=value;...']
+                                         [--variants 'name:key=value,key=value;...'] [--recipe FILE]
+                                         [--score-npz NAME=FILE] [--n-eval 5000] [--grids]
+
+Another model's recipe is the base with ``--recipe benchmarks/recipes/fmnist-stylegan2.yaml``;
+A variant's ``recipe=FILE`` takes that file's train block as its base instead.
+``--score-npz`` scores samples made elsewhere (uint8 [N, 1, 64, 64] or [N, 64, 64] under the key
+``images``, e.g. another implementation's) with the same evaluator, first ``--n-eval`` of them.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import numpy as np
 import torch
 import yaml
 
-from common import (ROOT, fast_cuda_kernels, find_fmnist, load_fmnist, machine, make_trainer, parse_overrides,
+from common import (RESULTS, ROOT, device_tag, fast_cuda_kernels, find_fmnist, load_fmnist, machine, make_trainer, parse_overrides,
                     resize_on_device, write_result)
 
+from pipeline.imaging import save_grid  # noqa: E402
 from pipeline.metrics.compute import sample  # noqa: E402
 from pipeline.metrics.evaluator import extract, train_evaluator  # noqa: E402
 from pipeline.metrics.math import frechet_distance, gaussian_stats  # noqa: E402
@@ -47,23 +54,48 @@ class Scorer:
                                                 data["test_y"], epochs=1 if DEVICE == "cpu" else 3, batch_size=256, lr=2e-3, width=32,
                                                 feature_dim=128, seed=0, device=DEVICE, progress=False)
         self.report["train_seconds"] = time.perf_counter() - t0
-        self.real = gaussian_stats(extract(self.net, test64, device=DEVICE)[0])
+        self.test_feats = extract(self.net, test64, device=DEVICE)[0]
+        self.real = gaussian_stats(self.test_feats)
+        self.data, self.train64, self.test64 = data, train64, test64
         half = extract(self.net, train64[:N_EVAL], device=DEVICE)[0]
         self.report["fid_train5k_vs_test"] = frechet_distance(self.real, gaussian_stats(half))
 
-    def fid(self, generator: torch.nn.Module, nz: int) -> float:
-        imgs, _ = sample(generator, N_EVAL, nz=nz, seed=1, device=DEVICE, batch_size=1000)
+    def fid_of(self, images: torch.Tensor) -> float:
+        """FID of uint8 images [N, 1, 64, 64] made elsewhere (the first N_EVAL)."""
+        return frechet_distance(self.real, gaussian_stats(extract(self.net, images[:N_EVAL], device=DEVICE)[0]))
+
+    def fid(self, generator: torch.nn.Module, nz: int, num_classes: int = 0) -> float:
+        imgs, _ = sample(generator, N_EVAL, nz=nz, num_classes=num_classes, seed=1, device=DEVICE, batch_size=1000)
         return frechet_distance(self.real, gaussian_stats(extract(self.net, imgs, device=DEVICE)[0]))
 
 
+def conditional_scores(generator: torch.nn.Module, nz: int, num_classes: int, scorer: Scorer) -> dict[str, Any]:
+    """The evaluate stage's intra-FID (mean over classes) and CAS (a classifier trained on generated
+    images, tested on the real test split) for a conditional generator, 500 images per class."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from pipeline.params import Evaluator  # noqa: PLC0415
+    from pipeline.stages.evaluate import _conditional_metrics  # noqa: PLC0415
+
+    test = SimpleNamespace(images=scorer.test64.cpu().numpy(), labels=scorer.data["test_y"])
+    train = SimpleNamespace(images=scorer.train64.cpu().numpy(), labels=scorer.data["train_y"])
+    cond = _conditional_metrics(generator, {"num_classes": num_classes, "nz": nz}, scorer.net, test, train,
+                                real_feats=scorer.test_feats, n_per_class=500, device=DEVICE, seed=0, batch_size=500,
+                                recipe=Evaluator())
+    return {k: cond[k] for k in ("intra_fid", "intra_fid_per_class", "cas", "cas_real")}
+
+
 def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, scorer: Scorer, seconds: float,
-               eval_every_epochs: float) -> dict[str, Any]:
-    train = {**yaml.safe_load(RECIPE.read_text())["train"], **overrides}
+               eval_every_epochs: float, grid: Path | None = None, labels: torch.Tensor | None = None) -> dict[str, Any]:
+    overrides = dict(overrides)
+    base = Path(overrides.pop("recipe", RECIPE))  # a variant may name its own recipe file
+    base = base if base.is_absolute() else ROOT / base
+    train = {**yaml.safe_load(base.read_text())["train"], **overrides}
     if DEVICE == "cpu":  # --smoke: a few steps, nothing to compile
         train.update(compile=False, steps=min(train["steps"], 40), batch_size=min(train["batch_size"], 64))
     curve: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        tr = make_trainer(train, images, Path(tmp), device=DEVICE)
+        tr = make_trainer(train, images, Path(tmp), device=DEVICE, labels=labels if train.get("conditional") else None)
         cfg = tr.cfg
         chunk = max(1, round(eval_every_epochs * len(images) / cfg.batch_size))
         spent = 0.0
@@ -76,10 +108,17 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
             spent += time.perf_counter() - t0
             tr.check()
             curve.append({"train_seconds": spent, "step": tr.step, "epochs": tr.step * cfg.batch_size / len(images),
-                          "fid": scorer.fid(tr.ema.shadow, cfg.nz)})
+                          "images_seen": tr.step * cfg.batch_size, "fid": scorer.fid(tr.ema.shadow, cfg.nz, cfg.num_classes)})
+            print(f"{name}: step {tr.step}, {spent:.1f} s, FID {curve[-1]['fid']:.2f}", flush=True)
+        if grid is not None:  # the final EMA generator's 64 samples (latent seed 1), to look at
+            imgs, _ = sample(tr.ema.shadow, 64, nz=cfg.nz, num_classes=cfg.num_classes, seed=1, device=DEVICE,
+                             batch_size=64, labels=torch.arange(64) % 8 if cfg.num_classes else None)
+            grid.parent.mkdir(parents=True, exist_ok=True)
+            save_grid(imgs.cpu().numpy(), grid, nrow=8)
+        extra = conditional_scores(tr.ema.shadow, cfg.nz, cfg.num_classes, scorer) if cfg.num_classes else {}
     fids = [c["fid"] for c in curve]
     best_i = int(np.argmin(fids))
-    return {"name": name, "train": train, "curve": curve, "best_fid": fids[best_i],
+    return {**extra, "name": name, "train": train, "curve": curve, "best_fid": fids[best_i],
             "best_at_seconds": curve[best_i]["train_seconds"], "best_at_epochs": curve[best_i]["epochs"],
             "final_fid": fids[-1], "final_within_10pct_of_best": fids[-1] <= 1.1 * fids[best_i],
             "images_per_s": curve[-1]["step"] * cfg.batch_size / curve[-1]["train_seconds"]}
@@ -172,9 +211,17 @@ def main() -> None:
                     help="also train the recipe in fp32 to its last step (no time cap) and compare scores step by step")
     ap.add_argument("--skip-recipe", action="store_true", help="run only the --variants")
     ap.add_argument("--name", default="time_to_quality")
+    ap.add_argument("--recipe", default="benchmarks/recipes/fmnist-gpu.yaml", help="recipe file whose train block the variants override")
+    ap.add_argument("--n-eval", type=int, default=5000, help="generated images per score")
+    ap.add_argument("--score-npz", action="append", default=[], metavar="NAME=FILE",
+                    help="also score samples made elsewhere (uint8 under the key 'images'); repeatable")
+    ap.add_argument("--wait-npz", type=float, default=0.0, help="seconds to wait for a --score-npz file to appear")
+    ap.add_argument("--grids", action="store_true",
+                    help="write each variant's final 8x8 grid to benchmarks/results/grids/NAME_VARIANT_<device>.png")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script runs")
     args = ap.parse_args()
-    global DEVICE, N_EVAL
+    global DEVICE, N_EVAL, RECIPE
+    RECIPE, N_EVAL = (ROOT / args.recipe if not Path(args.recipe).is_absolute() else Path(args.recipe)), args.n_eval
     if args.smoke:
         DEVICE, N_EVAL = "cpu", 200
     fast_cuda_kernels()
@@ -186,13 +233,34 @@ def main() -> None:
     scorer = Scorer(data, train64, test64)
     result: dict[str, Any] = {"machine": machine(), "evaluator": scorer.report, "n_eval": N_EVAL, "engine": []}
     print(f"evaluator: {scorer.report}", flush=True)
+    result["recipe"] = str(RECIPE.resolve().relative_to(ROOT)) if RECIPE.resolve().is_relative_to(ROOT) else str(RECIPE)
     for name, over in parse_variants(args.variants, recipe=not args.skip_recipe):
         try:
-            r = run_engine(name, over, train64, scorer, args.seconds, args.eval_every)
+            grid = RESULTS / "grids" / f"{args.name}_{name}_{device_tag()}.png" if args.grids else None
+            r = run_engine(name, over, train64, scorer, args.seconds, args.eval_every, grid,
+                           labels=torch.from_numpy(data["train_y"]).to(DEVICE))
+            if grid is not None:
+                r["grid"] = str(grid.relative_to(ROOT))
         except Exception as exc:  # noqa: BLE001 - keep the other variants
             r = {"name": name, "overrides": over, "error": repr(exc)}
         result["engine"].append(r)
         print({k: v for k, v in r.items() if k not in ("curve", "train")}, flush=True)
+        write_result(args.name, result)
+    for spec_ in args.score_npz:  # after the variants: the file may be written meanwhile by another process
+        label, _, file = spec_.partition("=")
+        deadline = time.monotonic() + args.wait_npz
+        while not Path(file).exists() and time.monotonic() < deadline:
+            time.sleep(2)
+        if not Path(file).exists():
+            result.setdefault("external", {})[label] = {"file": file, "error": f"not found within {args.wait_npz:g} s"}
+            continue
+        with np.load(file, allow_pickle=False) as z:
+            imgs = torch.from_numpy(z["images"])
+        imgs = (imgs[:, None] if imgs.ndim == 3 else imgs).to(DEVICE)
+        if imgs.dtype != torch.uint8 or tuple(imgs.shape[1:]) != (1, 64, 64):
+            raise SystemExit(f"--score-npz {file}: expected uint8 [N, 1, 64, 64], got {imgs.dtype} {tuple(imgs.shape)}")
+        result.setdefault("external", {})[label] = {"file": file, "n": min(len(imgs), N_EVAL), "fid": scorer.fid_of(imgs)}
+        print(f"external {label}: FID {result['external'][label]['fid']:.3f} on {min(len(imgs), N_EVAL)} images", flush=True)
         write_result(args.name, result)
     rec = next((e for e in result["engine"] if e["name"] == "recipe" and "best_fid" in e), None)
     if args.compare_fp32 and rec:

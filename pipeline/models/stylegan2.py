@@ -52,6 +52,22 @@ def lrelu(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu(x, 0.2) * LRELU_GAIN
 
 
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """2x bilinear upsampling of [N, C, H, W] (half-pixel centres, edges clamped): the same values as
+    ``F.interpolate(x, scale_factor=2, mode="bilinear")`` up to rounding, written as shifts and lerps
+    along each axis so that its backward is deterministic (CUDA's bilinear backward adds with atomics,
+    so two identical runs would otherwise drift apart)."""
+
+    def along(t: torch.Tensor, dim: int) -> torch.Tensor:
+        n = t.shape[dim]
+        before = torch.cat([t.narrow(dim, 0, 1), t.narrow(dim, 0, n - 1)], dim)
+        after = torch.cat([t.narrow(dim, 1, n - 1), t.narrow(dim, n - 1, 1)], dim)
+        even, odd = torch.lerp(t, before, 0.25), torch.lerp(t, after, 0.25)
+        return torch.stack([even, odd], dim + 1).flatten(dim, dim + 1)
+
+    return along(along(x, 2), 3)
+
+
 def fp32(x: torch.Tensor) -> torch.autocast:
     """A region computed in float32 whatever the surrounding autocast (styles, demodulation, mapping)."""
     return torch.autocast(x.device.type, enabled=False)
@@ -128,11 +144,13 @@ class ModulatedConv2d(nn.Module):
             # sum over (in, k, k) of (weight * style)^2 = styles^2 @ (sum over k, k of weight^2)^T
             dcoefs = (styles.square() @ weight.square().sum(dim=(2, 3)).T + 1e-8).rsqrt() if self.demodulate else None
         if self.up:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        x = (x.float() * styles[:, :, None, None]).to(x.dtype)
+            x = upsample2x(x)
+        # The scalings run in the activations' dtype (one pass each, no float32 copy of x): the styles
+        # and coefficients themselves were computed in float32 above.
+        x = x * styles.to(x.dtype)[:, :, None, None]
         x = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
         if dcoefs is not None:
-            x = (x.float() * dcoefs[:, :, None, None]).to(x.dtype)
+            x = x * dcoefs.to(x.dtype)[:, :, None, None]
         return x
 
 
@@ -254,7 +272,7 @@ class StyleGAN2Generator(nn.Module):
                 x = self.layers[li](x, ws[:, li], None if noise is None else noise[li])
                 li += 1
             rgb_out = rgb(x, ws[:, li])
-            img = rgb_out if img is None else F.interpolate(img, scale_factor=2, mode="bilinear", align_corners=False) + rgb_out
+            img = rgb_out if img is None else upsample2x(img) + rgb_out
         assert img is not None
         return img
 
