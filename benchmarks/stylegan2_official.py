@@ -6,7 +6,7 @@ the compatibility fixes current PyTorch needs (``distutils.strtobool``, ``pkg_re
 ``Sampler.__init__(dataset)``, using the module ``torch.utils.cpp_extension.load`` returns, and
 single-channel PNGs in ``gen_images.py``), then on a GPU machine:
 
-    python .baseline/make_dataset.py /tmp/fm64png            # Fashion-MNIST train at 64 px (our resize), PNGs
+    python benchmarks/stylegan2_official.py --write-pngs /tmp/fm64png   # Fashion-MNIST train at 64 px, our resize
     python dataset_tool.py --source=/tmp/fm64png --dest=/tmp/fm64.zip
     python train.py --outdir=/tmp/sg --cfg=stylegan2 --data=/tmp/fm64.zip --gpus=1 --batch=64 --gamma=0.0128 \\
         --glr=0.0025 --dlr=0.0025 --mirror=0 --aug=noaug --metrics=none --tick=4 --snap=4 --kimg=32 [--cbase=4096]
@@ -17,7 +17,8 @@ rates, R1 gamma, EMA half-life (20 kimg), style mixing and path length match our
 (benchmarks/recipes/fmnist-stylegan2.yaml). Our side: ``train_throughput.py --models
 stylegan2,stylegan2_c512`` and ``time_to_quality.py --recipe benchmarks/recipes/fmnist-stylegan2.yaml
 --variants 'ours_c512:ngf=512,ndf=512,steps=500' --score-npz official=FILE`` (FID of 10,000 samples of
-each, one evaluator).
+each, one evaluator; the official samples are seeds 0-9999 computed as its gen_images.py computes
+them, with truncation 1 and constant noise, saved as uint8 [N, 64, 64] under the key ``images``).
 
 This script reads what those runs left (the official ``log.txt`` files and our JSON results) and
 writes ``benchmarks/results/stylegan2_vs_official_<gpu>.json``:
@@ -35,7 +36,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, ROOT
+from common import RESULTS, ROOT, find_fmnist, load_fmnist, resize_on_device
 
 TICK = re.compile(r"^tick\s+(\d+)\s+kimg\s+([\d.]+).*?sec/kimg\s+([\d.]+)")
 OURS = {32768: "stylegan2_c512", 4096: "stylegan2"}  # --cbase -> our family of the same widths
@@ -53,9 +54,32 @@ def official_rate(log: Path) -> dict[str, Any]:
             "kimg_reached": ticks[-1][1]}
 
 
+def write_pngs(out: Path, data: str | None) -> None:
+    """The training split resized to 64 px exactly as our benchmarks resize it, one PNG per image."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    import PIL.Image  # noqa: PLC0415
+
+    d = load_fmnist(find_fmnist(data))
+    x = resize_on_device(d["train_x"], 64, "cpu").numpy()[:, 0]
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(i: int) -> None:
+        PIL.Image.fromarray(x[i], "L").save(out / f"{i:05d}.png")
+
+    with ThreadPoolExecutor(16) as ex:
+        list(ex.map(save, range(len(x))))
+    labels = [[f"{i:05d}.png", int(y)] for i, y in enumerate(d["train_y"])]
+    (out / "dataset.json").write_text(json.dumps({"labels": labels}))
+    print(f"wrote {len(x)} PNGs and dataset.json to {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--official-log", action="append", default=[], metavar="CBASE=FILE", required=True,
+    ap.add_argument("--write-pngs", metavar="DIR", help="only write the training split as 64 px PNGs (and "
+                    "dataset.json with the labels) for the official dataset_tool.py, then exit")
+    ap.add_argument("--data", default=None, help="Fashion-MNIST IDX directory (with --write-pngs)")
+    ap.add_argument("--official-log", action="append", default=[], metavar="CBASE=FILE",
                     help="an official run's log.txt and the --cbase it ran with; repeatable")
     ap.add_argument("--throughput", default=str(RESULTS / "train_throughput_h100-80gb-hbm3.json"),
                     help="our train_throughput.py result on the same kind of GPU")
@@ -63,6 +87,11 @@ def main() -> None:
     ap.add_argument("--tag", default="h100-80gb-hbm3", help="suffix of the result file's name")
     ap.add_argument("--note", action="append", default=[], help="a sentence kept with the result; repeatable")
     args = ap.parse_args()
+    if args.write_pngs:
+        write_pngs(Path(args.write_pngs), args.data)
+        return
+    if not args.official_log:
+        ap.error("--official-log is required (or --write-pngs)")
     ours = json.loads(Path(args.throughput).read_text())
     rows: dict[str, Any] = {}
     for spec in args.official_log:
