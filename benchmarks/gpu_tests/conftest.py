@@ -3,6 +3,7 @@ eager run and a replayed one are compared as executors, not as cuDNN's algorithm
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -13,5 +14,9 @@ import torch
 def _same_algorithms() -> Iterator[None]:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if os.environ.get("GPU_TESTS_NO_TF32"):  # to tell TF32 rounding apart from an executor difference
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.deterministic = False
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
