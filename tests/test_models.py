@@ -282,6 +282,23 @@ def test_stylegan2_demodulation_normalises_each_output_channel() -> None:
         assert plain(x, w).std() / before == pytest.approx(10.0, rel=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 7, 7), (1, 1, 4, 4), (2, 5, 8, 6)])
+def test_stylegan2_upsampling_is_bilinear_with_a_gradient_of_plain_sums(shape: tuple[int, ...]) -> None:
+    """StyleGAN2's 2x upsampling (shifts and lerps, so no atomics in its backward on a GPU) gives
+    torch's bilinear values, and its gradient equals bilinear's, at odd and non-square sizes."""
+    from pipeline.models.stylegan2 import upsample2x
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    ref = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    out = upsample2x(x)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-12)
+    upstream = torch.randn_like(ref)
+    (g_ours,) = torch.autograd.grad(out, x, upstream)
+    (g_ref,) = torch.autograd.grad(ref, x, upstream)
+    assert torch.allclose(g_ours, g_ref, atol=1e-12)
+
+
 def test_stylegan2_truncation_and_style_mixing() -> None:
     """psi = 0 gives the w_avg image for every z, psi = 1 plain sampling; crossover at layer 0 takes
     every style from the second latent, at num_ws none; training forwards move w_avg."""
