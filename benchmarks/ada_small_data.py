@@ -80,6 +80,8 @@ def main() -> None:
                     point.update(p=float(tr.objective.ada.p), rt=float(tr.objective.ada.last_rt))
                 curve.append(point)
                 print(json.dumps({"run": name, **point}), flush=True)
+                result["runs"][name] = {"curve": curve, "partial": True}  # written as it goes: a cut run keeps its curve
+                write_result(f"ada_small_data{args.tag}", result)
             grid = Path(__file__).resolve().parent / "results" / "grids" / f"ada_small_data_{name}{args.tag}.png"
             from pipeline.imaging import save_grid  # noqa: PLC0415
 

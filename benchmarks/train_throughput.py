@@ -172,6 +172,7 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001
                     modes[mode] = {"error": repr(exc)[:2000]}
                 r = modes[mode]
+                write_result("train_throughput", result)  # after every mode: a run cut short keeps what it measured
                 print(f"batch {batch:4d} {fam:>18} {mode:>20}: " + (
                     f"{r['images_per_s']:9.0f} img/s  start-up {r['startup_seconds']:.1f} s" if "images_per_s" in r
                     else r["error"][:300]), flush=True)
