@@ -11,8 +11,8 @@ over 25 epochs (or the time budget).
                                          [--variants 'name:key=value,key=value;...'] [--recipe FILE]
                                          [--score-npz NAME=FILE] [--n-eval 5000] [--grids]
 
-Another model's recipe is the base with ``--recipe benchmarks/recipes/fmnist-stylegan2.yaml``;
-A variant's ``recipe=FILE`` takes that file's train block as its base instead.
+Another model's recipe is the base with ``--recipe benchmarks/recipes/fmnist-stylegan2.yaml``; a
+variant's ``recipe=FILE`` takes that file's train block as its own base.
 ``--score-npz`` scores samples made elsewhere (uint8 [N, 1, 64, 64] or [N, 64, 64] under the key
 ``images``, e.g. another implementation's) with the same evaluator, first ``--n-eval`` of them.
 """
@@ -118,7 +118,8 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
         extra = conditional_scores(tr.ema.shadow, cfg.nz, cfg.num_classes, scorer) if cfg.num_classes else {}
     fids = [c["fid"] for c in curve]
     best_i = int(np.argmin(fids))
-    return {**extra, "name": name, "train": train, "curve": curve, "best_fid": fids[best_i],
+    return {**extra, "name": name, "recipe": str(base.relative_to(ROOT)) if base.is_relative_to(ROOT) else str(base),
+            "train": train, "curve": curve, "best_fid": fids[best_i],
             "best_at_seconds": curve[best_i]["train_seconds"], "best_at_epochs": curve[best_i]["epochs"],
             "final_fid": fids[-1], "final_within_10pct_of_best": fids[-1] <= 1.1 * fids[best_i],
             "images_per_s": curve[-1]["step"] * cfg.batch_size / curve[-1]["train_seconds"]}
