@@ -61,12 +61,12 @@ class Scorer:
         self.report["fid_train5k_vs_test"] = frechet_distance(self.real, gaussian_stats(half))
 
     def fid_of(self, images: torch.Tensor) -> float:
-        """FID of uint8 images [N, 1, 64, 64] made elsewhere (the first N_EVAL)."""
+        """FID of uint8 images [N, 1, 64, 64] (the first N_EVAL), generated here or elsewhere."""
         return frechet_distance(self.real, gaussian_stats(extract(self.net, images[:N_EVAL], device=DEVICE)[0]))
 
     def fid(self, generator: torch.nn.Module, nz: int, num_classes: int = 0) -> float:
         imgs, _ = sample(generator, N_EVAL, nz=nz, num_classes=num_classes, seed=1, device=DEVICE, batch_size=1000)
-        return frechet_distance(self.real, gaussian_stats(extract(self.net, imgs, device=DEVICE)[0]))
+        return self.fid_of(imgs)
 
 
 def conditional_scores(generator: torch.nn.Module, nz: int, num_classes: int, scorer: Scorer) -> dict[str, Any]:
@@ -235,11 +235,12 @@ def main() -> None:
     result: dict[str, Any] = {"machine": machine(), "evaluator": scorer.report, "n_eval": N_EVAL, "engine": []}
     print(f"evaluator: {scorer.report}", flush=True)
     result["recipe"] = str(RECIPE.resolve().relative_to(ROOT)) if RECIPE.resolve().is_relative_to(ROOT) else str(RECIPE)
+    labels = torch.from_numpy(data["train_y"]).to(DEVICE)  # used by conditional variants
     for name, over in parse_variants(args.variants, recipe=not args.skip_recipe):
         try:
             grid = RESULTS / "grids" / f"{args.name}_{name}_{device_tag()}.png" if args.grids else None
             r = run_engine(name, over, train64, scorer, args.seconds, args.eval_every, grid,
-                           labels=torch.from_numpy(data["train_y"]).to(DEVICE))
+                           labels=labels)
             if grid is not None:
                 r["grid"] = str(grid.relative_to(ROOT))
         except Exception as exc:  # noqa: BLE001 - keep the other variants

@@ -135,9 +135,9 @@ class AdaptiveAugment:
         j = torch.arange(w, device=x.device).view(1, 1, w).expand(n, h, w)
         # Walk back from an output pixel to its source: undo the translation, the rotation, the flip.
         if "translation" in self.ops:
-            # scaled by (h, w) without a host tensor: a host-to-device copy cannot be captured in a CUDA graph
-            size = torch.stack([torch.full_like(d["shift"][:, 0], h), torch.full_like(d["shift"][:, 1], w)], dim=1)
-            shift = torch.where(on["shift_gate"][:, None], torch.round(d["shift"] * size), torch.zeros_like(d["shift"])).long()
+            # scaled by Python numbers, not a host tensor (whose copy to the GPU cannot be captured in a CUDA graph)
+            scaled = torch.stack([d["shift"][:, 0] * h, d["shift"][:, 1] * w], dim=1)
+            shift = torch.where(on["shift_gate"][:, None], torch.round(scaled), torch.zeros_like(scaled)).long()
             i, j = _reflect(i - shift[:, 0, None, None], h), _reflect(j - shift[:, 1, None, None], w)
         if "rotate90" in self.ops:
             k = torch.where(on["rot_gate"], d["rot"], torch.zeros_like(d["rot"]))[:, None, None]
