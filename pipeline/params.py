@@ -192,6 +192,8 @@ class Train:
                                             "layer; null = the recipe's (0.9)", ge=0, le=1)
     pl_weight: float | None = spec(None, "StyleGAN2: path-length regularisation weight (0 = off); null = the "
                                          "recipe's (2)", ge=0)
+    mapping_layers: int | None = spec(None, "StyleGAN2: depth of the mapping network z -> w; null = the recipe's "
+                                            "(8, the paper's; StyleGAN2-ADA uses 2 for small data)", ge=1)
     pl_every: int = spec(4, "StyleGAN2: apply path-length regularisation every N G steps (lazy, on half the batch)",
                          ge=1)
     grad_clip: float = spec(0.0, "clip gradient norm of G and D to this (0 = off)", ge=0)

@@ -31,7 +31,7 @@ GENERATOR_FORMAT = "pipeline.generator/1"
 # What every recipe takes unless it names its own value (the keys added after the first recipes).
 RECIPE_DEFAULTS: dict[str, Any] = {"lr_d": 2e-4, "beta1": 0.5, "beta2": 0.999, "r1_gamma": 0.0, "mbstd": False,
                                    "ema_kimg": 0.0, "ema_rampup": 0.0, "style_mixing": 0.0, "pl_weight": 0.0,
-                                   "ortho_reg": 0.0}
+                                   "ortho_reg": 0.0, "mapping_layers": 8}
 
 RECIPES: dict[str, dict[str, Any]] = {
     # Radford et al. 2016: BN in both nets, non-saturating loss, Adam(2e-4, 0.5).

@@ -183,6 +183,8 @@ class GANObjective(Objective):
         c, h, _ = cfg.image_shape
         common = {"channels": c, "size": h, "num_classes": cfg.num_classes}
         g_kwargs = {"nz": cfg.nz, "ngf": cfg.ngf, **common}
+        if cfg.arch == "stylegan2":
+            g_kwargs["mapping_layers"] = cfg.mapping_layers
         self.modules = self._place(
             g=build_generator(cfg.arch, **g_kwargs),
             d=build_discriminator(cfg.arch, ndf=cfg.ndf, norm=cfg.d_norm, spectral_norm=cfg.spectral_norm,
