@@ -42,8 +42,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "conditional_dcgan": {"model": "dcgan", "conditional": True},
     "vae": {"model": "vae"},
     "dcgan_diffaug": {"model": "dcgan", "diffaug": ["translation", "cutout", "color"]},
-    # StyleGAN2 at the recipe's capacity (64 channels at 64 px, doubling to 512 at 8 px; the official
-    # code's --cbase=4096) and at the official default capacity (512 everywhere at 64 px, --cbase=32768).
+    # StyleGAN2 as the paper's config F (the params defaults: 8-layer mapping, style mixing, path
+    # length) at 64 channels at 64 px doubling to 512 at 8 px (the official code's --cbase=4096) and
+    # at the official default capacity (512 everywhere at 64 px, --cbase=32768).
     "stylegan2": {"model": "stylegan2", "nz": 512, "ngf": 64, "ndf": 64},
     "stylegan2_c512": {"model": "stylegan2", "nz": 512, "ngf": 512, "ndf": 512},
     "stylegan2_ada": {"model": "stylegan2", "nz": 512, "ngf": 64, "ndf": 64, "ada": True},

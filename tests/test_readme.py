@@ -99,6 +99,39 @@ def test_gpu_throughput_table_matches_benchmarks_results() -> None:
         assert row in README, f"README should hold the row:\n{row}"
 
 
+# The model zoo's time-to-quality table: (label, result file stem, variant name) per row.
+ZOO_ROWS = [
+    ("`fmnist-gpu.yaml` (DCGAN, 40 epochs)", "zoo_2min_a", "recipe"),
+    ("`fmnist-conditional.yaml` (40 epochs", "zoo_2min_b", "conditional"),
+    ("`fmnist-wgan-gp.yaml` (2 critic steps, batch 256)", "zoo_2min_c", "wgan_gp"),
+    ("`fmnist-sngan.yaml` (the paper's Adam, plus lazy R1 and EMA)", "zoo_2min_c", "sngan_paper_ema_r1"),
+    ("`fmnist-biggan.yaml` (2-minute budget", "zoo_2min_b", "biggan"),
+    ("`fmnist-biggan.yaml` (4-minute budget", "biggan_4min", "recipe"),
+    ("`fmnist-stylegan2.yaml` (cold compile cache)", "ttq_stylegan2_ema_ramp10", "ema_ramp10"),
+    ("`fmnist-stylegan2.yaml` again (warm compile cache)", "ttq_stylegan2_ema_ramp10_warm_cache", "ema_ramp10"),
+]
+
+
+def zoo_rows() -> list[str]:
+    """The README's zoo table rows, as benchmarks/results/<stem>_h100-80gb-hbm3.json dictate them
+    (a conditional run's label ends with its intra-FID and CAS)."""
+    rows = []
+    for label, stem, name in ZOO_ROWS:
+        file = f"{stem}_h100-80gb-hbm3.json"
+        run = next(e for e in _load(f"benchmarks/results/{file}")["engine"] if e["name"] == name)
+        if "intra_fid" in run:
+            label += f"; intra-FID {run['intra_fid']:.2f}, CAS {run['cas']:.3f}, real {run['cas_real']:.3f})"
+        within = min(c["fid"] for c in run["curve"] if c["train_seconds"] <= 120)
+        rows.append(f"| {label} | {round(run['images_per_s']):,} | {within:.2f} | {run['best_fid']:.2f} | "
+                    f"{round(run['best_at_seconds'])} s | {run['final_fid']:.2f} | `{file}` |")
+    return rows
+
+
+def test_gpu_zoo_table_matches_benchmarks_results() -> None:
+    for row in zoo_rows():
+        assert row in README, f"README should hold the row:\n{row}"
+
+
 def test_gpu_ddp_figures_match_benchmarks_results() -> None:
     d = _load("benchmarks/results/ddp_scaling_h100-80gb-hbm3.json")
     weak, strong, q = d["weak"], d["strong"], d["quality_same_images_seen"]
