@@ -5,11 +5,11 @@ Trains one recipe twice on the same subset of Fashion-MNIST (default 2,000 train
 steps both EMA generators are scored by one offline evaluator (a classifier trained here on the
 full training split; FID on its features of ``--n-eval`` samples against the test split). Recorded
 per run: the FID curve, best and final (collapse = final worse than best by more than 10%), ADA's p
-and r_t over training, and seconds; then the ratio of the best FIDs (the issue's goal: ADA at
-least 30% lower).
+and r_t over training, and seconds; then the ratio of the best FIDs (the goal: ADA at least 30%
+lower).
 
     python benchmarks/ada_small_data.py [--data DIR] [--subset 2000] [--size 28] [--steps 3000]
-                                        [--train 'model=dcgan,batch_size=64'] [--device cpu|cuda]
+                                        [--recipe FILE] [--train 'model=dcgan,batch_size=64'] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from common import find_fmnist, load_fmnist, machine, make_trainer, parse_overrides, resize_on_device, write_result
 
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3000, help="generator steps of each run")
     ap.add_argument("--eval-every", type=int, default=500, help="steps between scores")
     ap.add_argument("--n-eval", type=int, default=2000, help="generated images per score")
+    ap.add_argument("--recipe", help="recipe file (e.g. benchmarks/recipes/fmnist-stylegan2.yaml) whose train block "
+                                     "both runs start from; --train overrides it, --steps replaces its steps")
     ap.add_argument("--train", default="", help="params.train overrides for both runs, 'key=value,...'")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tag", default="", help="suffix of the result file's name")
@@ -55,7 +58,8 @@ def main() -> None:
                               batch_size=256, lr=2e-3, width=32, feature_dim=128, seed=0, device=args.device,
                               progress=False)
     real = gaussian_stats(extract(net, test, device=args.device)[0])
-    base = {"model": "dcgan", "batch_size": 64, "log_every": 50, "grid_every": 10**9, "eval_every": 10**9,
+    recipe = yaml.safe_load(Path(args.recipe).read_text())["train"] if args.recipe else {}
+    base = {"model": "dcgan", "batch_size": 64, **recipe, "log_every": 50, "grid_every": 10**9, "eval_every": 10**9,
             "checkpoint_every": 10**9, **parse_overrides(args.train), "steps": args.steps}
     result: dict[str, Any] = {
         "machine": machine(), "device": args.device, "subset": args.subset, "size": args.size, "steps": args.steps,
