@@ -40,7 +40,7 @@ from pipeline.metrics.compute import fid_only, sample  # noqa: E402
 from pipeline.metrics.evaluator import extract, train_evaluator  # noqa: E402
 from pipeline.metrics.math import gaussian_stats  # noqa: E402
 from pipeline.params import Evaluator  # noqa: E402
-from pipeline.stages.evaluate import _conditional_metrics  # noqa: E402 - the evaluate stage's own intra-FID and CAS
+from pipeline.stages.evaluate import conditional_metrics  # noqa: E402 - the evaluate stage's own intra-FID and CAS
 from pipeline.training.config import resolve  # noqa: E402
 from pipeline.training.loop import Trainer  # noqa: E402
 
@@ -124,8 +124,8 @@ def main() -> None:
                     info = {"num_classes": cfg.num_classes, "nz": cfg.nz}
                     test = SimpleNamespace(images=data["test_x"], labels=data["test_y"])
                     train = SimpleNamespace(images=data["train_x"], labels=data["train_y"])
-                    cond = _conditional_metrics(g, info, net, test, train, real_feats=test_feats, n_per_class=100,
-                                                device="cpu", seed=0, batch_size=250, recipe=Evaluator())
+                    cond = conditional_metrics(g, info, net, test, train, real_feats=test_feats, n_per_class=100,
+                                               device="cpu", seed=0, batch_size=250, recipe=Evaluator())
                     run.update(intra_fid=cond["intra_fid"], intra_fid_per_class=cond["intra_fid_per_class"],
                                cas=cond["cas"], cas_real=cond["cas_real"])
                     if args.grids:

@@ -76,13 +76,13 @@ def conditional_scores(generator: torch.nn.Module, nz: int, num_classes: int, sc
     from types import SimpleNamespace  # noqa: PLC0415
 
     from pipeline.params import Evaluator  # noqa: PLC0415
-    from pipeline.stages.evaluate import _conditional_metrics  # noqa: PLC0415
+    from pipeline.stages.evaluate import conditional_metrics  # noqa: PLC0415
 
     test = SimpleNamespace(images=scorer.test64.cpu().numpy(), labels=scorer.data["test_y"])
     train = SimpleNamespace(images=scorer.train64.cpu().numpy(), labels=scorer.data["train_y"])
-    cond = _conditional_metrics(generator, {"num_classes": num_classes, "nz": nz}, scorer.net, test, train,
-                                real_feats=scorer.test_feats, n_per_class=500, device=DEVICE, seed=0, batch_size=500,
-                                recipe=Evaluator())
+    cond = conditional_metrics(generator, {"num_classes": num_classes, "nz": nz}, scorer.net, test, train,
+                               real_feats=scorer.test_feats, n_per_class=500, device=DEVICE, seed=0, batch_size=500,
+                               recipe=Evaluator())
     return {k: cond[k] for k in ("intra_fid", "intra_fid_per_class", "cas", "cas_real")}
 
 

@@ -62,9 +62,9 @@ def _vae_metrics(checkpoint: Path, test_images: Any, *, device: str, batch_size:
     return out, cfg["vae_likelihood"]
 
 
-def _conditional_metrics(generator: Any, gen_info: dict[str, Any], net: Any, test: Any, train: Any, *,
-                         real_feats: Any, n_per_class: int, device: str, seed: int, batch_size: int,
-                         recipe: Any) -> dict[str, Any]:
+def conditional_metrics(generator: Any, gen_info: dict[str, Any], net: Any, test: Any, train: Any, *,
+                        real_feats: Any, n_per_class: int, device: str, seed: int, batch_size: int,
+                        recipe: Any) -> dict[str, Any]:
     """Intra-class FID (mean over classes), the classification accuracy score (CAS) and its real baseline.
 
     CAS (Ravuri & Vinyals 2019): a classifier trained only on generated images (labels as
@@ -188,9 +188,9 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Pat
                                                 extract(net, prior, device=device, batch_size=p.batch_size)[0])
     details: dict[str, Any] = {"memorisation": mem, "draws": {"seeds": seeds, "offline": per_draw}}
     if gen_info["num_classes"]:
-        cond = _conditional_metrics(generator, gen_info, net, test, train, real_feats=real_feats,
-                                    n_per_class=max(2, p.n_samples // gen_info["num_classes"]), device=device,
-                                    seed=seed, batch_size=p.batch_size, recipe=params.evaluator)
+        cond = conditional_metrics(generator, gen_info, net, test, train, real_feats=real_feats,
+                                   n_per_class=max(2, p.n_samples // gen_info["num_classes"]), device=device,
+                                   seed=seed, batch_size=p.batch_size, recipe=params.evaluator)
         metrics.update(intra_fid=cond["intra_fid"], cas=cond["cas"], cas_real=cond["cas_real"])
         details["intra_fid_per_class"] = cond["intra_fid_per_class"]
     if inception_weights is not None:
