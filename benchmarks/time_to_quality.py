@@ -123,7 +123,16 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
             "train": train, "curve": curve, "best_fid": fids[best_i],
             "best_at_seconds": curve[best_i]["train_seconds"], "best_at_epochs": curve[best_i]["epochs"],
             "final_fid": fids[-1], "final_within_10pct_of_best": fids[-1] <= 1.1 * fids[best_i],
-            "images_per_s": curve[-1]["step"] * cfg.batch_size / curve[-1]["train_seconds"]}
+            "images_per_s": curve[-1]["step"] * cfg.batch_size / curve[-1]["train_seconds"],
+            "steady_images_per_s": steady_rate(curve)}
+
+
+def steady_rate(curve: list[dict[str, float]]) -> float | None:
+    """Images/s between scores after the first (compiling and graph capture excluded): the median
+    over consecutive points, or None with fewer than three points."""
+    rates = [(b["images_seen"] - a["images_seen"]) / (b["train_seconds"] - a["train_seconds"])
+             for a, b in zip(curve[1:], curve[2:]) if b["train_seconds"] > a["train_seconds"]]
+    return float(np.median(rates)) if rates else None
 
 
 def run_classic(train_x: np.ndarray, scorer: Scorer, *, epochs: int, seconds: float | None) -> dict[str, Any]:
