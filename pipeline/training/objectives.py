@@ -182,9 +182,7 @@ class GANObjective(Objective):
         super().__init__(cfg, ctx, sampler)
         c, h, _ = cfg.image_shape
         common = {"channels": c, "size": h, "num_classes": cfg.num_classes}
-        g_kwargs = {"nz": cfg.nz, "ngf": cfg.ngf, **common}
-        if cfg.arch == "stylegan2":
-            g_kwargs["mapping_layers"] = cfg.mapping_layers
+        g_kwargs = {"nz": cfg.nz, "ngf": cfg.ngf, **common, **self._family_g_kwargs(cfg)}
         self.modules = self._place(
             g=build_generator(cfg.arch, **g_kwargs),
             d=build_discriminator(cfg.arch, ndf=cfg.ndf, norm=cfg.d_norm, spectral_norm=cfg.spectral_norm,
@@ -205,6 +203,10 @@ class GANObjective(Objective):
         self.ortho_weights = [] if cfg.ortho_reg == 0 else [
             m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
             for m in self.g.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+
+    def _family_g_kwargs(self, cfg: TrainConfig) -> dict[str, Any]:
+        """Generator arguments only this family's generator takes (recorded in the generator file)."""
+        return {}
 
     def compile(self, backend: str = "inductor") -> None:
         self.g_run, self.d_run = _compiled(self.g, backend), _compiled(self.d, backend)
@@ -384,6 +386,9 @@ class StyleGAN2Objective(GANObjective):
         self.pl_mean = torch.zeros((), device=ctx.device)
         self.pl_batch = max(cfg.batch_size // self.PL_BATCH_SHRINK, 1)
         self._pl_now = False  # the path-length flag of the variant step() is running
+
+    def _family_g_kwargs(self, cfg: TrainConfig) -> dict[str, Any]:
+        return {"mapping_layers": cfg.mapping_layers}
 
     def frozen_candidates(self) -> list[nn.Module]:
         from ..models.stylegan2 import EqualConv2d, EqualLinear  # noqa: PLC0415
