@@ -299,6 +299,29 @@ def test_stylegan2_upsampling_is_bilinear_with_a_gradient_of_plain_sums(shape: t
     assert torch.allclose(g_ours, g_ref, atol=1e-12)
 
 
+@pytest.mark.parametrize("side", [64, 14, 7])
+def test_stylegan2_downsampling_conv_equals_conv_then_average_pooling(side: int) -> None:
+    """The discriminator's downsampling 3x3 convolution runs as one stride-2 4x4 convolution; it
+    must give the 3x3 convolution followed by 2x2 average pooling (values and input gradients),
+    also at the odd sides of 28 px data."""
+    from pipeline.models.stylegan2 import EqualConv2d, lrelu
+
+    torch.manual_seed(0)
+    conv = EqualConv2d(3, 4, 3, down=True).double()
+    with torch.no_grad():
+        conv.bias.normal_()
+    x = torch.randn(2, 3, side, side, dtype=torch.float64, requires_grad=True)
+    ref = lrelu(nn.functional.avg_pool2d(
+        nn.functional.conv2d(x, conv.weight * conv.weight_gain, conv.bias, padding=1), 2))
+    out = conv(x)
+    assert out.shape == ref.shape == (2, 4, side // 2, side // 2)
+    assert torch.allclose(out, ref, atol=1e-12)
+    upstream = torch.randn_like(ref)
+    (g_ours,) = torch.autograd.grad(out, x, upstream)
+    (g_ref,) = torch.autograd.grad(ref, x, upstream)
+    assert torch.allclose(g_ours, g_ref, atol=1e-12)
+
+
 def test_stylegan2_truncation_and_style_mixing() -> None:
     """psi = 0 gives the w_avg image for every z, psi = 1 plain sampling; crossover at layer 0 takes
     every style from the second latent, at num_ws none; training forwards move w_avg."""
