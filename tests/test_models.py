@@ -454,3 +454,66 @@ def test_biggan_truncation_is_deterministic_and_bounded_by_its_threshold() -> No
         centre = g(torch.zeros_like(zs), y)  # the images of the mean latent
         dist = [(g.truncated(zs, y, psi) - centre).flatten(1).norm(dim=1).mean().item() for psi in (1.0, 0.5, 0.05)]
     assert dist[0] > dist[1] > dist[2]  # a smaller psi pulls samples towards the mean latent's images
+
+
+def test_spectral_norm_matches_pytorch_and_iterates_explicitly_when_asked() -> None:
+    """The project's spectral norm starts from the same random vectors as PyTorch's, keeps the same
+    state-dict keys and gives the same weights through training and eval forwards; after
+    explicit_power_iteration, forwards leave u and v alone and power_iterate advances them, to the
+    same values a PyTorch training forward would."""
+    from pipeline.models.layers import explicit_power_iteration, power_iterate, spectral_norm
+
+    for make in (lambda: nn.Conv2d(4, 6, 3), lambda: nn.Linear(7, 1), lambda: nn.Embedding(10, 8),
+                 lambda: nn.ConvTranspose2d(4, 3, 4)):
+        torch.manual_seed(0)
+        theirs = nn.utils.parametrizations.spectral_norm(make())
+        torch.manual_seed(0)
+        ours = spectral_norm(make())
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+        for _ in range(3):
+            assert torch.equal(ours.weight, theirs.weight)
+        for k, v in theirs.state_dict().items():
+            assert torch.equal(ours.state_dict()[k], v), k
+        pairs = explicit_power_iteration(ours)
+        assert len(pairs) == 1
+        before = {k: v.clone() for k, v in ours.state_dict().items()}
+        w = ours.weight  # a forward that only reads u and v
+        assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())
+        assert torch.equal(w, theirs.eval().weight)  # PyTorch's eval forward: u and v as they are
+        theirs.train().weight  # noqa: B018 - PyTorch's training forward: one iteration
+        power_iterate(pairs)
+        for k, v in theirs.state_dict().items():
+            assert torch.equal(ours.state_dict()[k], v), k
+        assert torch.equal(ours.weight, theirs.eval().weight)
+        raw = ours.parametrizations.weight.original.detach()
+        raw = raw.transpose(0, 1) if isinstance(ours, nn.ConvTranspose2d) else raw
+        for _ in range(50):
+            power_iterate(pairs)
+        # converged: the normalised weight's largest singular value is 1
+        normalised = ours.weight.detach()
+        normalised = normalised.transpose(0, 1) if isinstance(ours, nn.ConvTranspose2d) else normalised
+        assert float(torch.linalg.matrix_norm(normalised.flatten(1), 2)) == pytest.approx(1.0, rel=1e-3)
+        assert float(torch.linalg.matrix_norm(raw.flatten(1), 2)) > 0
+
+
+def test_spectral_norm_networks_compile_with_inductor() -> None:
+    """A spectral-norm discriminator called on real and then fake images before one backward (the
+    GAN pattern PyTorch's own spectral norm breaks under torch.compile) gives eager's gradients."""
+    from pipeline.models.layers import explicit_power_iteration, power_iterate
+
+    torch.manual_seed(0)
+    d = build_discriminator("resnet", ndf=8, channels=1, size=28, norm="none", spectral_norm=True, mbstd=False)
+    pairs = explicit_power_iteration(d)
+    compiled = torch.compile(d, dynamic=False)
+    x, fake = torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28)
+    grads = []
+    for net in (d, compiled, d):
+        d.zero_grad(set_to_none=True)
+        (net(x).mean() - net(fake).mean()).backward()
+        grads.append([p.grad.clone() for p in d.parameters()])
+    for g_eager, g_compiled in zip(grads[0], grads[1], strict=True):
+        assert torch.allclose(g_eager, g_compiled, rtol=1e-4, atol=1e-4), (g_eager - g_compiled).abs().max()
+    power_iterate(pairs)
+    d.zero_grad(set_to_none=True)
+    (compiled(x).mean() - compiled(fake).mean()).backward()  # after the vectors moved, outside the graph
+    assert all(torch.isfinite(p.grad).all() for p in d.parameters())

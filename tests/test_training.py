@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -330,22 +331,33 @@ def test_the_compiled_executor_computes_what_the_eager_one_does(tiny_tensors: Pa
                                                                  family: str) -> None:
     """Every family through torch.compile (traced by Dynamo and AOTAutograd; the aot_eager backend
     skips only Inductor's C++ code generation, which the dcgan test above covers) gives the
-    parameters the eager executor gives after the same steps."""
+    parameters the eager executor gives after the same steps. The spectral-norm networks (sngan's
+    D, both of biggan's) are compiled too."""
     params = {}
     for compiled in (False, True):
         cfg, data = _config(tiny_tensors, steps=3, compile=compiled, **FAMILIES[family])
         tr = Trainer(cfg, torch.from_numpy(data.images), torch.from_numpy(data.labels), device="cpu",
                      workdir=tmp_path / str(compiled), progress=False, compile_backend="aot_eager")
+        if family != "vae":
+            assert (tr.objective.d_run is not tr.objective.d) == compiled
+            assert (tr.objective.g_run is not tr.objective.g) == compiled
         for i in range(3):
             tr.train_step(want_norm=i == 2)
         params[compiled] = {f"{n}.{k}": v.detach().clone() for n, m in tr.objective.modules.items()
                             for k, v in m.state_dict().items()}
-        params[compiled]["ema"] = torch.cat([p.flatten() for p in tr.ema.shadow.parameters()])
+        params[compiled].update({f"ema.{k}": v.detach().clone() for k, v in tr.ema.shadow.state_dict().items()})
     eager, comp = params[False], params[True]
     assert eager.keys() == comp.keys()
     moved = [k for k in eager if k.endswith("weight")]
     assert moved
-    for k in eager:
+    noise = set()
+    if family == "biggan":
+        # BigGAN's up-block convolutions feed BatchNorms, so their biases get a zero gradient in exact
+        # arithmetic: Adam turns the rounding noise (which differs between the two executors) into
+        # full-size steps, and the running means of those BatchNorms follow the biases.
+        noise = {k for k in eager if re.fullmatch(r"(g|ema)\.(blocks\.\d+\.(c1|c2|sc)\.bias|(blocks\.\d+\.bn[12]\.)?bn\.running_mean)", k)}
+        assert len(noise) == 22, sorted(noise)  # G's and its EMA's: 6 biases and 5 running means each at this size
+    for k in eager.keys() - noise:
         assert torch.allclose(eager[k].float(), comp[k].float(), rtol=1e-4, atol=1e-5), k
 
 

@@ -27,8 +27,98 @@ def n_up(size: int) -> int:
     return int(round(math.log2(size / start_size(size))))
 
 
-def maybe_sn(module: nn.Module, spectral_norm: bool) -> nn.Module:
-    return nn.utils.parametrizations.spectral_norm(module) if spectral_norm else module
+class SpectralNorm(nn.Module):
+    """Spectral normalisation (Miyato et al. 2018) as a parametrization: weight / sigma, sigma the
+    largest singular value of the weight (as a [rows, rest] matrix) estimated by power iteration,
+    one iteration per training forward, the vectors u and v kept as buffers ``_u`` and ``_v``.
+
+    It computes what ``torch.nn.utils.parametrizations.spectral_norm`` computes, from the same
+    random start and with the same state-dict keys (files saved with either load into the other),
+    but can also leave the power iteration to its owner: after :func:`explicit_power_iteration`,
+    forwards only read u and v, and :func:`power_iterate` advances them, e.g. once per training
+    phase. A forward that updates buffers it also saves for backward cannot be compiled: Inductor
+    saves the updated buffer instead of a copy, so the next forward before the backward (D on real,
+    then on fake images) invalidates it. The training objectives therefore iterate explicitly, so
+    eager and compiled steps compute the same thing.
+    """
+
+    def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12) -> None:
+        super().__init__()
+        if n_power_iterations <= 0:
+            raise ValueError(f"n_power_iterations must be positive, got {n_power_iterations}")
+        self.dim, self.eps, self.n_power_iterations = dim % max(weight.ndim, 1), eps, n_power_iterations
+        self.iterate_in_forward = True  # False: only power_iterate() advances u and v
+        if weight.ndim > 1:
+            mat = self._matrix(weight)
+            u = F.normalize(mat.new_empty(mat.shape[0]).normal_(0, 1), dim=0, eps=eps)
+            v = F.normalize(mat.new_empty(mat.shape[1]).normal_(0, 1), dim=0, eps=eps)
+            u, v = self._iterate(mat, u, v, 15)  # a reasonable start for the per-forward iteration
+            self.register_buffer("_u", u)
+            self.register_buffer("_v", v)
+
+    def _matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.dim != 0:
+            weight = weight.permute(self.dim, *(d for d in range(weight.ndim) if d != self.dim))
+        return weight.flatten(1)
+
+    @torch.no_grad()
+    def _iterate(self, mat: torch.Tensor, u: torch.Tensor, v: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for _ in range(n):
+            u = F.normalize(torch.mv(mat, v), dim=0, eps=self.eps)
+            v = F.normalize(torch.mv(mat.H, u), dim=0, eps=self.eps)
+        return u, v
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.ndim == 1:
+            return F.normalize(weight, dim=0, eps=self.eps)
+        mat = self._matrix(weight)
+        if self.training and self.iterate_in_forward:
+            u, v = self.advance(mat)
+        else:
+            u, v = self._u.clone(), self._v.clone()
+        return weight / torch.vdot(u, torch.mv(mat, v))
+
+    @torch.no_grad()
+    def advance(self, mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """n_power_iterations steps from the stored u and v for the weight matrix ``mat``; stores
+        and returns the new vectors (fresh tensors, not the buffers)."""
+        u, v = self._iterate(mat.detach(), self._u, self._v, self.n_power_iterations)
+        self._u.copy_(u)
+        self._v.copy_(v)
+        return u, v
+
+
+def explicit_power_iteration(module: nn.Module) -> list[tuple[SpectralNorm, nn.Parameter]]:
+    """Switch every :class:`SpectralNorm` in ``module`` to explicit power iteration (forwards only
+    read u and v); returns (parametrization, raw weight) pairs for :func:`power_iterate`."""
+    pairs = []
+    for m in module.modules():
+        if nn.utils.parametrize.is_parametrized(m):
+            for plist in m.parametrizations.values():
+                for p in plist:
+                    if isinstance(p, SpectralNorm) and hasattr(p, "_u"):
+                        p.iterate_in_forward = False
+                        pairs.append((p, plist.original))
+    return pairs
+
+
+def power_iterate(pairs: list[tuple[SpectralNorm, nn.Parameter]]) -> None:
+    """One round of power iteration for each (parametrization, raw weight) pair."""
+    for sn, weight in pairs:
+        sn.advance(sn._matrix(weight))
+
+
+def spectral_norm(module: nn.Module, name: str = "weight") -> nn.Module:
+    """``module`` with :class:`SpectralNorm` on its ``name`` tensor (rows: dim 1 for transposed
+    convolutions, dim 0 otherwise, as PyTorch's spectral_norm)."""
+    weight = getattr(module, name)
+    dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
+    nn.utils.parametrize.register_parametrization(module, name, SpectralNorm(weight, dim=dim))
+    return module
+
+
+def maybe_sn(module: nn.Module, spectral_norm_on: bool) -> nn.Module:
+    return spectral_norm(module) if spectral_norm_on else module
 
 
 def norm2d(kind: str, channels: int) -> nn.Module:

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..losses import get_loss, gradient_penalty, orthogonal_penalty, r1_penalty
 from ..models import build_discriminator, build_generator, build_vae
-from ..models.layers import channels_last_strided, init_weights
+from ..models.layers import channels_last_strided, explicit_power_iteration, init_weights, power_iterate
 from ..models.density import fit_gmm
 from ..models.vae import kl_per_dim
 from . import diffaug
@@ -162,12 +162,18 @@ class Objective:
 
 def _compiled(module: nn.Module, backend: str) -> nn.Module:
     """torch.compile'd view of ``module``, or the module itself where compiling it is known to be
-    wrong: Inductor drops the copy of spectral norm's power-iteration vector that a training
-    forward saves for backward, so a second forward before the backward fails (PyTorch 2.11-2.14)."""
+    wrong: a parametrization other than the project's :class:`~pipeline.models.layers.SpectralNorm`
+    (PyTorch's own spectral norm updates its vectors in place, and Inductor drops the copy a training
+    forward saves for backward, so a second forward before the backward fails; PyTorch 2.11-2.14)."""
     from torch.nn.utils import parametrize  # noqa: PLC0415
 
-    if any(parametrize.is_parametrized(m) for m in module.modules()):
-        log.info("train.compile: %s has spectral norm; it runs uncompiled", type(module).__name__)
+    from ..models.layers import SpectralNorm  # noqa: PLC0415
+
+    foreign = [type(p).__name__ for m in module.modules() if parametrize.is_parametrized(m)
+               for plist in m.parametrizations.values() for p in plist if not isinstance(p, SpectralNorm)]
+    if foreign:
+        log.info("train.compile: %s has parametrizations torch.compile mistraces (%s); it runs uncompiled",
+                 type(module).__name__, ", ".join(sorted(set(foreign))))
         return module
     return torch.compile(module, dynamic=False, backend=backend)  # type: ignore[return-value]
 
@@ -203,6 +209,10 @@ class GANObjective(Objective):
         self.ortho_weights = [] if cfg.ortho_reg == 0 else [
             m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
             for m in self.g.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+        # Spectral norm's power iteration runs outside the networks' forwards, so that they compile
+        # (see models.layers.SpectralNorm): G's once per step, D's before every phase, each after
+        # its network's last update and never between a forward and its backward.
+        self.spectral_g, self.spectral_d = explicit_power_iteration(self.g), explicit_power_iteration(self.d)
 
     def _family_g_kwargs(self, cfg: TrainConfig) -> dict[str, Any]:
         """Generator arguments only this family's generator takes (recorded in the generator file)."""
@@ -296,8 +306,11 @@ class GANObjective(Objective):
             sigma = cfg.instance_noise * (1 - step.float() / cfg.instance_noise_decay_steps).clamp(min=0.0)
         out: dict[str, torch.Tensor] = {} if sigma is None else {"instance_noise": sigma}
         kept = None
+        power_iterate(self.spectral_g)
         for it, r1_now in zip(draws["d"], r1_pattern, strict=True):
+            power_iterate(self.spectral_d)
             kept = self._d_phase(it, r1_now, want_norm, sigma, out)
+        power_iterate(self.spectral_d)
         self._g_phase(draws["g"], kept, want_norm, sigma, out)
         return out
 
