@@ -106,7 +106,7 @@ ZOO_ROWS = [
     ("`fmnist-wgan-gp.yaml` (2 critic steps, batch 256)", "zoo_2min_c", "wgan_gp"),
     ("`fmnist-sngan.yaml` (the paper's Adam, plus lazy R1 and EMA; D uncompiled)", "zoo_2min_c", "sngan_paper_ema_r1"),
     ("`fmnist-sngan.yaml` (D compiled too)", "sngan_2min_compiled_d", "recipe"),
-    ("`fmnist-biggan.yaml` (2-minute budget", "zoo_2min_b", "biggan"),
+    ("`fmnist-biggan.yaml` (2-minute budget, uncompiled", "zoo_2min_b", "biggan"),
     ("`fmnist-biggan.yaml` (4-minute budget, uncompiled", "biggan_4min", "recipe"),
     ("`fmnist-biggan.yaml` (4-minute budget, compiled", "biggan_4min_compiled", "compiled"),
     ("`fmnist-stylegan2.yaml` (cold compile cache)", "ttq_stylegan2_ema_ramp10", "ema_ramp10"),

@@ -361,6 +361,50 @@ def test_the_compiled_executor_computes_what_the_eager_one_does(tiny_tensors: Pa
         assert torch.allclose(eager[k].float(), comp[k].float(), rtol=1e-4, atol=1e-5), k
 
 
+def test_training_steps_advance_spectral_norm_and_forwards_do_not(tiny_tensors: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """In training, spectral norm's vectors move only through the objective's power iteration: a
+    step advances G's (once) and D's (before each of its n_critic + 1 phases) exactly as running
+    power_iterate by hand does, and a training forward outside a step leaves them alone."""
+    from pipeline.models.layers import power_iterate
+
+    tr = _trainer(tiny_tensors, tmp_path, model="biggan", conditional=True, steps=4)
+    obj = tr.objective
+    assert obj.spectral_g and obj.spectral_d
+    assert all(not sn.iterate_in_forward for sn, _ in obj.spectral_g + obj.spectral_d)
+    state = lambda pairs: [(sn._u.clone(), sn._v.clone()) for sn, _ in pairs]  # noqa: E731
+    g0, d0 = state(obj.spectral_g), state(obj.spectral_d)
+    obj.d.train()(torch.zeros(2, *tr.cfg.image_shape), torch.zeros(2, dtype=torch.long))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(d0, state(obj.spectral_d), strict=True))
+    # What the step's iterations give on the weights as they are before it (G's come first; D's
+    # first phase iterates before D's weights change): replay them on copies of the vectors.
+    expected_g, expected_d = [], []
+    for (sn, w), (u, v) in zip(obj.spectral_g, g0, strict=True):
+        expected_g.append(sn._iterate(sn._matrix(w.detach()), u, v, 1))
+    for (sn, w), (u, v) in zip(obj.spectral_d, d0, strict=True):
+        expected_d.append(sn._iterate(sn._matrix(w.detach()), u, v, 1))
+    snapshot = {id(sn): (sn._u.clone(), sn._v.clone()) for sn, _ in obj.spectral_d}
+    calls: list[int] = []
+    original = power_iterate
+
+    def counting(pairs):  # type: ignore[no-untyped-def]
+        calls.append(len(pairs))
+        original(pairs)
+        if len(calls) == 2:  # after G's and D's first: D's vectors as the first D phase sees them
+            snapshot.update({id(sn): (sn._u.clone(), sn._v.clone()) for sn, _ in obj.spectral_d})
+
+    monkeypatch.setattr("pipeline.training.objectives.power_iterate", counting)
+    tr.train_step()
+    n_critic = tr.cfg.n_critic
+    assert calls == [len(obj.spectral_g)] + [len(obj.spectral_d)] * (n_critic + 1)
+    for (sn, _), (u, v) in zip(obj.spectral_g, expected_g, strict=True):
+        assert torch.allclose(sn._u, u) and torch.allclose(sn._v, v)  # G's weights changed after its one iteration
+    for (sn, _), (u, _v) in zip(obj.spectral_d, expected_d, strict=True):
+        assert torch.allclose(snapshot[id(sn)][0], u)
+        if u.numel() > 1:  # (a 1-row weight's u is +-1 whatever happens)
+            assert not torch.equal(sn._u, snapshot[id(sn)][0])  # and D's moved on in its later phases
+
+
 class TinyGenerator(torch.nn.Module):
     def __init__(self, nz: int, shape: tuple[int, int, int]) -> None:
         super().__init__()

@@ -56,6 +56,10 @@ class SpectralNorm(nn.Module):
             self.register_buffer("_u", u)
             self.register_buffer("_v", v)
 
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        """Assigning ``module.weight = t`` stores t as the raw weight (as PyTorch's spectral norm does)."""
+        return value
+
     def _matrix(self, weight: torch.Tensor) -> torch.Tensor:
         if self.dim != 0:
             weight = weight.permute(self.dim, *(d for d in range(weight.ndim) if d != self.dim))
@@ -89,16 +93,18 @@ class SpectralNorm(nn.Module):
 
 
 def explicit_power_iteration(module: nn.Module) -> list[tuple[SpectralNorm, nn.Parameter]]:
-    """Switch every :class:`SpectralNorm` in ``module`` to explicit power iteration (forwards only
-    read u and v); returns (parametrization, raw weight) pairs for :func:`power_iterate`."""
+    """Switch every :class:`SpectralNorm` in ``module`` that is its tensor's only parametrization to
+    explicit power iteration (forwards only read u and v); returns (parametrization, raw weight)
+    pairs for :func:`power_iterate`. One that follows another parametrization sees a transformed
+    weight, not the raw one, so it keeps iterating in its forward (and the module stays uncompiled)."""
     pairs = []
     for m in module.modules():
         if nn.utils.parametrize.is_parametrized(m):
             for plist in m.parametrizations.values():
-                for p in plist:
-                    if isinstance(p, SpectralNorm) and hasattr(p, "_u"):
-                        p.iterate_in_forward = False
-                        pairs.append((p, plist.original))
+                p = plist[0]
+                if len(plist) == 1 and isinstance(p, SpectralNorm) and hasattr(p, "_u") and hasattr(plist, "original"):
+                    p.iterate_in_forward = False
+                    pairs.append((p, plist.original))
     return pairs
 
 

@@ -91,7 +91,8 @@ class EqualLinear(nn.Module):
 
 class EqualConv2d(nn.Module):
     """Convolution (stride 1, same padding) with the equalized learning rate; ``down``: 2x average
-    pooling after the convolution; ``activate``: leaky ReLU 0.2 with gain sqrt(2)."""
+    pooling after the convolution (for k > 1 computed as one stride-2 convolution with the composed
+    (k + 1) x (k + 1) kernel); ``activate``: leaky ReLU 0.2 with gain sqrt(2)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, *, bias: bool = True, down: bool = False,
                  activate: bool = True) -> None:

@@ -163,14 +163,16 @@ class Objective:
 def _compiled(module: nn.Module, backend: str) -> nn.Module:
     """torch.compile'd view of ``module``, or the module itself where compiling it is known to be
     wrong: a parametrization other than the project's :class:`~pipeline.models.layers.SpectralNorm`
-    (PyTorch's own spectral norm updates its vectors in place, and Inductor drops the copy a training
-    forward saves for backward, so a second forward before the backward fails; PyTorch 2.11-2.14)."""
+    with explicit power iteration (PyTorch's own spectral norm, or ours iterating in its forward,
+    updates its vectors in the forward, and Inductor drops the copy a training forward saves for
+    backward, so a second forward before the backward fails; PyTorch 2.11-2.14)."""
     from torch.nn.utils import parametrize  # noqa: PLC0415
 
     from ..models.layers import SpectralNorm  # noqa: PLC0415
 
     foreign = [type(p).__name__ for m in module.modules() if parametrize.is_parametrized(m)
-               for plist in m.parametrizations.values() for p in plist if not isinstance(p, SpectralNorm)]
+               for plist in m.parametrizations.values() for p in plist
+               if not isinstance(p, SpectralNorm) or (p.iterate_in_forward and hasattr(p, "_u"))]
     if foreign:
         log.info("train.compile: %s has parametrizations torch.compile mistraces (%s); it runs uncompiled",
                  type(module).__name__, ", ".join(sorted(set(foreign))))
