@@ -76,7 +76,7 @@ def main() -> None:
                 if args.device != "cpu":
                     torch.cuda.synchronize()
                 seconds += time.perf_counter() - t
-                fakes, _ = sample(tr.ema.shadow, args.n_eval, nz=tr.cfg.nz, seed=1, device=args.device)
+                fakes, _ = sample(tr.ema_generator(), args.n_eval, nz=tr.cfg.nz, seed=1, device=args.device)
                 fid = frechet_distance(real, gaussian_stats(extract(net, fakes, device=args.device)[0]))
                 point = {"step": tr.step, "images_seen": tr.step * tr.cfg.batch_size, "train_seconds": seconds,
                          "fid": fid}
@@ -90,7 +90,7 @@ def main() -> None:
             from pipeline.imaging import save_grid  # noqa: PLC0415
 
             with torch.no_grad():
-                save_grid(tr.ema.shadow.eval()(tr.z_fixed, tr.y_fixed).float(), grid, nrow=8)
+                save_grid(tr.ema_generator()(tr.z_fixed, tr.y_fixed).float(), grid, nrow=8)
         fids = [c["fid"] for c in curve]
         best = min(fids)
         result["runs"][name] = {"curve": curve, "best_fid": best, "best_step": curve[fids.index(best)]["step"],

@@ -42,6 +42,7 @@ from pipeline.metrics.math import gaussian_stats  # noqa: E402
 from pipeline.params import Evaluator  # noqa: E402
 from pipeline.stages.evaluate import conditional_metrics  # noqa: E402 - the evaluate stage's own intra-FID and CAS
 from pipeline.training.config import resolve  # noqa: E402
+from pipeline.training.ema import has_running_stats  # noqa: E402
 from pipeline.training.loop import Trainer  # noqa: E402
 
 
@@ -115,7 +116,10 @@ def main() -> None:
                 t = Trainer(cfg, torch.from_numpy(data["train_x"]), torch.from_numpy(data["train_y"]), device="cpu",
                             workdir=Path(tmp), progress=False)
                 run: dict[str, Any] = {**_train(t, args.steps, args.seconds), "recipe": cfg.semantic()}
-                g = t.ema.shadow.eval()
+                if has_running_stats(t.ema.shadow):  # the same weights with the live G's BatchNorm statistics
+                    copied, _ = sample(t.ema.shadow.eval(), 1000, nz=cfg.nz, num_classes=cfg.num_classes, seed=1)
+                    run["fid_copied_bn_stats"] = fid_only(real, extract(net, copied)[0])
+                g = t.ema_generator()
                 imgs, labels = sample(g, 1000, nz=cfg.nz, num_classes=cfg.num_classes, seed=1)
                 feats, probs = extract(net, imgs)
                 run["fid"] = fid_only(real, feats)

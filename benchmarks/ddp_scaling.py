@@ -74,7 +74,7 @@ def child(args: argparse.Namespace) -> None:
                 net, _ = load_evaluator(Path(args.evaluator), device=device)
                 test = resize_on_device(data["test_x"], size, device)
                 real = gaussian_stats(extract(net, test, device=device)[0])
-                imgs, _ = sample(tr.ema.shadow, 5000, nz=cfg.nz, seed=1, device=device, batch_size=1000)
+                imgs, _ = sample(tr.ema_generator(), 5000, nz=cfg.nz, seed=1, device=device, batch_size=1000)
                 out["fid"] = frechet_distance(real, gaussian_stats(extract(net, imgs, device=device)[0]))
             out["images_seen"] = args.quality_steps * args.per_gpu_batch * info.world_size
         else:

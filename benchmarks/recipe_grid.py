@@ -51,7 +51,7 @@ def main() -> None:
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         tr.check()
-        imgs, _ = sample(tr.ema.shadow, 64, nz=tr.cfg.nz, seed=1, device="cuda")
+        imgs, _ = sample(tr.ema_generator(), 64, nz=tr.cfg.nz, seed=1, device="cuda")
     save_grid(imgs.numpy(), GRID, nrow=8)
     if os.environ.get("OUT"):
         save_grid(imgs.numpy(), Path(os.environ["OUT"]) / GRID.name, nrow=8)

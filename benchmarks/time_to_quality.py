@@ -36,6 +36,7 @@ from pipeline.imaging import save_grid  # noqa: E402
 from pipeline.metrics.compute import sample  # noqa: E402
 from pipeline.metrics.evaluator import extract, train_evaluator  # noqa: E402
 from pipeline.metrics.math import frechet_distance, gaussian_stats  # noqa: E402
+from pipeline.training.ema import has_running_stats  # noqa: E402
 
 RECIPE_DEFAULT = ROOT / "benchmarks" / "recipes" / "fmnist-gpu.yaml"
 RECIPE = RECIPE_DEFAULT
@@ -99,6 +100,7 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
         tr = make_trainer(train, images, Path(tmp), device=DEVICE, labels=labels if train.get("conditional") else None)
         cfg = tr.cfg
         chunk = max(1, round(eval_every_epochs * len(images) / cfg.batch_size))
+        bn_paired = cfg.ema_standing_stats > 0 and has_running_stats(tr.ema.shadow)
         spent = 0.0
         while spent < seconds and tr.step < cfg.steps:
             _sync()
@@ -108,18 +110,30 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
             _sync()
             spent += time.perf_counter() - t0
             tr.check()
-            curve.append({"train_seconds": spent, "step": tr.step, "epochs": tr.step * cfg.batch_size / len(images),
-                          "images_seen": tr.step * cfg.batch_size, "fid": scorer.fid(tr.ema.shadow, cfg.nz, cfg.num_classes)})
-            print(f"{name}: step {tr.step}, {spent:.1f} s, FID {curve[-1]['fid']:.2f}", flush=True)
+            point = {"train_seconds": spent, "step": tr.step, "epochs": tr.step * cfg.batch_size / len(images),
+                     "images_seen": tr.step * cfg.batch_size}
+            if bn_paired:  # the same EMA weights with the live G's BatchNorm statistics, as before they were recomputed
+                point["fid_copied_bn_stats"] = scorer.fid(tr.ema.shadow, cfg.nz, cfg.num_classes)
+            curve.append({**point, "fid": scorer.fid(tr.ema_generator(), cfg.nz, cfg.num_classes)})
+            print(f"{name}: step {tr.step}, {spent:.1f} s, FID {curve[-1]['fid']:.2f}"
+                  + (f" (live G's BN statistics: {point['fid_copied_bn_stats']:.2f})" if bn_paired else ""), flush=True)
+        extra_copied: dict[str, Any] = {}
+        if bn_paired and cfg.num_classes:  # the conditional scores with the live G's statistics too
+            with torch.no_grad():
+                for b_s, b in zip(tr.ema.shadow.buffers(), tr.objective.generator.buffers(), strict=True):
+                    b_s.copy_(b)
+            extra_copied = {f"{k}_copied_bn_stats": v for k, v in
+                            conditional_scores(tr.ema.shadow.eval(), cfg.nz, cfg.num_classes, scorer).items()
+                            if k in ("intra_fid", "cas")}
         if grid is not None:  # the final EMA generator's 64 samples (latent seed 1), to look at
-            imgs, _ = sample(tr.ema.shadow, 64, nz=cfg.nz, num_classes=cfg.num_classes, seed=1, device=DEVICE,
+            imgs, _ = sample(tr.ema_generator(), 64, nz=cfg.nz, num_classes=cfg.num_classes, seed=1, device=DEVICE,
                              batch_size=64, labels=torch.arange(64) % 8 if cfg.num_classes else None)
             grid.parent.mkdir(parents=True, exist_ok=True)
             save_grid(imgs.cpu().numpy(), grid, nrow=8)
-        extra = conditional_scores(tr.ema.shadow, cfg.nz, cfg.num_classes, scorer) if cfg.num_classes else {}
+        extra = conditional_scores(tr.ema_generator(), cfg.nz, cfg.num_classes, scorer) if cfg.num_classes else {}
     fids = [c["fid"] for c in curve]
     best_i = int(np.argmin(fids))
-    return {**extra, "name": name, "recipe": str(base.relative_to(ROOT)) if base.is_relative_to(ROOT) else str(base),
+    return {**extra, **extra_copied, "name": name, "recipe": str(base.relative_to(ROOT)) if base.is_relative_to(ROOT) else str(base),
             "train": train, "curve": curve, "best_fid": fids[best_i],
             "best_at_seconds": curve[best_i]["train_seconds"], "best_at_epochs": curve[best_i]["epochs"],
             "final_fid": fids[-1], "final_within_10pct_of_best": fids[-1] <= 1.1 * fids[best_i],

@@ -184,6 +184,9 @@ class Train:
     ada_p_init: float = spec(0.0, "ADA: p at step 0", ge=0, le=1)
     ema_decay: float = spec(0.999, "EMA of generator weights, warmed up (0 = off); grids and metrics use it", ge=0, lt=1)
     ema_start: int = spec(0, "step from which the EMA averages (before: it copies the weights)", ge=0)
+    ema_standing_stats: int = spec(16, "GANs: before the EMA generator samples (grids, scores, saved files), its "
+                                       "BatchNorm statistics are recomputed over this many batches of fresh latents "
+                                       "(0 = keep the live G's, which belong to other weights)", ge=0)
     ema_kimg: float | None = spec(None, "EMA half-life in thousands of images, replacing ema_decay when > 0 "
                                         "(StyleGAN2); null = the recipe's (stylegan2: 10, else 0)", ge=0)
     ema_rampup: float | None = spec(None, "with ema_kimg: the half-life is at most this times the images seen "
@@ -197,8 +200,9 @@ class Train:
     pl_every: int = spec(4, "StyleGAN2: apply path-length regularisation every N G steps (lazy, on half the batch)",
                          ge=1)
     grad_clip: float = spec(0.0, "clip gradient norm of G and D to this (0 = off)", ge=0)
-    init: Literal["normal", "xavier", "he"] = spec("normal", "weight init: N(0, 0.02) as DCGAN, Xavier, He "
-                                                             "(stylegan2: unused, equalized learning rate)")
+    init: Literal["normal", "xavier", "he", "orthogonal"] = spec(
+        "normal", "weight init: N(0, 0.02) as DCGAN, Xavier, He, orthogonal (BigGAN's) (stylegan2: unused, "
+                  "equalized learning rate)")
     kl_weight: float = spec(1.0, "VAE: beta, the weight of the KL term", ge=0)
     kl_warmup_steps: int = spec(500, "VAE: steps over which the KL weight ramps up from 0", ge=0)
     vae_likelihood: Literal["bernoulli", "gaussian", "logistic"] = spec(

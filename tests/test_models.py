@@ -15,7 +15,7 @@ from pipeline.losses import get_loss, gradient_penalty, r1_penalty
 from pipeline.models import build_discriminator, build_generator, build_vae, load_generator, recipe, save_generator
 from pipeline.models.layers import MinibatchStd, start_size
 from pipeline.models.vae import vae_terms
-from pipeline.training.ema import EMA
+from pipeline.training.ema import EMA, has_running_stats, recompute_batchnorm_stats
 
 
 @pytest.mark.parametrize("arch", ["dcgan", "resnet", "biggan"])
@@ -146,6 +146,39 @@ def test_ema_is_a_warmed_up_exponential_average_and_copies_buffers() -> None:
         ema2.update_with(m, torch.tensor(step))
         for a, b in zip(twin.shadow.parameters(), ema2.shadow.parameters(), strict=True):
             assert torch.allclose(a, b, atol=1e-7), step
+
+
+def test_standing_statistics_are_batch_means_and_leave_the_module_as_it_was() -> None:
+    """recompute_batchnorm_stats on a module whose BatchNorms are plain and synchronised (a DDP run's
+    G with train.sync_bn): equal-weight means of the batch statistics, in the same tensors; the
+    modules' modes and momenta come back, and SyncBatchNorm keeps its own forward afterwards."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3 * 4 * 4)
+            self.bn1, self.bn2 = nn.BatchNorm2d(3), nn.SyncBatchNorm(3, momentum=0.3)
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            return self.bn2(self.drop(self.bn1(self.fc(z).reshape(-1, 3, 4, 4))))
+
+    net = Net().train()
+    net.bn2.eval()
+    ptr = net.bn1.running_mean.data_ptr()
+    gen = torch.Generator().manual_seed(0)
+    zs = [torch.randn(16, 4, generator=gen) * (i + 1) + i for i in range(4)]
+    assert recompute_batchnorm_stats(net, lambda i: (zs[i], None), 4) == 2
+    with torch.no_grad():
+        h = [net.fc(z).reshape(-1, 3, 4, 4) for z in zs]  # dropout stayed in eval mode: bn2 sees bn1's output
+        assert torch.allclose(net.bn1.running_mean, torch.stack([x.mean((0, 2, 3)) for x in h]).mean(0), atol=1e-5)
+        v = torch.stack([x.transpose(0, 1).flatten(1).var(1) for x in h]).mean(0)
+        assert torch.allclose(net.bn1.running_var, v, rtol=1e-4)
+    assert net.bn1.running_mean.data_ptr() == ptr and int(net.bn1.num_batches_tracked) == 4
+    assert net.training and net.bn1.training and not net.bn2.training and net.drop.training
+    assert net.bn1.momentum == 0.1 and net.bn2.momentum == 0.3 and "forward" not in net.bn2.__dict__
+    assert has_running_stats(net) and not has_running_stats(nn.Linear(2, 2))
+    assert recompute_batchnorm_stats(nn.Linear(2, 2), lambda i: (torch.zeros(1, 2), None), 4) == 0
 
 
 def test_generator_file_roundtrip_and_refusals(tmp_path: Path) -> None:

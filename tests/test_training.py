@@ -60,7 +60,7 @@ def _trainer(tiny_tensors: Path, workdir: Path, **train: Any) -> Trainer:
         {"model": "vae", "conditional": True, "vae_likelihood": "gaussian", "free_bits": 0.1},
         {"model": "vae", "vae_likelihood": "logistic", "vae_scale": "global", "vae_sampler": "prior",
          "gmm_covariance": "diag"},
-        {"model": "biggan", "conditional": True},
+        {"model": "biggan", "conditional": True, "init": "orthogonal"},
     ],
     ids=lambda t: "-".join(f"{k}={v}" for k, v in t.items()),
 )
@@ -155,6 +155,58 @@ def test_torch_compile_trains_as_eager_does(tiny_tensors: Path, tmp_path: Path) 
         assert math.isclose(eager[k], comp[k], rel_tol=1e-3, abs_tol=1e-5), (k, eager[k], comp[k])
     for a, b in zip(g_eager, g_comp, strict=True):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def _bn_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.named_buffers() if "running_" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("model", ["biggan", "sngan"])
+def test_the_ema_generator_samples_with_batchnorm_statistics_of_its_own_weights(tiny_tensors: Path, tmp_path: Path,
+                                                                               model: str) -> None:
+    """The EMA's weights average the live G's, but BatchNorm's running statistics were the live G's
+    own. Before the EMA samples, each BatchNorm's statistics become the mean, over
+    train.ema_standing_stats batches of fresh latents, of the batch statistics it sees with the EMA's
+    weights; nothing else of the EMA, and nothing of the training, moves."""
+    kw = {"model": model, "conditional": True, "steps": 20, "ema_standing_stats": 3}
+    tr, twin = _trainer(tiny_tensors, tmp_path / "a", **kw), _trainer(tiny_tensors, tmp_path / "b", **kw)
+    for t in (tr, twin):
+        for _ in range(3):
+            t.train_step()
+    shadow = tr.ema.shadow
+    live = _bn_buffers(tr.objective.generator)
+    assert all(torch.equal(v, _bn_buffers(shadow)[k]) for k, v in live.items())  # copied every step
+    others = {k: v.clone() for k, v in shadow.state_dict().items() if k not in live}
+    ptrs = {k: v.data_ptr() for k, v in shadow.named_buffers()}
+    bn = next(m for m in shadow.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen: list[torch.Tensor] = []
+    hook = bn.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
+    rng = torch.get_rng_state()
+    g = tr.ema_generator()
+    hook.remove()
+    assert g is shadow and not g.training and not any(m.training for m in g.modules())
+    assert len(seen) == 3 and all(x.shape[0] == tr.cfg.batch_size for x in seen)
+    mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen]).mean(0)
+    var = torch.stack([x.transpose(0, 1).flatten(1).var(dim=1) for x in seen]).mean(0)  # unbiased, as BatchNorm keeps
+    assert torch.allclose(bn.running_mean, mean, atol=1e-5) and torch.allclose(bn.running_var, var, rtol=1e-4)
+    assert int(bn.num_batches_tracked) == 3 and bn.momentum == 0.1
+    recomputed = _bn_buffers(shadow)
+    assert any(not torch.equal(v, live[k]) for k, v in recomputed.items() if "running_" in k)
+    assert all(torch.equal(v, shadow.state_dict()[k]) for k, v in others.items())  # weights, spectral-norm vectors
+    assert {k: v.data_ptr() for k, v in shadow.named_buffers()} == ptrs  # same storage: CUDA graphs stay valid
+    assert torch.equal(torch.get_rng_state(), rng)
+    tr.ema_generator()  # the same weights always get the same statistics
+    assert all(torch.equal(v, _bn_buffers(shadow)[k]) for k, v in recomputed.items())
+    for t in (tr, twin):  # and the training goes on as if nothing had sampled
+        for _ in range(2):
+            t.train_step()
+    for a, b in zip(tr.objective.generator.state_dict().values(), twin.objective.generator.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    off = _trainer(tiny_tensors, tmp_path / "c", **{**kw, "ema_standing_stats": 0})
+    off.train_step()
+    off.ema_generator()
+    assert all(torch.equal(v, _bn_buffers(off.ema.shadow)[k]) for k, v in _bn_buffers(off.objective.generator).items())
 
 
 def test_a_changed_config_does_not_resume(tiny_tensors: Path, tmp_path: Path) -> None:

@@ -186,7 +186,9 @@ class MinibatchStd(nn.Module):
 
 
 def init_weights(module: nn.Module, scheme: str) -> None:
-    """normal: N(0, 0.02) as in DCGAN (BN scales N(1, 0.02)); xavier; he (Kaiming, fan_in, leaky 0.2).
+    """normal: N(0, 0.02) as in DCGAN (BN scales N(1, 0.02)); xavier; he (Kaiming, fan_in, leaky 0.2);
+    orthogonal (BigGAN's: every singular value 1, so a spectrally normalised layer starts as an
+    isometry on its row space instead of shrinking most directions).
 
     Class embeddings (the projection discriminator's) get the scheme too: at PyTorch's default
     N(0, 1) the class projection outweighed the rest of D fifty-fold at the start (logits near 70)
@@ -201,6 +203,8 @@ def init_weights(module: nn.Module, scheme: str) -> None:
                 nn.init.normal_(w, 0.0, 0.02)
             elif scheme == "xavier":
                 nn.init.xavier_uniform_(w)
+            elif scheme == "orthogonal":
+                nn.init.orthogonal_(w)
             else:
                 nn.init.kaiming_normal_(w, a=0.2, nonlinearity="leaky_relu")
         elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
@@ -211,6 +215,8 @@ def init_weights(module: nn.Module, scheme: str) -> None:
                 nn.init.xavier_uniform_(w)
             elif scheme == "he":
                 nn.init.kaiming_normal_(w, a=0.2, nonlinearity="leaky_relu")
+            elif scheme == "orthogonal":
+                nn.init.orthogonal_(w)
             else:
                 raise ValueError(f"unknown init scheme {scheme!r}")
             if m.bias is not None:

@@ -3,12 +3,19 @@
 Two forms of the per-step decay: a fixed ``decay`` warmed up over the first steps (the default),
 or StyleGAN2's half-life in images, optionally ramped up with the images seen (Karras et al. 2020:
 half-life 10k images, at most 0.05 times the images seen so far).
+
+The average covers parameters only. BatchNorm's running statistics are the live generator's,
+copied every step, and they describe the live weights' activations, not the averaged weights'.
+:func:`recompute_batchnorm_stats` replaces them with the averaged generator's own statistics over
+fresh latents (BigGAN's "standing statistics") before the average samples.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -75,3 +82,54 @@ class EMA:
             torch._foreach_lerp_(shadow, params, 1.0 - decay)  # shadow += (1 - decay) * (p - shadow)
         for b_s, b in zip(self.shadow.buffers(), model.buffers(), strict=True):
             b_s.copy_(b)
+
+
+def has_running_stats(module: nn.Module) -> bool:
+    """Whether ``module`` holds BatchNorm layers that normalise with running statistics at eval time."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in module.modules())
+
+
+@contextmanager
+def _batch_statistics(bns: list[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
+    """The BatchNorm layers ``bns`` normalise with batch statistics and average them into their
+    running statistics with equal weights (momentum None); everything else stays as it was. A
+    SyncBatchNorm runs as a plain BatchNorm here: only one process samples."""
+    saved = [(m, m.training, m.momentum) for m in bns]
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+            if isinstance(m, nn.SyncBatchNorm):
+                m.forward = nn.modules.batchnorm._BatchNorm.forward.__get__(m)  # type: ignore[method-assign]
+        yield
+    finally:
+        for m, training, momentum in saved:
+            m.train(training)
+            m.momentum = momentum
+            m.__dict__.pop("forward", None)
+
+
+@torch.no_grad()
+def recompute_batchnorm_stats(module: nn.Module, draw: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]],
+                              batches: int) -> int:
+    """Replace ``module``'s BatchNorm running statistics, in place, by their mean over ``batches``
+    forward passes on ``draw(i) -> (z, y)`` (y None when unconditional), BigGAN's standing statistics.
+
+    Only the BatchNorm layers run in training mode: spectral norm's vectors, dropout and the rest
+    stay as in eval mode. The tensors keep their storage (a captured CUDA graph that copies into
+    them stays valid). Returns how many layers were recomputed (0: nothing to do)."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or batches <= 0:
+        return 0
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with _batch_statistics(bns):
+            for i in range(batches):
+                z, y = draw(i)
+                module(z, y)
+    finally:
+        for m, training in modes:
+            m.training = training
+    return len(bns)

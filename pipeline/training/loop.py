@@ -30,7 +30,7 @@ from ..models.density import DensityGenerator
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint, transfer
 from .config import TrainConfig
 from .distributed import DistInfo
-from .ema import EMA
+from .ema import EMA, has_running_stats, recompute_batchnorm_stats
 from .executor import build_executor
 from .monitor import Monitor, Scoreboard
 from .objectives import OBJECTIVES, Objective, StepContext
@@ -181,8 +181,26 @@ class Trainer:
 
     # -- periodic work -------------------------------------------------------------------------------
 
+    def ema_generator(self) -> nn.Module:
+        """The EMA generator in eval mode, ready to sample: for a GAN with BatchNorm, its running
+        statistics recomputed for its own weights (``train.ema_standing_stats`` batches of latents
+        drawn as training draws them, from a generator seeded by ``train.seed``, so the same weights
+        always get the same statistics and the training's random streams are untouched)."""
+        g, cfg = self.ema.shadow, self.cfg
+        if cfg.objective != "vae" and cfg.ema_standing_stats > 0 and has_running_stats(g):
+            gen = torch.Generator().manual_seed(cfg.seed + 7919)
+
+            def draw(_: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                z = torch.randn(cfg.batch_size, cfg.nz, generator=gen).to(self.device)
+                y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen).to(self.device) \
+                    if cfg.num_classes else None
+                return z, y
+
+            recompute_batchnorm_stats(g, draw, cfg.ema_standing_stats)
+        return g.eval()
+
     def save_grid(self) -> None:
-        g = self.ema.shadow.eval()
+        g = self.ema_generator()
         with torch.no_grad(), self.objective.autocast():
             x = g(self.z_fixed, self.y_fixed).float()
         save_grid(x, self.workdir / "grids" / f"step_{self.step:06d}.png", nrow=8)
@@ -196,11 +214,11 @@ class Trainer:
         if fitted is not None:  # the ex-post latent density travels with the weights it was fitted for
             density = fitted[0].to_payload(**fitted[1])
             info["latent_sampler"] = cfg.vae_sampler
-        save_generator(path, self.ema.shadow, arch=arch, kwargs=kwargs, info=info, latent_density=density)
+        save_generator(path, self.ema_generator(), arch=arch, kwargs=kwargs, info=info, latent_density=density)
 
     def sampling_generator(self) -> nn.Module:
         """The EMA generator as the saved file samples it (through the latent density it selects)."""
-        g = self.ema.shadow.eval()
+        g = self.ema_generator()
         fitted = self.objective.latent_density(self.step) if self.cfg.vae_sampler == "gmm" else None
         if fitted is not None:
             g = DensityGenerator(g, fitted[0].to(self.device)).eval()
