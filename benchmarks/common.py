@@ -145,14 +145,14 @@ def parse_overrides(text: str) -> dict[str, Any]:
 
 
 def make_trainer(train: dict[str, Any], images: torch.Tensor, workdir: Path, device: str = "cuda",
-                 labels: torch.Tensor | None = None) -> Any:
+                 labels: torch.Tensor | None = None, seed: int = 0) -> Any:
     """The pipeline's Trainer for ``train`` (params.train keys) on uint8 [N, 1, H, W] ``images``
-    (seed 0; unlabelled unless ``labels`` [N] are given), validated like params.yaml."""
+    (base.seed ``seed``; unlabelled unless ``labels`` [N] are given), validated like params.yaml."""
     from pipeline.training.config import resolve  # noqa: PLC0415
     from pipeline.training.loop import Trainer  # noqa: PLC0415
 
     num_classes = int(labels.max()) + 1 if labels is not None else 0
-    cfg = resolve(train, seed=0, image_shape=tuple(images.shape[1:]), num_classes=num_classes)
+    cfg = resolve(train, seed=seed, image_shape=tuple(images.shape[1:]), num_classes=num_classes)
     if labels is None:
         labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
     return Trainer(cfg, images, labels, device=device, workdir=workdir, progress=False)

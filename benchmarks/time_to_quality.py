@@ -40,6 +40,7 @@ from pipeline.training.ema import has_running_stats  # noqa: E402
 
 RECIPE_DEFAULT = ROOT / "benchmarks" / "recipes" / "fmnist-gpu.yaml"
 RECIPE = RECIPE_DEFAULT
+SEED = 0
 N_EVAL = 5000
 DEVICE = "cuda"
 
@@ -97,7 +98,8 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
         train.update(compile=False, steps=min(train["steps"], 40), batch_size=min(train["batch_size"], 64))
     curve: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        tr = make_trainer(train, images, Path(tmp), device=DEVICE, labels=labels if train.get("conditional") else None)
+        tr = make_trainer(train, images, Path(tmp), device=DEVICE, labels=labels if train.get("conditional") else None,
+                          seed=SEED)
         cfg = tr.cfg
         chunk = max(1, round(eval_every_epochs * len(images) / cfg.batch_size))
         bn_paired = cfg.ema_standing_stats > 0 and has_running_stats(tr.ema.shadow)
@@ -256,9 +258,11 @@ def main() -> None:
     ap.add_argument("--wait-npz", type=float, default=0.0, help="seconds to wait for a --score-npz file to appear")
     ap.add_argument("--grids", action="store_true",
                     help="write each variant's final 8x8 grid to benchmarks/results/grids/NAME_VARIANT_<device>.png")
+    ap.add_argument("--seed", type=int, default=0, help="base.seed of every engine run (weights, latents, batches)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script runs")
     args = ap.parse_args()
-    global DEVICE, N_EVAL, RECIPE
+    global DEVICE, N_EVAL, RECIPE, SEED
+    SEED = args.seed
     RECIPE, N_EVAL = (ROOT / args.recipe if not Path(args.recipe).is_absolute() else Path(args.recipe)), args.n_eval
     if args.smoke:
         DEVICE, N_EVAL = "cpu", 200
@@ -269,7 +273,8 @@ def main() -> None:
     train64 = resize_on_device(data["train_x"], 64, DEVICE)
     test64 = resize_on_device(data["test_x"], 64, DEVICE)
     scorer = Scorer(data, train64, test64)
-    result: dict[str, Any] = {"machine": machine(), "evaluator": scorer.report, "n_eval": N_EVAL, "engine": []}
+    result: dict[str, Any] = {"machine": machine(), "evaluator": scorer.report, "n_eval": N_EVAL, "seed": SEED,
+                              "engine": []}
     print(f"evaluator: {scorer.report}", flush=True)
     result["recipe"] = str(RECIPE.resolve().relative_to(ROOT)) if RECIPE.resolve().is_relative_to(ROOT) else str(RECIPE)
     labels = torch.from_numpy(data["train_y"]).to(DEVICE)  # used by conditional variants
