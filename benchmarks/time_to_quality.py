@@ -20,6 +20,7 @@ variant's ``recipe=FILE`` takes that file's train block as its own base.
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -121,11 +122,12 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
                   + (f" (live G's BN statistics: {point['fid_copied_bn_stats']:.2f})" if bn_paired else ""), flush=True)
         extra_copied: dict[str, Any] = {}
         if bn_paired and cfg.num_classes:  # the conditional scores with the live G's statistics too
+            copied = copy.deepcopy(tr.ema.shadow)
             with torch.no_grad():
-                for b_s, b in zip(tr.ema.shadow.buffers(), tr.objective.generator.buffers(), strict=True):
+                for b_s, b in zip(copied.buffers(), tr.objective.generator.buffers(), strict=True):
                     b_s.copy_(b)
             extra_copied = {f"{k}_copied_bn_stats": v for k, v in
-                            conditional_scores(tr.ema.shadow.eval(), cfg.nz, cfg.num_classes, scorer).items()
+                            conditional_scores(copied.eval(), cfg.nz, cfg.num_classes, scorer).items()
                             if k in ("intra_fid", "cas")}
         if grid is not None:  # the final EMA generator's 64 samples (latent seed 1), to look at
             imgs, _ = sample(tr.ema_generator(), 64, nz=cfg.nz, num_classes=cfg.num_classes, seed=1, device=DEVICE,

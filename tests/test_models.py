@@ -148,10 +148,17 @@ def test_ema_is_a_warmed_up_exponential_average_and_copies_buffers() -> None:
             assert torch.allclose(a, b, atol=1e-7), step
 
 
-def test_standing_statistics_are_batch_means_and_leave_the_module_as_it_was() -> None:
+def test_standing_statistics_are_batch_means_and_leave_the_module_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
     """recompute_batchnorm_stats on a module whose BatchNorms are plain and synchronised (a DDP run's
     G with train.sync_bn): equal-weight means of the batch statistics, in the same tensors; the
-    modules' modes and momenta come back, and SyncBatchNorm keeps its own forward afterwards."""
+    modules' modes and momenta come back, and SyncBatchNorm keeps its own forward afterwards. Only
+    rank 0 samples, so the synchronised one must not reach for its process group: here a world of
+    two processes is pretended, where SyncBatchNorm's own training forward would."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "group", type("G", (), {"WORLD": None}), raising=False)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - what a collective without a process group raises varies
+        nn.SyncBatchNorm(3).train()(torch.randn(4, 3, 2, 2))
 
     class Net(nn.Module):
         def __init__(self) -> None:

@@ -193,8 +193,8 @@ def standing_tally() -> tuple[int, int, int, int]:
     runs = []
     for f in sorted((ROOT / "benchmarks/results").glob("*_h100-80gb-hbm3.json")):
         d = json.loads(f.read_text())
-        runs += [e["curve"] for e in d.get("engine", []) if isinstance(d, dict) and e.get("curve")
-                 and "fid_copied_bn_stats" in e["curve"][0]]
+        engine = d.get("engine", []) if isinstance(d, dict) else []
+        runs += [e["curve"] for e in engine if e.get("curve") and "fid_copied_bn_stats" in e["curve"][0]]
     for f in sorted((ROOT / "benchmarks/results/raw").glob("*_log_h100-80gb-hbm3.txt")):
         curve = [{"fid": float(m[3]), "fid_copied_bn_stats": float(m[4])} for m in _POINT.finditer(f.read_text())]
         runs += [curve] if curve else []

@@ -161,14 +161,14 @@ def _bn_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in module.named_buffers() if "running_" in k or "num_batches" in k}
 
 
-@pytest.mark.parametrize("model", ["biggan", "sngan"])
+@pytest.mark.parametrize(("model", "conditional"), [("biggan", True), ("sngan", True), ("dcgan", False)])
 def test_the_ema_generator_samples_with_batchnorm_statistics_of_its_own_weights(tiny_tensors: Path, tmp_path: Path,
-                                                                               model: str) -> None:
+                                                                               model: str, conditional: bool) -> None:
     """The EMA's weights average the live G's, but BatchNorm's running statistics were the live G's
-    own. Before the EMA samples, each BatchNorm's statistics become the mean, over
-    train.ema_standing_stats batches of fresh latents, of the batch statistics it sees with the EMA's
-    weights; nothing else of the EMA, and nothing of the training, moves."""
-    kw = {"model": model, "conditional": True, "steps": 20, "ema_standing_stats": 3}
+    own. Before the EMA samples (grids, scores, saved files), each BatchNorm's statistics become the
+    mean, over train.ema_standing_stats batches of fresh latents, of the batch statistics it sees
+    with the EMA's weights; nothing else of the EMA, and nothing of the training, moves."""
+    kw = {"model": model, "conditional": conditional, "steps": 20, "ema_standing_stats": 3}
     tr, twin = _trainer(tiny_tensors, tmp_path / "a", **kw), _trainer(tiny_tensors, tmp_path / "b", **kw)
     for t in (tr, twin):
         for _ in range(3):
@@ -197,12 +197,19 @@ def test_the_ema_generator_samples_with_batchnorm_statistics_of_its_own_weights(
     assert torch.equal(torch.get_rng_state(), rng)
     tr.ema_generator()  # the same weights always get the same statistics
     assert all(torch.equal(v, _bn_buffers(shadow)[k]) for k, v in recomputed.items())
-    for t in (tr, twin):  # and the training goes on as if nothing had sampled
+    for t in (tr, twin):  # and the training goes on as if nothing had sampled: every tensor of its state
         for _ in range(2):
             t.train_step()
-    for a, b in zip(tr.objective.generator.state_dict().values(), twin.objective.generator.state_dict().values(),
-                    strict=True):
-        assert torch.equal(a, b)
+    a, b = _state_tensors(tr), _state_tensors(twin)
+    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+    live = _bn_buffers(tr.objective.generator)
+    assert all(torch.equal(v, _bn_buffers(shadow)[k]) for k, v in live.items())  # the step copied them back
+    tr.save_generator(tmp_path / "g.pt")  # the saved file holds statistics recomputed for the new weights
+    state = torch.load(tmp_path / "g.pt", weights_only=True)["state_dict"]
+    again = _bn_buffers(tr.ema_generator())
+    assert all(torch.equal(state[k], v) for k, v in again.items())
+    assert any(not torch.equal(v, live[k]) for k, v in again.items() if "running_" in k)
+    assert any(not torch.equal(v, recomputed[k]) for k, v in again.items() if "running_" in k)
     off = _trainer(tiny_tensors, tmp_path / "c", **{**kw, "ema_standing_stats": 0})
     off.train_step()
     off.ema_generator()

@@ -85,6 +85,7 @@ class Trainer:
         self.executor = build_executor(self._body, self.info, device=self.device, graph=graph)
         ctx.sync = self.executor.sync
         self.step, self.transfer = 0, None
+        self._standing_at: int | None = None  # the step whose EMA weights the shadow's statistics belong to
         g = torch.Generator().manual_seed(cfg.seed)  # fixed latents (and labels) for grids: same images every run
         self.z_fixed = torch.randn(64, cfg.nz, generator=g).to(self.device)
         self.y_fixed = (torch.arange(64) % cfg.num_classes).to(self.device) if cfg.num_classes else None
@@ -102,6 +103,7 @@ class Trainer:
         self.executor.run(draws, self.objective.variant(self.step, want_norm))
         self.sampler.release()
         self.step += 1
+        self._standing_at = None  # the EMA update copied the live G's statistics
         self.objective.after_step(self.step)
         self.monitor.steps_accumulated += 1
         if self.device.type != "cuda":
@@ -132,6 +134,7 @@ class Trainer:
     def load_state(self, ckpt: dict[str, Any]) -> None:
         self.objective.load_state_dict(ckpt)
         self.ema.shadow.load_state_dict(ckpt["ema"])
+        self._standing_at = None
         self.step = int(ckpt["step"])
         self.monitor.step.fill_(self.step)
         self.sampler.load_state_dict(ckpt["sampler"])
@@ -170,6 +173,7 @@ class Trainer:
         """Transfer: copy every tensor whose name and shape match from another run's file."""
         report = transfer(path, self.objective.modules)
         self.ema.shadow.load_state_dict(self.objective.generator.state_dict())
+        self._standing_at = None
         self.objective.frozen = self.objective.frozen_candidates()[:freeze_d_layers]
         for m in self.objective.frozen:
             m.requires_grad_(False)
@@ -185,9 +189,14 @@ class Trainer:
         """The EMA generator in eval mode, ready to sample: for a GAN with BatchNorm, its running
         statistics recomputed for its own weights (``train.ema_standing_stats`` batches of latents
         drawn as training draws them, from a generator seeded by ``train.seed``, so the same weights
-        always get the same statistics and the training's random streams are untouched)."""
+        always get the same statistics and the training's random streams are untouched). Done once
+        per step: the next training step copies the live G's statistics back (the EMA update).
+        Grids sample under the training's autocast, scores and saved files in float32; the
+        statistics are float32's, and those of untruncated latents."""
         g, cfg = self.ema.shadow, self.cfg
-        if cfg.objective != "vae" and cfg.ema_standing_stats > 0 and has_running_stats(g):
+        if self._standing_at == self.step:  # already recomputed for these weights
+            return g.eval()
+        if self.objective.generator_sees_prior_latents and cfg.ema_standing_stats > 0 and has_running_stats(g):
             gen = torch.Generator().manual_seed(cfg.seed + 7919)
 
             def draw(_: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -197,6 +206,7 @@ class Trainer:
                 return z, y
 
             recompute_batchnorm_stats(g, draw, cfg.ema_standing_stats)
+            self._standing_at = self.step
         return g.eval()
 
     def save_grid(self) -> None:

@@ -55,6 +55,11 @@ class StepContext:
 class Objective:
     """Base: networks, Adam optimizers, state, and the pieces every family's phases share."""
 
+    # Whether the generator, in training, sees latents drawn as ``(z ~ N(0, I), y uniform)``, so that
+    # its EMA's BatchNorm statistics can be recomputed from such draws (a VAE decoder sees posterior
+    # latents instead).
+    generator_sees_prior_latents = False
+
     def __init__(self, cfg: TrainConfig, ctx: StepContext, sampler: Sampler) -> None:
         self.cfg, self.ctx, self.sampler = cfg, ctx, sampler
         self.modules: dict[str, nn.Module] = {}  # saved in checkpoints under these names
@@ -185,6 +190,8 @@ class GANObjective(Objective):
     lazy R1), then one G phase (optionally with orthogonal regularisation of G). With one critic
     step the G phase reuses the D phase's fake batch and its graph, as the classic DCGAN loop does
     (one G forward per step)."""
+
+    generator_sees_prior_latents = True
 
     def __init__(self, cfg: TrainConfig, ctx: StepContext, sampler: Sampler) -> None:
         super().__init__(cfg, ctx, sampler)
