@@ -118,6 +118,12 @@ ZOO_ROWS = [
 ]
 
 
+def _within_2_minutes(run: dict[str, Any]) -> str:
+    """The best score reached within 120 s of training, or a dash when the first came later."""
+    early = [c["fid"] for c in run["curve"] if c["train_seconds"] <= 120]
+    return f"{min(early):.2f}" if early else "—"
+
+
 def zoo_rows() -> list[str]:
     """The README's zoo table rows, as benchmarks/results/<stem>_h100-80gb-hbm3.json dictate them
     (a conditional run's label ends with its intra-FID and CAS)."""
@@ -127,10 +133,8 @@ def zoo_rows() -> list[str]:
         run = next(e for e in _load(f"benchmarks/results/{file}")["engine"] if e["name"] == name)
         if "intra_fid" in run:
             label += f"; intra-FID {run['intra_fid']:.2f}, CAS {run['cas']:.3f}, real {run['cas_real']:.3f})"
-        early = [c["fid"] for c in run["curve"] if c["train_seconds"] <= 120]
-        within = f"{min(early):.2f}" if early else "—"
-        rows.append(f"| {label} | {round(run['images_per_s']):,} | {within} | {run['best_fid']:.2f} | "
-                    f"{round(run['best_at_seconds'])} s | {run['final_fid']:.2f} | `{file}` |")
+        rows.append(f"| {label} | {round(run['images_per_s']):,} | {_within_2_minutes(run)} | "
+                    f"{run['best_fid']:.2f} | {round(run['best_at_seconds'])} s | {run['final_fid']:.2f} | `{file}` |")
     return rows
 
 
@@ -140,7 +144,7 @@ def test_gpu_zoo_table_matches_benchmarks_results() -> None:
 
 
 # Seeds with standing statistics: (recipe label, seed, result file stem, variant name); a stem under
-# raw/ is a run whose JSON did not come back, read from its log's summary line instead.
+# raw/ is a run whose JSON did not come back, read from the scores its log printed instead.
 SEED_ROWS = [
     ("`fmnist-gpu.yaml` (DCGAN)", 0, "raw/zoo_standing_dcgan_log", "recipe"),
     ("`fmnist-gpu.yaml` (DCGAN)", 1, "seeds_dcgan_s1", "recipe"),
@@ -156,16 +160,20 @@ SEED_ROWS = [
     ("`fmnist-biggan.yaml` (EMA 0.9995)", 1, "seeds_biggan_s1", "recipe"),
     ("`fmnist-biggan.yaml` (EMA 0.9995)", 2, "seeds_biggan_s2", "recipe"),
 ]
-_POINT = re.compile(r"step (\d+), ([\d.]+) s, FID ([\d.]+) \(live G's BN statistics: ([\d.]+)\)")
+_POINT = re.compile(r"step \d+, ([\d.]+) s, FID ([\d.]+) \(live G's BN statistics: ([\d.]+)\)")
+
+
+def _log_curve(path: Path) -> list[dict[str, float]]:
+    """The scores a time_to_quality log printed, both ways (recomputed and copied statistics)."""
+    return [{"train_seconds": float(m[1]), "fid": float(m[2]), "fid_copied_bn_stats": float(m[3])}
+            for m in _POINT.finditer(path.read_text())]
 
 
 def _seed_run(stem: str, name: str) -> dict[str, Any]:
     """A seed row's run: the JSON's engine entry, or a raw log's scores and summary figures."""
     if not stem.startswith("raw/"):
         return next(e for e in _load(f"benchmarks/results/{stem}_h100-80gb-hbm3.json")["engine"] if e["name"] == name)
-    text = (ROOT / f"benchmarks/results/{stem}_h100-80gb-hbm3.txt").read_text()
-    curve = [{"train_seconds": float(m[2]), "fid": float(m[3]), "fid_copied_bn_stats": float(m[4])}
-             for m in _POINT.finditer(text)]
+    curve = _log_curve(ROOT / f"benchmarks/results/{stem}_h100-80gb-hbm3.txt")
     fids = [c["fid"] for c in curve]
     best = min(range(len(fids)), key=fids.__getitem__)
     return {"curve": curve, "best_fid": fids[best], "best_at_seconds": curve[best]["train_seconds"],
@@ -176,12 +184,10 @@ def seed_rows() -> list[str]:
     rows = []
     for label, seed, stem, name in SEED_ROWS:
         run = _seed_run(stem, name)
-        early = [c["fid"] for c in run["curve"] if c["train_seconds"] <= 120]
-        within = f"{min(early):.2f}" if early else "—"
         ok = "yes" if run["final_fid"] <= 1.1 * run["best_fid"] else "**no**"
         cond = f"{run['intra_fid']:.2f} | {run['cas']:.3f}" if "intra_fid" in run else " | "
         file = f"{stem}_h100-80gb-hbm3." + ("txt" if stem.startswith("raw/") else "json")
-        rows.append(f"| {label} | {seed} | {within} | {run['best_fid']:.2f} | {round(run['best_at_seconds'])} s | "
+        rows.append(f"| {label} | {seed} | {_within_2_minutes(run)} | {run['best_fid']:.2f} | {round(run['best_at_seconds'])} s | "
                     f"{run['final_fid']:.2f} | {ok} | {cond} | `{file}` |")
     return rows
 
@@ -196,8 +202,7 @@ def standing_tally() -> tuple[int, int, int, int]:
         engine = d.get("engine", []) if isinstance(d, dict) else []
         runs += [e["curve"] for e in engine if e.get("curve") and "fid_copied_bn_stats" in e["curve"][0]]
     for f in sorted((ROOT / "benchmarks/results/raw").glob("*_log_h100-80gb-hbm3.txt")):
-        curve = [{"fid": float(m[3]), "fid_copied_bn_stats": float(m[4])} for m in _POINT.finditer(f.read_text())]
-        runs += [curve] if curve else []
+        runs += [curve] if (curve := _log_curve(f)) else []
     points = [c for run in runs for c in run]
     return (sum(c["fid"] < c["fid_copied_bn_stats"] for c in points), len(points),
             sum(run[-1]["fid"] < run[-1]["fid_copied_bn_stats"] for run in runs), len(runs))
