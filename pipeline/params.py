@@ -164,6 +164,11 @@ class Train:
                                     "biggan: 1e-4; stylegan2: 0.0025)", gt=0)
     lr_d: float | None = spec(None, "discriminator learning rate (two time-scale rule: may differ from lr_g); "
                                     "null = the recipe's (2e-4; biggan: 4e-4; stylegan2: 0.0025)", gt=0)
+    lr_decay_start: float = spec(1.0, "fraction of train.steps after which both learning rates fall linearly, "
+                                      "reaching lr_decay_to times their value at the last step (1 = constant)",
+                                 ge=0, le=1)
+    lr_decay_to: float = spec(0.0, "with lr_decay_start < 1: the learning rates' last value, as a fraction of "
+                                   "their first", ge=0, le=1)
     beta1: float | None = spec(None, "Adam beta1; null = the recipe's (0.5; biggan, stylegan2: 0)", ge=0, lt=1)
     beta2: float | None = spec(None, "Adam beta2; null = the recipe's (0.999; stylegan2: 0.99)", ge=0, lt=1)
     ortho_reg: float | None = spec(None, "orthogonal regularisation of G's weights (BigGAN's off-diagonal form, "

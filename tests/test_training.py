@@ -24,6 +24,7 @@ from pipeline.params import Params, Train, to_dict, validate
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.config import TrainConfig, resolve
 from pipeline.training.loop import Trainer
+from pipeline.training.schedule import lr_scale
 
 from helpers_project import ROOT, tiny_params, venv_env, write_params
 
@@ -137,6 +138,63 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_tensors: Path,
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"resumed run differs in {different[:5]}"
+
+
+def test_lr_scale_is_constant_then_falls_linearly_to_the_last_step() -> None:
+    scale = [lr_scale(s, steps=10, start=0.6, to=0.1) for s in range(10)]
+    assert scale[:6] == [1.0] * 6  # steps 0..5: the first 60%
+    assert scale[9] == pytest.approx(0.1)  # the last step runs at lr_decay_to
+    assert all(a > b for a, b in zip(scale[5:], scale[6:]))
+    assert [round(b - a, 12) for a, b in zip(scale[5:], scale[6:])] == [round(-0.9 / 4, 12)] * 4  # linear
+    assert [lr_scale(s, steps=10, start=1.0, to=0.0) for s in range(10)] == [1.0] * 10
+    assert lr_scale(0, steps=10, start=0.0, to=0.5) == 0.95 and lr_scale(9, steps=10, start=0.0, to=0.5) == 0.5
+
+
+class _StopAt:
+    """A log callback that interrupts the run (as Ctrl-C or SIGTERM would) once it logs ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def __call__(self, values: dict[str, float], step: int) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("model", ["dcgan", "vae"])  # the VAE: two optimizer groups at different rates
+def test_decaying_learning_rates_are_logged_and_resume_exactly(tiny_tensors: Path, tmp_path: Path, model: str) -> None:
+    """train.lr_decay_start / lr_decay_to: every optimizer group runs at its starting rate times
+    lr_scale(step); the step log shows the rates; a run interrupted during the decay resumes to the
+    same bits as one that never stopped."""
+    torch.use_deterministic_algorithms(True)
+    kw = {"model": model, "steps": 8, "lr_decay_start": 0.25, "lr_decay_to": 0.1, "checkpoint_every": 2}
+    straight = _trainer(tiny_tensors, tmp_path / "a", **kw)
+    first = {k: [g["lr"] for g in o.param_groups] for k, o in straight.objective.optimizers.items()}
+    straight.run()
+    for k, o in straight.objective.optimizers.items():  # after the last step: the rate of step index 7
+        assert [g["lr"] for g in o.param_groups] == pytest.approx([0.1 * r for r in first[k]])
+    logged = {ln["step"]: ln for ln in map(json.loads, (tmp_path / "a" / "log.jsonl").read_text().splitlines())}
+    name = "g" if model == "vae" else "d"
+    for step in (2, 4, 6, 8):  # a log line at step s shows the rate of the step just done (index s - 1)
+        want = first[name][0] * lr_scale(step - 1, steps=8, start=0.25, to=0.1)
+        assert logged[step][f"lr_{name}"] == pytest.approx(want)
+    assert logged[2][f"lr_{name}"] > logged[4][f"lr_{name}"] > logged[6][f"lr_{name}"] > logged[8][f"lr_{name}"]
+
+    interrupted = _trainer(tiny_tensors, tmp_path / "b", **kw)
+    interrupted.log_fn = _StopAt(4)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run()
+    resumed = _trainer(tiny_tensors, tmp_path / "b", **kw)
+    assert resumed.try_resume() and resumed.step == 4
+    for k, o in resumed.objective.optimizers.items():  # the saved rates are replaced by the schedule's
+        assert [g["lr"] for g in o.param_groups] == pytest.approx(
+            [r * lr_scale(4, steps=8, start=0.25, to=0.1) for r in first[k]])
+    resumed.run()
+    a, b = _state_tensors(straight), _state_tensors(resumed)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert a.keys() == b.keys() and not different, f"resumed run differs in {different[:5]}"
+    longer = _trainer(tiny_tensors, tmp_path / "b", **{**kw, "steps": 12})
+    assert not longer.try_resume()  # a longer run decays on another schedule: it starts afresh
 
 
 def test_torch_compile_trains_as_eager_does(tiny_tensors: Path, tmp_path: Path) -> None:
@@ -527,6 +585,9 @@ def test_semantic_keys_are_declared_beside_each_param() -> None:
     cfg = resolve({"model": "dcgan"}, seed=0, image_shape=(1, 28, 28), num_classes=0)
     assert cfg.key() == cfg.replace(steps=10, log_every=1, cuda_graph=False).key()
     assert cfg.key() != cfg.replace(lr_g=1e-3).key() != cfg.replace(seed=1).key()
+    decaying = cfg.replace(lr_decay_start=0.5)
+    assert decaying.key() != decaying.replace(steps=10).key()  # the rates depend on where training ends
+    assert decaying.key() == decaying.replace(log_every=1, cuda_graph=False).key()
     assert None not in (cfg.loss, cfg.d_norm, cfg.spectral_norm, cfg.n_critic, cfg.gp_weight)
 
 

@@ -41,6 +41,8 @@ FAMILIES = {
     # Lazy R1 and path length every 4 steps (with the pl_mean buffer), noise and style-mixing draws.
     "stylegan2": {"model": "stylegan2", "r1_every": 4, "pl_every": 4},
     "biggan": {"model": "biggan", "conditional": True},  # 32 px: self-attention at 16x16; orthogonal penalty
+    # Rates written in place between replays (device tensors): the replayed optimizer steps must read them.
+    "dcgan_lr_decay": {"model": "dcgan", "r1_gamma": 1.0, "r1_every": 4, "lr_decay_start": 0.25, "lr_decay_to": 0.0},
 }
 STEPS = 24  # R1 every 4 steps: 3 warm-ups of each variant by step 12, then replays
 

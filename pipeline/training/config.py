@@ -37,8 +37,12 @@ class TrainConfig(Train):
         return d
 
     def semantic(self) -> dict[str, Any]:
-        """The keys that change what is computed."""
-        return {k: v for k, v in self.to_dict().items() if k not in NON_SEMANTIC_KEYS}
+        """The keys that change what is computed (``steps`` too when the learning rates decay: where
+        training ends sets every step's rate, so a longer run is another run)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in NON_SEMANTIC_KEYS}
+        if self.lr_decay_start < 1:
+            d["steps"] = self.steps
+        return d
 
     def key(self, **extra: Any) -> str:
         """Hash of the semantic config plus ``extra`` (data hash, model layout, world size...)."""

@@ -35,6 +35,7 @@ from .executor import build_executor
 from .monitor import Monitor, Scoreboard
 from .objectives import OBJECTIVES, Objective, StepContext
 from .sampler import Sampler
+from .schedule import LearningRates
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class Trainer:
         self.objective = (objective or OBJECTIVES[cfg.objective])(cfg, ctx, self.sampler)
         if cfg.compile:
             self.objective.compile(compile_backend)
+        self.lrs = LearningRates(self.objective.optimizers, steps=cfg.steps, start=cfg.lr_decay_start,
+                                 to=cfg.lr_decay_to, device=self.device)
         self.ema = EMA(self.objective.generator, decay=cfg.ema_decay, start_step=cfg.ema_start,
                        half_life_images=cfg.ema_kimg * 1000, rampup=cfg.ema_rampup,
                        images_per_step=cfg.batch_size * self.info.world_size)
@@ -100,6 +103,7 @@ class Trainer:
 
     def train_step(self, want_norm: bool = False) -> None:
         draws = self.objective.draw()
+        self.lrs.apply(self.step)
         self.executor.run(draws, self.objective.variant(self.step, want_norm))
         self.sampler.release()
         self.step += 1
@@ -137,6 +141,7 @@ class Trainer:
         self._standing_at = None
         self.step = int(ckpt["step"])
         self.monitor.step.fill_(self.step)
+        self.lrs.apply(self.step)  # the saved groups carry the saved rates (on the CPU, as loaded)
         self.sampler.load_state_dict(ckpt["sampler"])
         restore_rng(ckpt["rng"])
         self.scores.load_state_dict(ckpt["eval"])
@@ -251,7 +256,7 @@ class Trainer:
         values: dict[str, Any] = self.monitor.flush()
         images = n * self.cfg.batch_size * self.info.world_size * self.objective.batches_per_step
         values.update(step=self.step, images_per_s=images / max(seconds, 1e-9),
-                      **{f"lr_{k}": o.param_groups[0]["lr"] for k, o in self.objective.optimizers.items()})
+                      **{f"lr_{k}": v for k, v in self.lrs.current().items()})
         return values
 
     # -- the loop -------------------------------------------------------------------------------------
