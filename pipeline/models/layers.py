@@ -102,7 +102,7 @@ def explicit_power_iteration(module: nn.Module) -> list[tuple[SpectralNorm, nn.P
         if nn.utils.parametrize.is_parametrized(m):
             for plist in m.parametrizations.values():
                 p = plist[0]
-                if len(plist) == 1 and isinstance(p, SpectralNorm) and hasattr(p, "_u") and hasattr(plist, "original"):
+                if len(plist) == 1 and isinstance(p, SpectralNorm) and hasattr(p, "_u"):
                     p.iterate_in_forward = False
                     pairs.append((p, plist.original))
     return pairs

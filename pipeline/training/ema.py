@@ -92,9 +92,10 @@ def has_running_stats(module: nn.Module) -> bool:
 @contextmanager
 def _batch_statistics(bns: list[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
     """The BatchNorm layers ``bns`` normalise with batch statistics and average them into their
-    running statistics with equal weights (momentum None); everything else stays as it was. A
-    SyncBatchNorm runs as a plain BatchNorm here: only one process samples."""
-    saved = [(m, m.training, m.momentum) for m in bns]
+    running statistics with equal weights (momentum None); on exit their momenta and forwards are
+    restored (their modes are the caller's to restore). A SyncBatchNorm runs as a plain BatchNorm
+    here: only one process samples."""
+    saved = [(m, m.momentum) for m in bns]
     try:
         for m in bns:
             m.reset_running_stats()
@@ -104,8 +105,7 @@ def _batch_statistics(bns: list[nn.modules.batchnorm._BatchNorm]) -> Iterator[No
                 m.forward = nn.modules.batchnorm._BatchNorm.forward.__get__(m)  # type: ignore[method-assign]
         yield
     finally:
-        for m, training, momentum in saved:
-            m.train(training)
+        for m, momentum in saved:
             m.momentum = momentum
             m.__dict__.pop("forward", None)
 
