@@ -146,19 +146,19 @@ def test_gpu_zoo_table_matches_benchmarks_results() -> None:
 # Seeds with standing statistics: (recipe label, seed, result file stem, variant name); a stem under
 # raw/ is a run whose JSON did not come back, read from the scores its log printed instead.
 SEED_ROWS = [
-    ("`fmnist-gpu.yaml` (DCGAN)", 0, "raw/zoo_standing_dcgan_log", "recipe"),
-    ("`fmnist-gpu.yaml` (DCGAN)", 1, "seeds_dcgan_s1", "recipe"),
-    ("`fmnist-gpu.yaml` (DCGAN)", 2, "seeds_dcgan_s2", "recipe"),
-    ("`fmnist-conditional.yaml`", 0, "zoo_standing_conditional", "recipe"),
-    ("`fmnist-conditional.yaml`", 1, "seeds_conditional_s1", "recipe"),
-    ("`fmnist-conditional.yaml`", 2, "seeds_conditional_s2", "recipe"),
+    ("`fmnist-gpu.yaml` (DCGAN, constant rates)", 0, "raw/zoo_standing_dcgan_log", "recipe"),
+    ("`fmnist-gpu.yaml` (DCGAN, constant rates)", 1, "seeds_dcgan_s1", "recipe"),
+    ("`fmnist-gpu.yaml` (DCGAN, constant rates)", 2, "seeds_dcgan_s2", "recipe"),
+    ("`fmnist-conditional.yaml` (R1 gamma 0.1)", 0, "zoo_standing_conditional", "recipe"),
+    ("`fmnist-conditional.yaml` (R1 gamma 0.1)", 1, "seeds_conditional_s1", "recipe"),
+    ("`fmnist-conditional.yaml` (R1 gamma 0.1)", 2, "seeds_conditional_s2", "recipe"),
     ("`fmnist-wgan-gp.yaml`", 0, "raw/zoo_standing_wgan_gp_log", "recipe"),
     ("`fmnist-sngan.yaml`", 0, "sngan_2min_standing", "recipe"),
     ("`fmnist-sngan.yaml`", 1, "seeds_sngan_s1", "recipe"),
     ("`fmnist-sngan.yaml`", 2, "seeds_sngan_s2", "recipe"),
-    ("`fmnist-biggan.yaml` (EMA 0.9995)", 0, "biggan_7min_ema9995", "ema9995"),
-    ("`fmnist-biggan.yaml` (EMA 0.9995)", 1, "seeds_biggan_s1", "recipe"),
-    ("`fmnist-biggan.yaml` (EMA 0.9995)", 2, "seeds_biggan_s2", "recipe"),
+    ("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", 0, "biggan_7min_ema9995", "ema9995"),
+    ("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", 1, "seeds_biggan_s1", "recipe"),
+    ("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", 2, "seeds_biggan_s2", "recipe"),
 ]
 _POINT = re.compile(r"step \d+, ([\d.]+) s, FID ([\d.]+) \(live G's BN statistics: ([\d.]+)\)")
 
@@ -221,6 +221,55 @@ def test_gpu_seed_table_and_standing_statistics_tally_match_benchmarks_results()
     lower, points, final_lower, runs = standing_tally()
     assert (f"lower at {lower} of {points} scoring points, and the final score lower in {final_lower} of "
             f"{runs} runs") in _flat(README)
+
+
+# Recipe variants over seeds: (label, [(seed, result file stem, variant name), ...]); raw/ stems as above.
+VARIANT_ROWS = [
+    ("DCGAN, constant rates (the recipe before)",
+     [(0, "raw/zoo_standing_dcgan_log", "recipe"), (1, "seeds_dcgan_s1", "recipe"), (2, "seeds_dcgan_s2", "recipe"),
+      (3, "u_dcgan_s3", "recipe"), (4, "u_dcgan_s4", "recipe")]),
+    ("DCGAN, rates falling over the second half (`fmnist-gpu.yaml` now)",
+     [(s, f"decay_dcgan_s{s}", "decay") for s in range(3)] + [(s, f"u_dcgan_s{s}", "decay") for s in (3, 4)]),
+    ("conditional DCGAN, R1 gamma 0.1, constant rates (the recipe before)",
+     [(0, "zoo_standing_conditional", "recipe"), (1, "seeds_conditional_s1", "recipe"),
+      (2, "seeds_conditional_s2", "recipe"), (3, "u_cond_base_s3", "recipe"), (4, "u_cond_base_s4", "recipe")]),
+    ("conditional DCGAN, R1 gamma 0.1, falling rates", [(s, f"decay_conditional_s{s}", "decay") for s in range(3)]),
+    ("conditional DCGAN, D at 4e-4 (2x G), falling rates", [(s, f"u_cond_fix_s{s}", "lrd4decay") for s in range(4)]),
+    ("conditional DCGAN, R1 gamma 1, falling rates", [(s, f"u_cond_fix_s{s}", "r1decay") for s in range(4)]),
+    ("conditional DCGAN, R1 gamma 1, constant rates (`fmnist-conditional.yaml` now)",
+     [(s, f"v_cond_r1_s{s}", "r1") for s in range(3)]),
+    ("SNGAN, 2 minutes, constant rates (`fmnist-sngan.yaml`)",
+     [(0, "sngan_2min_standing", "recipe"), (1, "seeds_sngan_s1", "recipe"), (2, "seeds_sngan_s2", "recipe")]),
+    ("SNGAN, 5,000 steps, falling rates", [(s, f"decay_sngan_s{s}", "decay") for s in range(3)]),
+    ("BigGAN, no R1, constant rates, 4,688 steps (the recipe before)",
+     [(0, "biggan_7min_ema9995", "ema9995"), (1, "seeds_biggan_s1", "recipe"), (2, "seeds_biggan_s2", "recipe")]),
+    ("BigGAN, no R1, falling rates, 4,688 steps", [(1, "decay_biggan_s1", "decay")]),
+    ("BigGAN, R1 gamma 1, falling rates, 3,500 steps (`fmnist-biggan.yaml` now)",
+     [(s, f"raw/biggan_r1_decay_s{s}_log", "r1decay") for s in range(3)]),
+]
+
+
+def variant_rows() -> list[str]:
+    """The README's table of recipe variants over seeds: final FID per seed (the best in brackets
+    where it was lower), how many runs ended within 10% of their best, the mean final FID, and the
+    mean intra-FID and CAS where every run has them."""
+    rows = []
+    for label, runs in VARIANT_ROWS:
+        got = [_seed_run(stem, name) for _, stem, name in runs]
+        finals = " / ".join(f"{r['final_fid']:.2f}" + (f" ({r['best_fid']:.2f})" if r["final_fid"] > r["best_fid"] else "")
+                            for r in got)
+        within = sum(r["final_fid"] <= 1.1 * r["best_fid"] for r in got)
+        cond = (f"{statistics.mean(r['intra_fid'] for r in got):.2f} | {statistics.mean(r['cas'] for r in got):.3f}"
+                if all("intra_fid" in r for r in got) else " | ")
+        seeds = ", ".join(str(seed) for seed, _, _ in runs)
+        rows.append(f"| {label} | {seeds} | {finals} | {within} of {len(got)} | "
+                    f"{statistics.mean(r['final_fid'] for r in got):.2f} | {cond} |")
+    return rows
+
+
+def test_gpu_recipe_variant_table_matches_benchmarks_results() -> None:
+    for row in variant_rows():
+        assert row in README, f"README should hold the row:\n{row}"
 
 
 def test_gpu_ddp_figures_match_benchmarks_results() -> None:
