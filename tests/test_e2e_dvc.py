@@ -126,6 +126,7 @@ def test_parent_run_is_comparable_and_children_carry_images_dataset_and_source(b
                    if n.startswith("images/samples+step+") and n.endswith(".png"))
     assert steps == [0, 3, 6]
     assert train.data.tags["mlflow.loggedImages"] == "True"
+    assert train.data.tags["train.resumed"] == "False"  # the published files do not say; the run's tags do
     # The training data is a dataset input with the tensors' content digest, size and resolution.
     meta = json.loads((root / "data/tensors/meta.json").read_text())
     for run_id in (train.info.run_id, parent.info.run_id):

@@ -79,7 +79,7 @@ def test_kill_9_during_checkpoint_write_keeps_the_previous_checkpoint_and_resume
     resumed = pipeline("train", cwd=project, timeout=400)
     assert f"resumed from {workdir / 'checkpoint.pt'} at step {ckpt['step']}" in resumed.stderr
     summary = json.loads((project / "reports" / "train" / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["resumed"] is True
+    assert summary["steps"] == 4 and "resumed" not in summary  # the published files do not say how they were made
     assert load_checkpoint(workdir / "checkpoint.pt")["step"] == 4
     assert not Path(tmp).exists(), "the killed writer's temporary file was not cleaned up"
 

@@ -362,6 +362,10 @@ def test_kill_9_then_resume_equals_a_straight_run(stage_dir: Path, tmp_path_fact
     assert all(torch.equal(a[k], b[k]) for k in a), "kill -9 + resume differs from the straight run"
     log_steps = [json.loads(ln)["step"] for ln in (stage_dir / "reports/train/log.jsonl").read_text().splitlines()]
     assert log_steps == sorted(set(log_steps)), "the step log has duplicated steps after resume"
+    # The published summary (a DVC output) is the straight run's, byte for byte: nothing in it says
+    # the run was resumed, so the cache and `dvc metrics diff` see one result.
+    summaries = [(root / "reports/train/summary.json").read_bytes() for root in (straight, stage_dir)]
+    assert summaries[0] == summaries[1]
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_ends_killed(stage_dir: Path) -> None:

@@ -157,7 +157,7 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
             tmp = Path(tmp_name)
             write_curves(workdir / "log.jsonl", tmp)
             summary = {"steps": result.step, "best_score": result.best_score, "best_step": result.best_step,
-                       "collapsed": result.collapsed, "stopped_early": result.stopped_early, "resumed": resumed,
+                       "collapsed": result.collapsed, "stopped_early": result.stopped_early,
                        "history": result.history, "config": cfg.to_dict(), "device": device, "world_size": info.world_size,
                        "transfer": result.transfer, "evaluator_sha256": eval_hash}
             write_json(tmp / "summary.json", summary)
@@ -169,6 +169,9 @@ def run(params: Params, augmented: Path, tensors: Path, evaluator_path: Path | N
                 # MLflow's image history: the run page's step slider walks through training.
                 tracker.log_image(grid, "samples", int(grid.stem.split("_")[1]))
             tracker.log_generator(models_dir / "best.pt", "generator")
+            # Provenance, not a result: a resumed run publishes the same files as an uninterrupted one
+            # (so DVC's cache and metrics diffs see no change), and the tracker records the resume.
+            tracker.set_tags({"train.resumed": resumed})
             if result.transfer:
                 tracker.set_tags({"transfer.matched": len(result.transfer["matched"]),
                                   "transfer.new": len(result.transfer["new"])})
