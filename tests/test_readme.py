@@ -94,10 +94,14 @@ def throughput_rows(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _assert_rows_in_readme(rows: list[str]) -> None:
+    missing = [row for row in rows if row not in README]
+    assert rows and not missing, "README should hold the rows:\n" + "\n".join(missing)
+
+
 def test_gpu_throughput_table_matches_benchmarks_results() -> None:
     results = _load("benchmarks/results/train_throughput_h100-80gb-hbm3.json")["results"]
-    for row in throughput_rows(results):
-        assert row in README, f"README should hold the row:\n{row}"
+    _assert_rows_in_readme(throughput_rows(results))
 
 
 # The model zoo's time-to-quality table: (label, result file stem, variant name) per row.
@@ -139,8 +143,7 @@ def zoo_rows() -> list[str]:
 
 
 def test_gpu_zoo_table_matches_benchmarks_results() -> None:
-    for row in zoo_rows():
-        assert row in README, f"README should hold the row:\n{row}"
+    _assert_rows_in_readme(zoo_rows())
 
 
 # Seeds with standing statistics: (recipe label, seed, result file stem, variant name); a stem under
@@ -209,8 +212,7 @@ def standing_tally() -> tuple[int, int, int, int]:
 
 
 def test_gpu_seed_table_and_standing_statistics_tally_match_benchmarks_results() -> None:
-    for row in seed_rows():
-        assert row in README, f"README should hold the row:\n{row}"
+    _assert_rows_in_readme(seed_rows())
     runs_of = {prefix: [_seed_run(stem, name) for label, _, stem, name in SEED_ROWS if label.startswith(prefix)]
                for prefix in ("`fmnist-biggan.yaml`", "`fmnist-conditional.yaml`")}
     big, dc = runs_of.values()
@@ -268,8 +270,7 @@ def variant_rows() -> list[str]:
 
 
 def test_gpu_recipe_variant_table_matches_benchmarks_results() -> None:
-    for row in variant_rows():
-        assert row in README, f"README should hold the row:\n{row}"
+    _assert_rows_in_readme(variant_rows())
 
 
 def test_gpu_ddp_figures_match_benchmarks_results() -> None:
