@@ -51,7 +51,9 @@ def child(args: argparse.Namespace) -> None:
     n_img = 2048 if args.cpu_dry_run else len(data["train_x"])
     images = resize_on_device(data["train_x"][:n_img], size, device)
     train = {**yaml.safe_load(RECIPE.read_text())["train"], **parse_overrides(args.train or ""),
-             "batch_size": args.per_gpu_batch, "steps": 10**9}
+             "batch_size": args.per_gpu_batch,
+             # A quality run spans the recipe's schedule (its rates may fall over the second half).
+             "steps": args.quality_steps or 10**9}
     if args.cpu_dry_run:
         train.update(ngf=8, ndf=8, nz=16, precision="fp32", channels_last=False, cuda_graph=False)
     cfg = resolve(train, seed=args.seed, image_shape=(1, size, size), num_classes=0)

@@ -145,7 +145,8 @@ class Train:
     model: Model = spec("dcgan", "recipe: dcgan, sngan (ResNet + spectral norm + hinge), wgan_gp, vae, stylegan2, "
                                  "biggan (hierarchical latents, self-attention, orthogonal regularisation)")
     conditional: bool = spec(False, "class-conditional G (conditional BN) and projection D; needs labels")
-    steps: int = spec(3000, "generator optimizer steps", ge=1, semantic=False)
+    steps: int = spec(3000, "generator optimizer steps (a longer run resumes a shorter one, unless the learning "
+                            "rates decay)", ge=1, semantic=False)
     batch_size: int = spec(64, "images per step (per process under DDP)", ge=2)
     nz: int = spec(64, "latent dimension", ge=1)
     ngf: int = spec(32, "generator width (channels of its last hidden layer)", ge=4)

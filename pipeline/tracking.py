@@ -67,7 +67,8 @@ PARENT_METRICS = ("fid", "fid_ci_low", "fid_ci_high", "kid", "kid_ci_low", "kid_
                   "recall_ci_high", "inception.fid", "inception.kid", "inception.IS")
 PARENT_PARAMS = ("base.seed", "data.source", "data.path", "data.limit", "data.channels", "preprocess.size",
                  "augment.copies", "train.model", "train.conditional", "train.steps", "train.batch_size", "train.nz",
-                 "train.ngf", "train.ndf", "train.loss", "train.lr_g", "train.lr_d", "train.n_critic", "train.r1_gamma",
+                 "train.ngf", "train.ndf", "train.loss", "train.lr_g", "train.lr_d", "train.lr_decay_start",
+                 "train.lr_decay_to", "train.n_critic", "train.r1_gamma",
                  "train.diffaug", "train.ada", "train.ema_decay", "train.precision", "train.devices")
 # Loggers of "model" events by flavor, registered by the module that knows the model
 # (pipeline.mlflow_models): a stage that logs no model does not import the model code.

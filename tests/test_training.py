@@ -589,6 +589,7 @@ def test_semantic_keys_are_declared_beside_each_param() -> None:
     cfg = resolve({"model": "dcgan"}, seed=0, image_shape=(1, 28, 28), num_classes=0)
     assert cfg.key() == cfg.replace(steps=10, log_every=1, cuda_graph=False).key()
     assert cfg.key() != cfg.replace(lr_g=1e-3).key() != cfg.replace(seed=1).key()
+    assert cfg.key() == cfg.replace(lr_decay_to=0.5).key()  # no decay: its keys change nothing
     decaying = cfg.replace(lr_decay_start=0.5)
     assert decaying.key() != decaying.replace(steps=10).key()  # the rates depend on where training ends
     assert decaying.key() == decaying.replace(log_every=1, cuda_graph=False).key()

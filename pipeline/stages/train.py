@@ -230,8 +230,8 @@ def _log_dataset(tracker: Any, params: Params, tensors: Path, meta: dict[str, An
 def _claim_workdir(key: str, info: Any) -> tuple[Path, int | None, bool]:
     """The run's work directory, locked for this process: (directory, lock descriptor, private?).
 
-    Configs that differ only in keys that do not change what is computed (train.steps, logging
-    intervals) share a key, so that a longer run resumes a shorter one. Two such runs at once
+    Configs that differ only in keys that do not change what is computed (train.steps, unless the
+    learning rates decay; logging intervals) share a key, so that a longer run resumes a shorter one. Two such runs at once
     (``dvc queue start -j 2`` on a steps sweep) would write one checkpoint and one step log over
     each other; the second therefore trains in a private directory, without resuming, and removes
     it once its outputs are published. Under DDP the ranks share the directory (one checkpoint

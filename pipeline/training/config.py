@@ -2,7 +2,8 @@
 
 :class:`TrainConfig` is frozen and typed, with no ``None`` left where the recipe decides (only
 ``init_from`` stays ``None``, meaning "no transfer"). Which keys change the result is declared
-once, beside each key in :mod:`pipeline.params` (``semantic=False``); :meth:`TrainConfig.key`
+once, beside each key in :mod:`pipeline.params` (``semantic=False``), with the one exception
+that the learning-rate decay makes (:meth:`TrainConfig.semantic`); :meth:`TrainConfig.key`
 hashes the others, and that one hash drives the resume check, the work directory and the
 checkpoint's config check.
 """
@@ -37,11 +38,15 @@ class TrainConfig(Train):
         return d
 
     def semantic(self) -> dict[str, Any]:
-        """The keys that change what is computed (``steps`` too when the learning rates decay: where
-        training ends sets every step's rate, so a longer run is another run)."""
+        """The keys that change what is computed. The learning-rate decay decides two exceptions:
+        with a decay, ``steps`` counts (where training ends sets every step's rate, so a longer run
+        is another run); without one, the decay's keys do not (so keys made before they existed,
+        and the checkpoints under them, still match)."""
         d = {k: v for k, v in self.to_dict().items() if k not in NON_SEMANTIC_KEYS}
         if self.lr_decay_start < 1:
             d["steps"] = self.steps
+        else:
+            del d["lr_decay_start"], d["lr_decay_to"]
         return d
 
     def key(self, **extra: Any) -> str:

@@ -13,12 +13,14 @@ the replayed graphs read it from there.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def lr_scale(step: int, *, steps: int, start: float, to: float) -> float:
     """The factor on the starting rates for the step after ``step`` steps were done (0-based)."""
-    first = int(round(start * steps))  # the first step whose rate is below the starting one
+    first = math.floor(start * steps + 0.5)  # the first step whose rate is below the starting one
     if start >= 1 or step < first:
         return 1.0
     span = max(steps - first, 1)
