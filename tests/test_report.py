@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.report.figures import metric_rows
+from pipeline.report.figures import metric_rows, plot_curves
 from pipeline.report.html import render
 
 from helpers_eval import TinyData, TinyRun, in_dir, run_model
@@ -188,6 +188,20 @@ def test_change_against_previous_commit(tiny_gan: TinyRun, tmp_path: Path) -> No
     assert "<td>new</td>" in row
     row = re.search(r"<tr data-key='offline evaluator:kid'>(.*?)</tr>", html).group(1)
     assert "unchanged" in row
+
+
+def test_curves_show_the_learning_rates_only_when_they_change(tmp_path: Path) -> None:
+    """The curves figure gains a learning-rate panel (figures are 5 inches, 550 px, per panel) for a
+    run whose rates fall, and none for constant rates."""
+    widths = {}
+    for name, lr_d in (("constant", [8e-4] * 4), ("falling", [8e-4, 8e-4, 4e-4, 0.0])):
+        rows = ["step,loss_d,loss_g,lr_d,lr_g,p_fake,p_real"] + [
+            f"{s},1.{s},2.{s},{d:.6g},{d / 4:.6g},0.4,0.6" for s, d in zip((2, 4, 6, 8), lr_d, strict=True)]
+        (tmp_path / f"{name}.csv").write_text("\n".join(rows) + "\n")
+        (tmp_path / "scores.csv").write_text("step,score\n4,30.5\n8,12.25\n")
+        assert plot_curves(tmp_path / f"{name}.csv", tmp_path / "scores.csv", tmp_path / f"{name}.png")
+        widths[name] = Image.open(tmp_path / f"{name}.png").size[0]
+    assert widths == {"constant": 3 * 550, "falling": 4 * 550}, widths
 
 
 def test_metric_rows_include_inception_when_computed() -> None:

@@ -89,8 +89,14 @@ def read_csv(path: Path) -> dict[str, list[float]]:
     return cols
 
 
+def _varying(data: dict[str, list[float]], key: str) -> bool:
+    values = [v for v in data.get(key, []) if v == v]  # NaN: a row without the column
+    return bool(values) and min(values) != max(values)
+
+
 def plot_curves(losses_csv: Path, scores_csv: Path, path: Path) -> bool:
-    """Loss, D(x)/D(G(z)) and score-over-steps panels as one PNG; False when there is nothing to draw."""
+    """Loss, D(x)/D(G(z)) and score-over-steps panels as one PNG (and ADA's p, and the learning
+    rates where they change over the run); False when there is nothing to draw."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -104,6 +110,8 @@ def plot_curves(losses_csv: Path, scores_csv: Path, path: Path) -> bool:
         ("discriminator", [k for k in ("p_real", "p_fake") if k in losses], losses),
         # ADA: the augmentation probability and the overfitting heuristic it holds at its target.
         ("adaptive augmentation", [k for k in ("ada_p", "ada_rt") if k in losses], losses),
+        # train.lr_decay_start < 1: the schedule the run followed (constant rates get no panel).
+        ("learning rates", [k for k in ("lr_g", "lr_d") if _varying(losses, k)], losses),
         ("evaluator FID (in-loop, lower is better)", ["score"] if "score" in scores else [], scores),
     ]
     panels = [p for p in panels if p[1]]
