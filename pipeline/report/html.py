@@ -113,8 +113,9 @@ def render(ctx: dict[str, Any]) -> str:
         frames = "".join(figure(path, f"step {step}", width=200) for step, path in ctx["timeline"])
         parts.append(_section("timeline", "Fixed-seed samples over training", f"<div class='row'>{frames}</div>"))
     parts.append(_section("curves", "Training curves",
-                          figure(figs.get("curves"), "Losses, discriminator outputs, the in-loop evaluator score and, "
-                                 "with train.ada, ADA's p and the r_t it holds at its target", pixelated=False)))
+                          figure(figs.get("curves"), "Losses, discriminator outputs, the in-loop evaluator score, "
+                                 "with train.ada ADA's p and the r_t it holds at its target, and the learning "
+                                 "rates when they fall (train.lr_decay_start)", pixelated=False)))
     parts.append(_section("interpolation", "Latent interpolation",
                           figure(figs.get("interpolation"),
                                  "Each row walks the latent sphere (slerp) between two fixed latents"
