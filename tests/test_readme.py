@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import statistics
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers_project import ROOT
 
 README = (ROOT / "README.md").read_text()
@@ -146,41 +148,12 @@ def test_gpu_zoo_table_matches_benchmarks_results() -> None:
     _assert_rows_in_readme(zoo_rows())
 
 
-# Seeds with standing statistics: (recipe label, seed, result file stem, variant name); a stem under
-# raw/ is a run whose JSON did not come back, read from the scores its log printed instead.
-SEED_ROWS = [
-    ("`fmnist-gpu.yaml` (DCGAN, constant rates)", 0, "raw/zoo_standing_dcgan_log", "recipe"),
-    ("`fmnist-gpu.yaml` (DCGAN, constant rates)", 1, "seeds_dcgan_s1", "recipe"),
-    ("`fmnist-gpu.yaml` (DCGAN, constant rates)", 2, "seeds_dcgan_s2", "recipe"),
-    ("`fmnist-conditional.yaml` (R1 gamma 0.1)", 0, "zoo_standing_conditional", "recipe"),
-    ("`fmnist-conditional.yaml` (R1 gamma 0.1)", 1, "seeds_conditional_s1", "recipe"),
-    ("`fmnist-conditional.yaml` (R1 gamma 0.1)", 2, "seeds_conditional_s2", "recipe"),
-    ("`fmnist-wgan-gp.yaml`", 0, "raw/zoo_standing_wgan_gp_log", "recipe"),
-    ("`fmnist-sngan.yaml`", 0, "sngan_2min_standing", "recipe"),
-    ("`fmnist-sngan.yaml`", 1, "seeds_sngan_s1", "recipe"),
-    ("`fmnist-sngan.yaml`", 2, "seeds_sngan_s2", "recipe"),
-    ("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", 0, "biggan_7min_ema9995", "ema9995"),
-    ("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", 1, "seeds_biggan_s1", "recipe"),
-    ("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", 2, "seeds_biggan_s2", "recipe"),
-]
-_POINT = re.compile(r"step \d+, ([\d.]+) s, FID ([\d.]+) \(live G's BN statistics: ([\d.]+)\)")
-
-
-def _log_curve(path: Path) -> list[dict[str, float]]:
-    """The scores a time_to_quality log printed, both ways (recomputed and copied statistics)."""
-    return [{"train_seconds": float(m[1]), "fid": float(m[2]), "fid_copied_bn_stats": float(m[3])}
-            for m in _POINT.finditer(path.read_text())]
-
-
-def _seed_run(stem: str, name: str) -> dict[str, Any]:
-    """A seed row's run: the JSON's engine entry, or a raw log's scores and summary figures."""
-    if not stem.startswith("raw/"):
-        return next(e for e in _load(f"benchmarks/results/{stem}_h100-80gb-hbm3.json")["engine"] if e["name"] == name)
-    curve = _log_curve(ROOT / f"benchmarks/results/{stem}_h100-80gb-hbm3.txt")
-    fids = [c["fid"] for c in curve]
-    best = min(range(len(fids)), key=fids.__getitem__)
-    return {"curve": curve, "best_fid": fids[best], "best_at_seconds": curve[best]["train_seconds"],
-            "final_fid": fids[-1]}
+# The seed and variant tables' runs are listed in benchmarks/seed_runs.py, which also draws their curves.
+_spec = importlib.util.spec_from_file_location("seed_runs", ROOT / "benchmarks" / "seed_runs.py")
+seed_runs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(seed_runs)  # type: ignore[union-attr]
+SEED_ROWS, VARIANT_ROWS, _log_curve, _seed_run, _seed_table = (
+    seed_runs.SEED_ROWS, seed_runs.VARIANT_ROWS, seed_runs.log_curve, seed_runs.seed_run, seed_runs.seed_table)
 
 
 def seed_rows() -> list[str]:
@@ -211,11 +184,6 @@ def standing_tally() -> tuple[int, int, int, int]:
             sum(run[-1]["fid"] < run[-1]["fid_copied_bn_stats"] for run in runs), len(runs))
 
 
-def _seed_table(recipe: str) -> list[tuple[int, str, str]]:
-    """(seed, result file stem, variant name) of the seed table's rows for ``recipe`` (a file name)."""
-    return [(seed, stem, name) for label, seed, stem, name in SEED_ROWS if label.startswith(f"`{recipe}`")]
-
-
 def test_gpu_seed_table_and_standing_statistics_tally_match_benchmarks_results() -> None:
     _assert_rows_in_readme(seed_rows())
     big, dc = ([_seed_run(stem, name) for _, stem, name in _seed_table(recipe)]
@@ -227,41 +195,6 @@ def test_gpu_seed_table_and_standing_statistics_tally_match_benchmarks_results()
     lower, points, final_lower, runs = standing_tally()
     assert (f"lower at {lower} of {points} scoring points, and the final score lower in {final_lower} of "
             f"{runs} runs") in _flat(README)
-
-
-# Recipe variants over seeds: (label, [(seed, result file stem, variant name), ...]); raw/ stems as above.
-# The recipes before are the seed table's runs, with more seeds where there are.
-VARIANT_ROWS = [
-    ("DCGAN, R1 gamma 0.1, constant rates (the first recipe)",
-     _seed_table("fmnist-gpu.yaml") + [(s, f"u_dcgan_s{s}", "recipe") for s in (3, 4)]),
-    ("DCGAN, R1 gamma 0.1, rates falling over the second half",
-     [(s, f"decay_dcgan_s{s}", "decay") for s in range(3)] + [(s, f"u_dcgan_s{s}", "decay") for s in (3, 4)]),
-    ("DCGAN, R1 gamma 1, constant rates (`fmnist-gpu.yaml` now)",
-     [(s, f"x_dcgan_s{s}", "r1g1") for s in range(3)] + [(s, f"y_dcgan_s{s}", "r1g1") for s in (3, 4)]),
-    ("conditional DCGAN, R1 gamma 0.1, constant rates (the first recipe)",
-     _seed_table("fmnist-conditional.yaml") + [(s, f"u_cond_base_s{s}", "recipe") for s in (3, 4)]),
-    ("conditional DCGAN, R1 gamma 0.1, falling rates", [(s, f"decay_conditional_s{s}", "decay") for s in range(3)]),
-    ("conditional DCGAN, R1 gamma 0.1, D at 4e-4 (2x G), falling rates", [(s, f"u_cond_fix_s{s}", "lrd4decay") for s in range(4)]),
-    ("conditional DCGAN, R1 gamma 1, falling rates", [(s, f"u_cond_fix_s{s}", "r1decay") for s in range(4)]),
-    ("conditional DCGAN, R1 gamma 1, constant rates (`fmnist-conditional.yaml` now)",
-     [(s, f"v_cond_r1_s{s}", "r1") for s in range(3)]),
-    ("SNGAN, 2 minutes, R1 gamma 0.1, constant rates (the first recipe)", _seed_table("fmnist-sngan.yaml")),
-    ("SNGAN, 5,000 steps, R1 gamma 0.1, falling rates", [(s, f"decay_sngan_s{s}", "decay") for s in range(3)]),
-    ("SNGAN, 2 minutes, R1 gamma 1, constant rates (`fmnist-sngan.yaml` now)",
-     [(0, "w_sngan_s0", "r1g1"), (1, "w_sngan_s1", "r1g1"), (2, "x_sngan_s2", "r1g1"), (3, "x_sngan_s3", "r1g1"),
-      (4, "y_sngan_s4", "r1g1")]),
-    ("SNGAN, as above, seed 2 compiling into an empty cache beside three other compiles",
-     [(2, "w_sngan_s2", "r1g1")]),
-    ("BigGAN, hinge, no R1, constant rates, 4,688 steps (the first recipe)", _seed_table("fmnist-biggan.yaml")),
-    ("BigGAN, hinge, no R1, falling rates, 4,688 steps", [(1, "decay_biggan_s1", "decay")]),
-    ("BigGAN, hinge, R1 gamma 1, falling rates, 3,500 steps (logs only)",
-     [(s, f"raw/biggan_r1_decay_s{s}_log", "r1decay") for s in range(3)]),
-    ("BigGAN, hinge, R1 gamma 1, falling rates, 3,500 steps (the same, run again)",
-     [(s, f"w_biggan_s{s}", "recipe") for s in range(3)]),
-    ("BigGAN, hinge, R1 gamma 1, constant rates, 3,500 steps", [(s, f"x_biggan_s{s}", "r1const") for s in range(2)]),
-    ("BigGAN, non-saturating loss, R1 gamma 1, falling rates, 3,500 steps (`fmnist-biggan.yaml` now)",
-     [(s, f"y_biggan_s{s}", "ns") for s in range(2)]),
-]
 
 
 def variant_rows() -> list[str]:
@@ -288,6 +221,18 @@ def r1_tally(gamma: str) -> tuple[int, int]:
     got = [_seed_run(stem, name) for label, runs in VARIANT_ROWS if not label.startswith("BigGAN")
            and f"R1 gamma {gamma}," in label for _, stem, name in runs]
     return sum(r["final_fid"] <= 1.1 * r["best_fid"] for r in got), len(got)
+
+
+def test_the_seed_curves_figure_draws_each_panels_runs(tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = seed_runs.plot(tmp_path / "curves.png")
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (1210, 924)
+        assert len(im.convert("RGB").getcolors(1 << 20)) > 50  # drawn, not blank
+    with pytest.raises(ValueError, match="rows start with 'BigGAN, hinge, R1'"):
+        seed_runs.variant("BigGAN, hinge, R1")  # two rows: a panel must name one
+    assert "benchmarks/results/recipe_variants_h100-80gb-hbm3.png" in README
 
 
 def test_gpu_recipe_variant_table_matches_benchmarks_results() -> None:

@@ -1,0 +1,197 @@
+"""The H100 seed runs behind the README's seed and recipe-variant tables, and a figure of their curves.
+
+Each run is a ``benchmarks/time_to_quality.py`` result (``benchmarks/results/<stem>_h100-80gb-hbm3.json``,
+one engine entry per variant name) or, where the JSON did not come back from the GPU machine, the
+scores its log printed (``benchmarks/results/raw/<stem>_h100-80gb-hbm3.txt``).
+
+    python benchmarks/seed_runs.py [--out benchmarks/results/recipe_variants_h100-80gb-hbm3.png]
+
+draws every run's FID against training seconds, one panel per model family: the first recipe's
+seeds in grey, the recipe's seeds now in colour, each final score marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+FIGURE = RESULTS / "recipe_variants_h100-80gb-hbm3.png"
+
+# Seeds with standing statistics: (recipe label, seed, result file stem, variant name); a stem under
+# raw/ is a run whose JSON did not come back, read from the scores its log printed instead.
+SEED_ROWS = [
+    ("`fmnist-gpu.yaml` (DCGAN, constant rates)", 0, "raw/zoo_standing_dcgan_log", "recipe"),
+    ("`fmnist-gpu.yaml` (DCGAN, constant rates)", 1, "seeds_dcgan_s1", "recipe"),
+    ("`fmnist-gpu.yaml` (DCGAN, constant rates)", 2, "seeds_dcgan_s2", "recipe"),
+    ("`fmnist-conditional.yaml` (R1 gamma 0.1)", 0, "zoo_standing_conditional", "recipe"),
+    ("`fmnist-conditional.yaml` (R1 gamma 0.1)", 1, "seeds_conditional_s1", "recipe"),
+    ("`fmnist-conditional.yaml` (R1 gamma 0.1)", 2, "seeds_conditional_s2", "recipe"),
+    ("`fmnist-wgan-gp.yaml`", 0, "raw/zoo_standing_wgan_gp_log", "recipe"),
+    ("`fmnist-sngan.yaml`", 0, "sngan_2min_standing", "recipe"),
+    ("`fmnist-sngan.yaml`", 1, "seeds_sngan_s1", "recipe"),
+    ("`fmnist-sngan.yaml`", 2, "seeds_sngan_s2", "recipe"),
+    ("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", 0, "biggan_7min_ema9995", "ema9995"),
+    ("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", 1, "seeds_biggan_s1", "recipe"),
+    ("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", 2, "seeds_biggan_s2", "recipe"),
+]
+POINT = re.compile(r"step \d+, ([\d.]+) s, FID ([\d.]+) \(live G's BN statistics: ([\d.]+)\)")
+
+
+def _log_curve(path: Path) -> list[dict[str, float]]:
+    """The scores a time_to_quality log printed, both ways (recomputed and copied statistics)."""
+    return [{"train_seconds": float(m[1]), "fid": float(m[2]), "fid_copied_bn_stats": float(m[3])}
+            for m in POINT.finditer(path.read_text())]
+
+
+def _seed_run(stem: str, name: str) -> dict[str, Any]:
+    """A seed row's run: the JSON's engine entry, or a raw log's scores and summary figures."""
+    if not stem.startswith("raw/"):
+        return next(e for e in _load(f"benchmarks/results/{stem}_h100-80gb-hbm3.json")["engine"] if e["name"] == name)
+    curve = _log_curve(ROOT / f"benchmarks/results/{stem}_h100-80gb-hbm3.txt")
+    fids = [c["fid"] for c in curve]
+    best = min(range(len(fids)), key=fids.__getitem__)
+    return {"curve": curve, "best_fid": fids[best], "best_at_seconds": curve[best]["train_seconds"],
+            "final_fid": fids[-1]}
+
+
+
+
+def log_curve(path: Path) -> list[dict[str, float]]:
+    """The scores a time_to_quality log printed, both ways (recomputed and copied statistics)."""
+    return [{"train_seconds": float(m[1]), "fid": float(m[2]), "fid_copied_bn_stats": float(m[3])}
+            for m in POINT.finditer(path.read_text())]
+
+
+def seed_run(stem: str, name: str) -> dict[str, Any]:
+    """A run: the JSON's engine entry ``name``, or a raw log's scores and summary figures."""
+    if not stem.startswith("raw/"):
+        data = json.loads((RESULTS / f"{stem}_h100-80gb-hbm3.json").read_text())
+        return next(e for e in data["engine"] if e["name"] == name)
+    curve = log_curve(RESULTS / f"{stem}_h100-80gb-hbm3.txt")
+    fids = [c["fid"] for c in curve]
+    best = min(range(len(fids)), key=fids.__getitem__)
+    return {"curve": curve, "best_fid": fids[best], "best_at_seconds": curve[best]["train_seconds"],
+            "final_fid": fids[-1]}
+
+
+def seed_table(recipe: str) -> list[tuple[int, str, str]]:
+    """(seed, result file stem, variant name) of the seed table's rows for ``recipe`` (a file name)."""
+    return [(seed, stem, name) for label, seed, stem, name in SEED_ROWS if label.startswith(f"`{recipe}`")]
+
+
+# Recipe variants over seeds: (label, [(seed, result file stem, variant name), ...]); raw/ stems as above.
+# The recipes before are the seed table's runs, with more seeds where there are.
+VARIANT_ROWS = [
+    ("DCGAN, R1 gamma 0.1, constant rates (the first recipe)",
+     seed_table("fmnist-gpu.yaml") + [(s, f"u_dcgan_s{s}", "recipe") for s in (3, 4)]),
+    ("DCGAN, R1 gamma 0.1, rates falling over the second half",
+     [(s, f"decay_dcgan_s{s}", "decay") for s in range(3)] + [(s, f"u_dcgan_s{s}", "decay") for s in (3, 4)]),
+    ("DCGAN, R1 gamma 1, constant rates (`fmnist-gpu.yaml` now)",
+     [(s, f"x_dcgan_s{s}", "r1g1") for s in range(3)] + [(s, f"y_dcgan_s{s}", "r1g1") for s in (3, 4)]),
+    ("conditional DCGAN, R1 gamma 0.1, constant rates (the first recipe)",
+     seed_table("fmnist-conditional.yaml") + [(s, f"u_cond_base_s{s}", "recipe") for s in (3, 4)]),
+    ("conditional DCGAN, R1 gamma 0.1, falling rates", [(s, f"decay_conditional_s{s}", "decay") for s in range(3)]),
+    ("conditional DCGAN, R1 gamma 0.1, D at 4e-4 (2x G), falling rates", [(s, f"u_cond_fix_s{s}", "lrd4decay") for s in range(4)]),
+    ("conditional DCGAN, R1 gamma 1, falling rates", [(s, f"u_cond_fix_s{s}", "r1decay") for s in range(4)]),
+    ("conditional DCGAN, R1 gamma 1, constant rates (`fmnist-conditional.yaml` now)",
+     [(s, f"v_cond_r1_s{s}", "r1") for s in range(3)]),
+    ("SNGAN, 2 minutes, R1 gamma 0.1, constant rates (the first recipe)", seed_table("fmnist-sngan.yaml")),
+    ("SNGAN, 5,000 steps, R1 gamma 0.1, falling rates", [(s, f"decay_sngan_s{s}", "decay") for s in range(3)]),
+    ("SNGAN, 2 minutes, R1 gamma 1, constant rates (`fmnist-sngan.yaml` now)",
+     [(0, "w_sngan_s0", "r1g1"), (1, "w_sngan_s1", "r1g1"), (2, "x_sngan_s2", "r1g1"), (3, "x_sngan_s3", "r1g1"),
+      (4, "y_sngan_s4", "r1g1")]),
+    ("SNGAN, as above, seed 2 compiling into an empty cache beside three other compiles",
+     [(2, "w_sngan_s2", "r1g1")]),
+    ("BigGAN, hinge, no R1, constant rates, 4,688 steps (the first recipe)", seed_table("fmnist-biggan.yaml")),
+    ("BigGAN, hinge, no R1, falling rates, 4,688 steps", [(1, "decay_biggan_s1", "decay")]),
+    ("BigGAN, hinge, R1 gamma 1, falling rates, 3,500 steps (logs only)",
+     [(s, f"raw/biggan_r1_decay_s{s}_log", "r1decay") for s in range(3)]),
+    ("BigGAN, hinge, R1 gamma 1, falling rates, 3,500 steps (the same, run again)",
+     [(s, f"w_biggan_s{s}", "recipe") for s in range(3)]),
+    ("BigGAN, hinge, R1 gamma 1, constant rates, 3,500 steps", [(s, f"x_biggan_s{s}", "r1const") for s in range(2)]),
+    ("BigGAN, non-saturating loss, R1 gamma 1, falling rates, 3,500 steps (`fmnist-biggan.yaml` now)",
+     [(s, f"y_biggan_s{s}", "ns") for s in range(2)]),
+]
+
+
+
+
+# The figure's panels: (title, (the first recipe's row, legend), (the recipe's row now, legend)); rows
+# by their label's start.
+PANELS = [
+    ("DCGAN (fmnist-gpu.yaml)", ("DCGAN, R1 gamma 0.1, constant rates", "first: R1 gamma 0.1"),
+     ("DCGAN, R1 gamma 1, constant rates", "now: R1 gamma 1")),
+    ("conditional DCGAN (fmnist-conditional.yaml)",
+     ("conditional DCGAN, R1 gamma 0.1, constant rates", "first: R1 gamma 0.1"),
+     ("conditional DCGAN, R1 gamma 1, constant rates", "now: R1 gamma 1")),
+    ("SNGAN, 2 minutes (fmnist-sngan.yaml)", ("SNGAN, 2 minutes, R1 gamma 0.1", "first: R1 gamma 0.1"),
+     ("SNGAN, 2 minutes, R1 gamma 1", "now: R1 gamma 1")),
+    ("BigGAN (fmnist-biggan.yaml)", ("BigGAN, hinge, no R1, constant rates", "first: hinge, no R1"),
+     ("BigGAN, non-saturating loss", "now: non-saturating, R1 gamma 1, falling rates")),
+]
+
+
+def variant(label_start: str) -> tuple[str, list[tuple[int, str, str]]]:
+    """The VARIANT_ROWS row whose label starts with ``label_start`` (exactly one)."""
+    rows = [row for row in VARIANT_ROWS if row[0].startswith(label_start)]
+    if len(rows) != 1:
+        raise ValueError(f"{len(rows)} variant rows start with {label_start!r}")
+    return rows[0]
+
+
+def plot(out: Path) -> Path:
+    """Draw the PANELS' runs (FID of the EMA generator against training seconds) into ``out``."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.ticker import FormatStrFormatter  # noqa: PLC0415
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.4))
+    for ax, (title, *rows) in zip(axes.flat, PANELS, strict=True):
+        finals = []
+        for (start, short), colour, width in zip(rows, ("0.55", "tab:blue"), (1.0, 1.8), strict=True):
+            _, runs = variant(start)
+            got = [seed_run(stem, name) for _, stem, name in runs]
+            within = sum(r["final_fid"] <= 1.1 * r["best_fid"] for r in got)
+            for i, ((seed, _, _), run) in enumerate(zip(runs, got, strict=True)):
+                xs = [c["train_seconds"] for c in run["curve"]]
+                ys = [c["fid"] for c in run["curve"]]
+                finals.append(ys[-1])
+                ax.plot(xs, ys, color=colour, lw=width, alpha=0.9,
+                        label=f"{short}: {within} of {len(got)} seeds end within 10% of their best" if i == 0 else None)
+                ax.plot(xs[-1:], ys[-1:], "o", color=colour, ms=4)
+                ax.annotate(str(seed), (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, -3), fontsize=8,
+                            color=colour)
+        ax.set_yscale("log")
+        ax.set_ylim(min(finals) * 0.7, max(finals) * 4)
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training seconds (compiling included)")
+        ax.set_ylabel("FID")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle("Each seed's FID over training (offline evaluator, 5,000 EMA samples), one H100 GPU per run;\n"
+                 "dots: the final scores, numbered by seed", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=FIGURE, help="PNG to write")
+    print(f"wrote {plot(ap.parse_args().out)}")
+
+
+if __name__ == "__main__":
+    main()
