@@ -25,40 +25,21 @@ FIGURE = RESULTS / "recipe_variants_h100-80gb-hbm3.png"
 # Seeds with standing statistics: (recipe label, seed, result file stem, variant name); a stem under
 # raw/ is a run whose JSON did not come back, read from the scores its log printed instead.
 SEED_ROWS = [
-    ("`fmnist-gpu.yaml` (DCGAN, constant rates)", 0, "raw/zoo_standing_dcgan_log", "recipe"),
-    ("`fmnist-gpu.yaml` (DCGAN, constant rates)", 1, "seeds_dcgan_s1", "recipe"),
-    ("`fmnist-gpu.yaml` (DCGAN, constant rates)", 2, "seeds_dcgan_s2", "recipe"),
+    ("`fmnist-gpu.yaml` (DCGAN, R1 gamma 0.1)", 0, "raw/zoo_standing_dcgan_log", "recipe"),
+    ("`fmnist-gpu.yaml` (DCGAN, R1 gamma 0.1)", 1, "seeds_dcgan_s1", "recipe"),
+    ("`fmnist-gpu.yaml` (DCGAN, R1 gamma 0.1)", 2, "seeds_dcgan_s2", "recipe"),
     ("`fmnist-conditional.yaml` (R1 gamma 0.1)", 0, "zoo_standing_conditional", "recipe"),
     ("`fmnist-conditional.yaml` (R1 gamma 0.1)", 1, "seeds_conditional_s1", "recipe"),
     ("`fmnist-conditional.yaml` (R1 gamma 0.1)", 2, "seeds_conditional_s2", "recipe"),
     ("`fmnist-wgan-gp.yaml`", 0, "raw/zoo_standing_wgan_gp_log", "recipe"),
-    ("`fmnist-sngan.yaml`", 0, "sngan_2min_standing", "recipe"),
-    ("`fmnist-sngan.yaml`", 1, "seeds_sngan_s1", "recipe"),
-    ("`fmnist-sngan.yaml`", 2, "seeds_sngan_s2", "recipe"),
+    ("`fmnist-sngan.yaml` (R1 gamma 0.1)", 0, "sngan_2min_standing", "recipe"),
+    ("`fmnist-sngan.yaml` (R1 gamma 0.1)", 1, "seeds_sngan_s1", "recipe"),
+    ("`fmnist-sngan.yaml` (R1 gamma 0.1)", 2, "seeds_sngan_s2", "recipe"),
     ("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", 0, "biggan_7min_ema9995", "ema9995"),
     ("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", 1, "seeds_biggan_s1", "recipe"),
     ("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", 2, "seeds_biggan_s2", "recipe"),
 ]
 POINT = re.compile(r"step \d+, ([\d.]+) s, FID ([\d.]+) \(live G's BN statistics: ([\d.]+)\)")
-
-
-def _log_curve(path: Path) -> list[dict[str, float]]:
-    """The scores a time_to_quality log printed, both ways (recomputed and copied statistics)."""
-    return [{"train_seconds": float(m[1]), "fid": float(m[2]), "fid_copied_bn_stats": float(m[3])}
-            for m in POINT.finditer(path.read_text())]
-
-
-def _seed_run(stem: str, name: str) -> dict[str, Any]:
-    """A seed row's run: the JSON's engine entry, or a raw log's scores and summary figures."""
-    if not stem.startswith("raw/"):
-        return next(e for e in _load(f"benchmarks/results/{stem}_h100-80gb-hbm3.json")["engine"] if e["name"] == name)
-    curve = _log_curve(ROOT / f"benchmarks/results/{stem}_h100-80gb-hbm3.txt")
-    fids = [c["fid"] for c in curve]
-    best = min(range(len(fids)), key=fids.__getitem__)
-    return {"curve": curve, "best_fid": fids[best], "best_at_seconds": curve[best]["train_seconds"],
-            "final_fid": fids[-1]}
-
-
 
 
 def log_curve(path: Path) -> list[dict[str, float]]:
@@ -70,8 +51,11 @@ def log_curve(path: Path) -> list[dict[str, float]]:
 def seed_run(stem: str, name: str) -> dict[str, Any]:
     """A run: the JSON's engine entry ``name``, or a raw log's scores and summary figures."""
     if not stem.startswith("raw/"):
-        data = json.loads((RESULTS / f"{stem}_h100-80gb-hbm3.json").read_text())
-        return next(e for e in data["engine"] if e["name"] == name)
+        file = RESULTS / f"{stem}_h100-80gb-hbm3.json"
+        runs = [e for e in json.loads(file.read_text())["engine"] if e["name"] == name]
+        if not runs:
+            raise ValueError(f"{file.name} has no variant {name!r}")
+        return runs[0]
     curve = log_curve(RESULTS / f"{stem}_h100-80gb-hbm3.txt")
     fids = [c["fid"] for c in curve]
     best = min(range(len(fids)), key=fids.__getitem__)
@@ -105,7 +89,7 @@ VARIANT_ROWS = [
     ("SNGAN, 2 minutes, R1 gamma 1, constant rates (`fmnist-sngan.yaml` now)",
      [(0, "w_sngan_s0", "r1g1"), (1, "w_sngan_s1", "r1g1"), (2, "x_sngan_s2", "r1g1"), (3, "x_sngan_s3", "r1g1"),
       (4, "y_sngan_s4", "r1g1")]),
-    ("SNGAN, as above, seed 2 compiling into an empty cache beside three other compiles",
+    ("SNGAN, the recipe now, seed 2 with a cold compile cache while 3 other jobs compiled",
      [(2, "w_sngan_s2", "r1g1")]),
     ("BigGAN, hinge, no R1, constant rates, 4,688 steps (the first recipe)", seed_table("fmnist-biggan.yaml")),
     ("BigGAN, hinge, no R1, falling rates, 4,688 steps", [(1, "decay_biggan_s1", "decay")]),
@@ -119,6 +103,20 @@ VARIANT_ROWS = [
 ]
 
 
+# Which rows count in the README's tallies of runs ending within 10% of their best.
+FIRST_RECIPES = ["DCGAN, R1 gamma 0.1, constant rates", "conditional DCGAN, R1 gamma 0.1, constant rates",
+                 "SNGAN, 2 minutes, R1 gamma 0.1"]
+RECIPES_NOW = ["DCGAN, R1 gamma 1, constant rates", "conditional DCGAN, R1 gamma 1, constant rates",
+               "SNGAN, 2 minutes, R1 gamma 1"]
+R1_GAMMA_1 = [*RECIPES_NOW, "conditional DCGAN, R1 gamma 1, falling rates"]  # the cold-cache repeat left out
+R1_GAMMA_01 = [*FIRST_RECIPES, "DCGAN, R1 gamma 0.1, rates falling", "conditional DCGAN, R1 gamma 0.1, falling",
+               "conditional DCGAN, R1 gamma 0.1, D at 4e-4", "SNGAN, 5,000 steps"]
+
+
+def within_10pct(label_starts: list[str]) -> tuple[int, int]:
+    """(runs whose final FID is within 10% of their best, runs) over the rows ``label_starts`` name."""
+    got = [seed_run(stem, name) for start in label_starts for _, stem, name in variant(start)[1]]
+    return sum(r["final_fid"] <= 1.1 * r["best_fid"] for r in got), len(got)
 
 
 # The figure's panels: (title, (the first recipe's row, legend), (the recipe's row now, legend)); rows
@@ -150,11 +148,11 @@ def plot(out: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
-    from matplotlib.ticker import FormatStrFormatter  # noqa: PLC0415
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter  # noqa: PLC0415
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8.4))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 9.4))
     for ax, (title, *rows) in zip(axes.flat, PANELS, strict=True):
-        finals = []
+        fids, ends = [], []
         for (start, short), colour, width in zip(rows, ("0.55", "tab:blue"), (1.0, 1.8), strict=True):
             _, runs = variant(start)
             got = [seed_run(stem, name) for _, stem, name in runs]
@@ -162,22 +160,27 @@ def plot(out: Path) -> Path:
             for i, ((seed, _, _), run) in enumerate(zip(runs, got, strict=True)):
                 xs = [c["train_seconds"] for c in run["curve"]]
                 ys = [c["fid"] for c in run["curve"]]
-                finals.append(ys[-1])
+                fids += ys
+                ends.append((xs[-1], ys[-1], str(seed), colour))
                 ax.plot(xs, ys, color=colour, lw=width, alpha=0.9,
                         label=f"{short}: {within} of {len(got)} seeds end within 10% of their best" if i == 0 else None)
                 ax.plot(xs[-1:], ys[-1:], "o", color=colour, ms=4)
-                ax.annotate(str(seed), (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, -3), fontsize=8,
-                            color=colour)
+        x_span = max(x for x, *_ in ends) - min(x for x, *_ in ends) or 1.0
+        placed: list[tuple[float, float, float]] = []
+        for x, y, seed, colour in sorted(ends, key=lambda e: e[1]):  # shift a seed's number right past close ones
+            dx = 4 + 7 * sum(abs(x - px) < 0.04 * x_span and abs(y / py - 1) < 0.06 for px, py, _ in placed)
+            placed.append((x, y, dx))
+            ax.annotate(seed, (x, y), textcoords="offset points", xytext=(dx, -3), fontsize=8, color=colour)
         ax.set_yscale("log")
-        ax.set_ylim(min(finals) * 0.7, max(finals) * 4)
+        ax.set_ylim(min(fids) * 0.7, max(y for _, y, *_ in ends) * 4)
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
-        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training seconds (compiling included)")
-        ax.set_ylabel("FID")
+        ax.set_ylabel("FID (log scale)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     fig.suptitle("Each seed's FID over training (offline evaluator, 5,000 EMA samples), one H100 GPU per run;\n"
                  "dots: the final scores, numbered by seed", fontsize=10)
     fig.tight_layout()

@@ -215,31 +215,36 @@ def variant_rows() -> list[str]:
     return rows
 
 
-def r1_tally(gamma: str) -> tuple[int, int]:
-    """(runs within 10% of their best, runs) over the variant table's DCGAN, conditional DCGAN and
-    SNGAN rows with lazy R1 at ``gamma``."""
-    got = [_seed_run(stem, name) for label, runs in VARIANT_ROWS if not label.startswith("BigGAN")
-           and f"R1 gamma {gamma}," in label for _, stem, name in runs]
-    return sum(r["final_fid"] <= 1.1 * r["best_fid"] for r in got), len(got)
-
-
 def test_the_seed_curves_figure_draws_each_panels_runs(tmp_path: Path) -> None:
     from PIL import Image
 
+    for _, *rows in seed_runs.PANELS:  # every panel names two rows, each of runs with scores
+        for start, _ in rows:
+            _, runs = seed_runs.variant(start)
+            assert runs and all(len(_seed_run(stem, name)["curve"]) >= 2 for _, stem, name in runs)
     out = seed_runs.plot(tmp_path / "curves.png")
     with Image.open(out) as im:
-        assert im.format == "PNG" and im.size == (1210, 924)
-        assert len(im.convert("RGB").getcolors(1 << 20)) > 50  # drawn, not blank
-    with pytest.raises(ValueError, match="rows start with 'BigGAN, hinge, R1'"):
-        seed_runs.variant("BigGAN, hinge, R1")  # two rows: a panel must name one
+        assert im.format == "PNG" and im.size == (1210, 1034)
+        blue = sum(n for n, (r, g, b) in im.convert("RGB").getcolors(1 << 20) if b > r + 60 and b > g + 20)
+        assert blue > 2000  # the blue curves of the recipes now are drawn
+    with pytest.raises(ValueError, match="5 variant rows start with 'BigGAN, hinge'"):
+        seed_runs.variant("BigGAN, hinge")  # a panel must name one row
+    with pytest.raises(ValueError, match="has no variant 'nope'"):
+        seed_runs.seed_run("x_dcgan_s0", "nope")
+    assert (ROOT / "benchmarks/results/recipe_variants_h100-80gb-hbm3.png").is_file()
     assert "benchmarks/results/recipe_variants_h100-80gb-hbm3.png" in README
 
 
 def test_gpu_recipe_variant_table_matches_benchmarks_results() -> None:
     _assert_rows_in_readme(variant_rows())
-    (ok1, n1), (ok01, n01) = r1_tally("1"), r1_tally("0.1")
-    assert (f"With it, {ok1} of {n1} runs of the DCGAN, conditional DCGAN and SNGAN variants above ended "
-            f"within 10% of their best; with R1 at 0.1, {ok01} of {n01}.") in _flat(README)
+    (first, n_first), (now, n_now) = seed_runs.within_10pct(seed_runs.FIRST_RECIPES), seed_runs.within_10pct(
+        seed_runs.RECIPES_NOW)
+    (r1, n_r1), (r01, n_r01) = seed_runs.within_10pct(seed_runs.R1_GAMMA_1), seed_runs.within_10pct(
+        seed_runs.R1_GAMMA_01)
+    assert (f"Of the DCGAN, conditional DCGAN and SNGAN recipes, {first} of {n_first} runs of the first "
+            f"recipes ended within 10% of their best, and {now} of {n_now} runs of the recipes now. Over every "
+            f"variant of these three with R1 at gamma 1, {r1} of {n_r1} did; with R1 at 0.1, {r01} of "
+            f"{n_r01}") in _flat(README)
 
 
 def test_gpu_ddp_figures_match_benchmarks_results() -> None:
