@@ -152,3 +152,38 @@ def test_help_texts_are_plain_and_every_option_is_explained(command: str) -> Non
             assert action.help, f"{command} {action.option_strings[0]} has no help"
         if action.required:
             assert "(default:" not in (p.formatter_class(prog="x")._get_help_string(action) or "")
+
+
+RECIPE_FILES = sorted((ROOT / "benchmarks" / "recipes").glob("*.yaml"))
+
+
+def _recipe_params(over: dict) -> Params:
+    """params.yaml with a recipe file's sections laid over it, validated as `dvc exp run -S` would
+    set them; the train block also resolves against its data's image shape (10 classes)."""
+    from pipeline.training.config import resolve
+
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert set(over) <= set(base), f"sections params.yaml lacks: {sorted(set(over) - set(base))}"
+    params = validate(Params, {s: {**base[s], **over.get(s, {})} for s in base})
+    size = params.preprocess.size
+    resolve(params.train, seed=0, image_shape=(1, size, size), num_classes=10)
+    return params
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.name)
+def test_benchmark_recipe_files_are_valid_params(path: Path) -> None:
+    """A mistyped key or value in a recipe fails here, on the CPU, rather than on the GPU machine."""
+    over = yaml.safe_load(path.read_text())
+    params = _recipe_params(over)
+    assert params.train.model == over["train"]["model"]
+    assert dataclasses.asdict(params.train).items() >= over["train"].items()  # every value taken as written
+
+
+def test_a_mistyped_recipe_value_is_refused() -> None:
+    over = yaml.safe_load((ROOT / "benchmarks/recipes/fmnist-biggan.yaml").read_text())
+    over["train"]["loss"] = "nonsaturting"
+    with pytest.raises(ParamsError, match="train.loss"):
+        _recipe_params(over)
+    over["train"].update(loss="nonsaturating", r1_gama=1.0)
+    with pytest.raises(ParamsError, match="r1_gama.*did you mean 'r1_gamma'"):
+        _recipe_params(over)
