@@ -62,6 +62,29 @@ def device_tag() -> str:
     return "cpu"
 
 
+_CLAIMS: list[Any] = []  # open lock files, held until the process ends
+
+
+def claim_result_name(name: str, results: Path | None = None) -> None:
+    """Hold an OS lock on result NAME (``<name>_<device>``) for the rest of this process, so that a
+    second run started with the same ``--name`` (say, one per GPU of a host) stops at once with a
+    clear error instead of overwriting the first one's result file and grids. The lock is released
+    when the process ends, however it ends (a run killed by a timeout leaves nothing to clean up)."""
+    import fcntl  # noqa: PLC0415 (POSIX; the GPU machines these scripts run on are Linux)
+
+    results = RESULTS if results is None else results
+    results.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}_{device_tag()}"
+    handle = (results / f".{stem}.lock").open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SystemExit(f"another running benchmark is writing {results / stem}.json: "
+                         "give this run its own --name") from None
+    _CLAIMS.append(handle)
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}_{device_tag()}.json"

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import RESULTS, device_tag, find_fmnist, load_fmnist, machine, parse_overrides, write_result
+from common import (RESULTS, claim_result_name, device_tag, find_fmnist, load_fmnist, machine, parse_overrides,
+                    write_result)
 
 from pipeline.imaging import save_grid  # noqa: E402
 from pipeline.metrics.compute import fid_only, sample  # noqa: E402
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--grids", action="store_true", help="write a 10x10 class grid (EMA samples) per conditional run")
     ap.add_argument("--name", default="conditional_cpu", help="result name: benchmarks/results/NAME_<device>.json")
     args = ap.parse_args()
+    claim_result_name(args.name)
 
     torch.set_num_threads(1)
     data = _data(args.data, args.train_images, args.data_dir)

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import yaml
 
-from common import (ROOT, cuda_time, fast_cuda_kernels, find_fmnist, load_fmnist, machine, make_trainer,
-                    measured_peak_tflops, parse_overrides, resize_on_device, step_flops, write_result)
+from common import (ROOT, claim_result_name, cuda_time, fast_cuda_kernels, find_fmnist, load_fmnist, machine,
+                    make_trainer, measured_peak_tflops, parse_overrides, resize_on_device, step_flops, write_result)
 
 from pipeline.training.loop import Trainer  # noqa: E402
 
@@ -220,6 +220,7 @@ def main() -> None:
     ap.add_argument("--name", default="profile_step")
     ap.add_argument("--list", action="store_true", help="print the configurations and exit")
     args = ap.parse_args()
+    claim_result_name(args.name)
     if args.list:
         for k, v in CONFIGS.items():
             print(f"{k}: {v}")

@@ -15,6 +15,8 @@ Another model's recipe is the base with ``--recipe benchmarks/recipes/fmnist-sty
 variant's ``recipe=FILE`` takes that file's train block as its own base.
 ``--score-npz`` scores samples made elsewhere (uint8 [N, 1, 64, 64] or [N, 64, 64] under the key
 ``images``, e.g. another implementation's) with the same evaluator, first ``--n-eval`` of them.
+Runs side by side (one per GPU) need a ``--name`` each: a second run started with a name that a
+running one holds stops at once, rather than overwrite its results and grids.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import numpy as np
 import torch
 import yaml
 
-from common import (RESULTS, ROOT, device_tag, fast_cuda_kernels, find_fmnist, load_fmnist, machine, make_trainer, parse_overrides,
-                    resize_on_device, write_result)
+from common import (RESULTS, ROOT, claim_result_name, device_tag, fast_cuda_kernels, find_fmnist, load_fmnist, machine,
+                    make_trainer, parse_overrides, resize_on_device, write_result)
 
 from pipeline.imaging import save_grid  # noqa: E402
 from pipeline.metrics.compute import sample  # noqa: E402
@@ -263,6 +265,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="base.seed of every engine run (weights, latents, batches)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script runs")
     args = ap.parse_args()
+    claim_result_name(args.name)
     global DEVICE, N_EVAL, RECIPE, SEED
     SEED = args.seed
     RECIPE, N_EVAL = (ROOT / args.recipe if not Path(args.recipe).is_absolute() else Path(args.recipe)), args.n_eval
