@@ -24,20 +24,20 @@ FIGURE = RESULTS / "recipe_variants_h100-80gb-hbm3.png"
 
 # Seeds with standing statistics: (recipe label, seed, result file stem, variant name); a stem under
 # raw/ is a run whose JSON did not come back, read from the scores its log printed instead.
+def _seeds(label: str, *runs: tuple[int, str, str]) -> list[tuple[str, int, str, str]]:
+    return [(label, seed, stem, name) for seed, stem, name in runs]
+
+
 SEED_ROWS = [
-    ("`fmnist-gpu.yaml` (DCGAN, R1 gamma 0.1)", 0, "raw/zoo_standing_dcgan_log", "recipe"),
-    ("`fmnist-gpu.yaml` (DCGAN, R1 gamma 0.1)", 1, "seeds_dcgan_s1", "recipe"),
-    ("`fmnist-gpu.yaml` (DCGAN, R1 gamma 0.1)", 2, "seeds_dcgan_s2", "recipe"),
-    ("`fmnist-conditional.yaml` (R1 gamma 0.1)", 0, "zoo_standing_conditional", "recipe"),
-    ("`fmnist-conditional.yaml` (R1 gamma 0.1)", 1, "seeds_conditional_s1", "recipe"),
-    ("`fmnist-conditional.yaml` (R1 gamma 0.1)", 2, "seeds_conditional_s2", "recipe"),
-    ("`fmnist-wgan-gp.yaml`", 0, "raw/zoo_standing_wgan_gp_log", "recipe"),
-    ("`fmnist-sngan.yaml` (R1 gamma 0.1)", 0, "sngan_2min_standing", "recipe"),
-    ("`fmnist-sngan.yaml` (R1 gamma 0.1)", 1, "seeds_sngan_s1", "recipe"),
-    ("`fmnist-sngan.yaml` (R1 gamma 0.1)", 2, "seeds_sngan_s2", "recipe"),
-    ("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", 0, "biggan_7min_ema9995", "ema9995"),
-    ("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", 1, "seeds_biggan_s1", "recipe"),
-    ("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", 2, "seeds_biggan_s2", "recipe"),
+    *_seeds("`fmnist-gpu.yaml` (DCGAN, R1 gamma 0.1)", (0, "raw/zoo_standing_dcgan_log", "recipe"),
+            (1, "seeds_dcgan_s1", "recipe"), (2, "seeds_dcgan_s2", "recipe")),
+    *_seeds("`fmnist-conditional.yaml` (R1 gamma 0.1)", (0, "zoo_standing_conditional", "recipe"),
+            (1, "seeds_conditional_s1", "recipe"), (2, "seeds_conditional_s2", "recipe")),
+    *_seeds("`fmnist-wgan-gp.yaml`", (0, "raw/zoo_standing_wgan_gp_log", "recipe")),
+    *_seeds("`fmnist-sngan.yaml` (R1 gamma 0.1)", (0, "sngan_2min_standing", "recipe"),
+            (1, "seeds_sngan_s1", "recipe"), (2, "seeds_sngan_s2", "recipe")),
+    *_seeds("`fmnist-biggan.yaml` (EMA 0.9995, no R1, constant rates)", (0, "biggan_7min_ema9995", "ema9995"),
+            (1, "seeds_biggan_s1", "recipe"), (2, "seeds_biggan_s2", "recipe")),
 ]
 POINT = re.compile(r"step \d+, ([\d.]+) s, FID ([\d.]+) \(live G's BN statistics: ([\d.]+)\)")
 
@@ -61,6 +61,11 @@ def seed_run(stem: str, name: str) -> dict[str, Any]:
     best = min(range(len(fids)), key=fids.__getitem__)
     return {"curve": curve, "best_fid": fids[best], "best_at_seconds": curve[best]["train_seconds"],
             "final_fid": fids[-1]}
+
+
+def ends_near_best(run: dict[str, Any]) -> bool:
+    """Whether a run's final FID is within 10% of its best (no late decline)."""
+    return run["final_fid"] <= 1.1 * run["best_fid"]
 
 
 def seed_table(recipe: str) -> list[tuple[int, str, str]]:
@@ -116,7 +121,7 @@ R1_GAMMA_01 = [*FIRST_RECIPES, "DCGAN, R1 gamma 0.1, rates falling", "conditiona
 def within_10pct(label_starts: list[str]) -> tuple[int, int]:
     """(runs whose final FID is within 10% of their best, runs) over the rows ``label_starts`` name."""
     got = [seed_run(stem, name) for start in label_starts for _, stem, name in variant(start)[1]]
-    return sum(r["final_fid"] <= 1.1 * r["best_fid"] for r in got), len(got)
+    return sum(map(ends_near_best, got)), len(got)
 
 
 # The figure's panels: (title, (the first recipe's row, legend), (the recipe's row now, legend)); rows
@@ -156,7 +161,7 @@ def plot(out: Path) -> Path:
         for (start, short), colour, width in zip(rows, ("0.55", "tab:blue"), (1.0, 1.8), strict=True):
             _, runs = variant(start)
             got = [seed_run(stem, name) for _, stem, name in runs]
-            within = sum(r["final_fid"] <= 1.1 * r["best_fid"] for r in got)
+            within = sum(map(ends_near_best, got))
             for i, ((seed, _, _), run) in enumerate(zip(runs, got, strict=True)):
                 xs = [c["train_seconds"] for c in run["curve"]]
                 ys = [c["fid"] for c in run["curve"]]

@@ -160,7 +160,7 @@ def seed_rows() -> list[str]:
     rows = []
     for label, seed, stem, name in SEED_ROWS:
         run = _seed_run(stem, name)
-        ok = "yes" if run["final_fid"] <= 1.1 * run["best_fid"] else "**no**"
+        ok = "yes" if seed_runs.ends_near_best(run) else "**no**"
         cond = f"{run['intra_fid']:.2f} | {run['cas']:.3f}" if "intra_fid" in run else " | "
         file = f"{stem}_h100-80gb-hbm3." + ("txt" if stem.startswith("raw/") else "json")
         rows.append(f"| {label} | {seed} | {_within_2_minutes(run)} | {run['best_fid']:.2f} | {round(run['best_at_seconds'])} s | "
@@ -206,7 +206,7 @@ def variant_rows() -> list[str]:
         got = [_seed_run(stem, name) for _, stem, name in runs]
         shown = [(f"{r['final_fid']:.2f}", f"{r['best_fid']:.2f}") for r in got]
         finals = " / ".join(final + (f" ({best})" if best != final else "") for final, best in shown)
-        within = sum(r["final_fid"] <= 1.1 * r["best_fid"] for r in got)
+        within = sum(map(seed_runs.ends_near_best, got))
         cond = (f"{statistics.mean(r['intra_fid'] for r in got):.2f} | {statistics.mean(r['cas'] for r in got):.3f}"
                 if all("intra_fid" in r for r in got) else " | ")
         seeds = ", ".join(str(seed) for seed, _, _ in runs)
