@@ -1,4 +1,5 @@
-"""The benchmark scripts' shared helpers (benchmarks/common.py) that guard their results."""
+"""The benchmark scripts' shared helpers (benchmarks/common.py) that guard their results, and the
+GPU tests' first-run check, on the CPU."""
 
 from __future__ import annotations
 
@@ -33,3 +34,23 @@ def test_a_second_run_with_the_same_name_stops_until_the_first_ends(tmp_path: Pa
     out, err = third.communicate(timeout=120)
     assert third.returncode == 0, err
     assert out.strip() == "claimed"
+
+
+FIRST_RUN = ROOT / "benchmarks" / "gpu_tests" / "first_run.py"
+
+
+def test_two_stylegan2_runs_in_one_process_are_bitwise_equal_on_the_cpu() -> None:
+    """The GPU tests' seeded StyleGAN2 run, with lazy R1 and path length in the same step (the case
+    whose first run ends apart on an H100), trained three times in one CPU process: every run equals
+    the first after every step. The script also refuses CUDA-graph runs without a GPU, naming --order."""
+    out = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", "--order", "EEE", "--steps", "5"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert [ln.split(": ", 1)[1] for ln in lines] == ["run 1 (E) vs run 0 (E): bitwise equal at every step",
+                                                     "run 2 (E) vs run 0 (E): bitwise equal at every step",
+                                                     "run 2 (E) vs run 1 (E): bitwise equal at every step"]
+    assert all(ln.startswith("stylegan2 fp32 order EEE") for ln in lines)
+    bad = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", "--order", "EG"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--order 'EG'" in bad.stderr and "CUDA only" in bad.stderr

@@ -1,0 +1,113 @@
+"""Does the first training run of a process compute what a second, identical run computes?
+
+Trains the GPU tests' seeded StyleGAN2 run (or another family's) several times in one process, in
+the order given (E = eager, G = replayed from CUDA graphs), and compares every network tensor of
+every run with the first run's and the second run's after each step: it prints the first step
+after which they differ and the tensors that differ most.
+
+On an H100 (torch 2.11) StyleGAN2 in fp32 and bf16 ended apart in its first run of a process after
+step 1 (the mapping network's weights and biases) and identical in every later run, eager or
+replayed: it took lazy R1 and path length in the same step (either one alone: bitwise equal), and
+warming cuBLAS, cuDNN or a double backward up before the runs did not change it
+(benchmarks/results/raw/gpu_tests_stylegan2_first_run_h100.txt). On the CPU every run is equal.
+
+Examples (on a CUDA machine; --device cpu runs the same steps on the CPU)::
+
+    python benchmarks/gpu_tests/first_run.py --order EEGG
+    python benchmarks/gpu_tests/first_run.py --order EE --set pl_weight=0 --cudnn-off
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import parse_overrides  # noqa: E402
+from runs import FAMILIES, STEPS, run, weights  # noqa: E402
+
+WARMUPS = ("none", "mm", "conv", "gconv", "dbl", "all")
+
+
+def warm_up(kind: str, device: str) -> None:
+    """Use a library before the runs: cuBLAS (mm), cuDNN (conv, grouped conv) or a double backward."""
+    if kind in ("mm", "all"):
+        a = torch.randn(64, 64, device=device)
+        torch.nn.functional.linear(a, a, a[0]).sum().item()
+    if kind in ("conv", "gconv", "all"):
+        for groups in ([1] if kind == "conv" else [4] if kind == "gconv" else [1, 4]):
+            x = torch.randn(8, 16, 8, 8, device=device, requires_grad=True)
+            w = torch.randn(16, 16 // groups, 3, 3, device=device, requires_grad=True)
+            torch.nn.functional.conv2d(x, w, padding=1, groups=groups).sum().backward()
+    if kind in ("dbl", "all"):
+        x = torch.randn(32, 32, device=device, requires_grad=True)
+        w = torch.randn(32, 32, device=device, requires_grad=True)
+        y = torch.nn.functional.leaky_relu(torch.nn.functional.linear(x, w), 0.2)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        gx.square().sum().backward()
+
+
+def first_difference(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> tuple[int, list] | None:
+    """(step, [(tensor, largest difference), ...] most first) of the first step where two runs differ."""
+    for step, (x, y) in enumerate(zip(a, b, strict=True)):
+        bad = sorted(((k, (x[k].double() - y[k].double()).abs().max().item()) for k in x if not torch.equal(x[k], y[k])),
+                     key=lambda kv: -kv[1])
+        if bad:
+            return step, bad
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="stylegan2", choices=sorted(FAMILIES), help="one of the GPU tests' runs")
+    ap.add_argument("--order", default="EEE", help="runs in order: E eager, G CUDA graphs (default EEE)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--set", default="", metavar="KEY=VALUE,...", help="train keys over the family's, e.g. pl_weight=0")
+    ap.add_argument("--warm", default="none", choices=WARMUPS, help="a library to use before the first run")
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--cudnn-off", action="store_true", help="torch.backends.cudnn.enabled = False")
+    ap.add_argument("--no-tf32", action="store_true", help="fp32 convolutions and matrix products without TF32")
+    ap.add_argument("--empty-cache", action="store_true", help="free the CUDA caching allocator's memory between runs")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU here: run on a CUDA machine, or pass --device cpu")
+    if len(args.order) < 2 or set(args.order) - {"E", "G"} or ("G" in args.order and args.device == "cpu"):
+        raise SystemExit(f"--order {args.order!r}: two or more of E (eager) and G (CUDA graphs, CUDA only), e.g. EEGG")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.enabled = not args.cudnn_off
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    train = {**FAMILIES[args.family], **parse_overrides(args.set)}
+    warm_up(args.warm, args.device)
+    history: list[list[dict[str, torch.Tensor]]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, kind in enumerate(args.order):
+            snaps: list[dict[str, torch.Tensor]] = []
+            run(train, kind == "G", args.precision, Path(tmp) / f"run{i}", device=args.device, steps=args.steps,
+                after_step=lambda tr, snaps=snaps: snaps.append(weights(tr)))
+            history.append(snaps)
+            if args.empty_cache and args.device == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
+    head = f"{args.family} {args.precision} order {args.order} set {args.set or '-'} warm {args.warm}" + \
+        (" cudnn off" if args.cudnn_off else "") + (" no tf32" if args.no_tf32 else "") + (" empty cache" if args.empty_cache else "")
+    for i in range(1, len(history)):
+        for j in (0, 1) if i > 1 else (0,):
+            diff = first_difference(history[j], history[i])
+            what = "bitwise equal at every step" if diff is None else \
+                f"differs after step {diff[0]}: " + ", ".join(f"{k} {v:.3g}" for k, v in diff[1][:4]) + \
+                f" ({len(diff[1])} tensors)"
+            print(f"{head}: run {i} ({args.order[i]}) vs run {j} ({args.order[j]}): {what}")
+
+
+if __name__ == "__main__":
+    main()
