@@ -88,7 +88,7 @@ VARIANT_ROWS = [
     ("conditional DCGAN, R1 gamma 0.1, D at 4e-4 (2x G), falling rates", [(s, f"u_cond_fix_s{s}", "lrd4decay") for s in range(4)]),
     ("conditional DCGAN, R1 gamma 1, falling rates", [(s, f"u_cond_fix_s{s}", "r1decay") for s in range(4)]),
     ("conditional DCGAN, R1 gamma 1, constant rates (`fmnist-conditional.yaml` now)",
-     [(s, f"v_cond_r1_s{s}", "r1") for s in range(3)]),
+     [(s, f"v_cond_r1_s{s}", "r1") for s in range(3)] + [(s, f"ab_cond_s{s}", "recipe") for s in (3, 4)]),
     ("SNGAN, 2 minutes, R1 gamma 0.1, constant rates (the first recipe)", seed_table("fmnist-sngan.yaml")),
     ("SNGAN, 5,000 steps, R1 gamma 0.1, falling rates", [(s, f"decay_sngan_s{s}", "decay") for s in range(3)]),
     ("SNGAN, 2 minutes, R1 gamma 1, constant rates (`fmnist-sngan.yaml` now)",
@@ -96,6 +96,10 @@ VARIANT_ROWS = [
       (4, "y_sngan_s4", "r1g1")]),
     ("SNGAN, the recipe now, seed 2 with a cold compile cache while 3 other jobs compiled",
      [(2, "w_sngan_s2", "r1g1")]),
+    ("SNGAN, R1 gamma 1, rates falling over the second half of 9,380 steps (about 2 minutes)",
+     [(2, "aa_sngan_decay_s2", "r1decay")]),
+    ("SNGAN, the same, seed 4 with a cold compile cache: 4,690 steps in 2 minutes, so its rates never fell",
+     [(4, "aa_sngan_decay_s4", "r1decay")]),
     ("BigGAN, hinge, no R1, constant rates, 4,688 steps (the first recipe)", seed_table("fmnist-biggan.yaml")),
     ("BigGAN, hinge, no R1, falling rates, 4,688 steps", [(1, "decay_biggan_s1", "decay")]),
     ("BigGAN, hinge, R1 gamma 1, falling rates, 3,500 steps (logs only)",
@@ -104,7 +108,7 @@ VARIANT_ROWS = [
      [(s, f"w_biggan_s{s}", "recipe") for s in range(3)]),
     ("BigGAN, hinge, R1 gamma 1, constant rates, 3,500 steps", [(s, f"x_biggan_s{s}", "r1const") for s in range(2)]),
     ("BigGAN, non-saturating loss, R1 gamma 1, falling rates, 3,500 steps (`fmnist-biggan.yaml` now)",
-     [(s, f"y_biggan_s{s}", "ns") for s in range(2)]),
+     [(s, f"y_biggan_s{s}", "ns") for s in range(2)] + [(s, f"aa_biggan_s{s}", "recipe") for s in (2, 3, 4)]),
 ]
 
 
@@ -113,7 +117,8 @@ FIRST_RECIPES = ["DCGAN, R1 gamma 0.1, constant rates", "conditional DCGAN, R1 g
                  "SNGAN, 2 minutes, R1 gamma 0.1"]
 RECIPES_NOW = ["DCGAN, R1 gamma 1, constant rates", "conditional DCGAN, R1 gamma 1, constant rates",
                "SNGAN, 2 minutes, R1 gamma 1"]
-R1_GAMMA_1 = [*RECIPES_NOW, "conditional DCGAN, R1 gamma 1, falling rates"]  # the cold-cache repeat left out
+R1_GAMMA_1 = [*RECIPES_NOW, "conditional DCGAN, R1 gamma 1, falling rates",  # the cold-cache runs left out
+              "SNGAN, R1 gamma 1, rates falling"]
 R1_GAMMA_01 = [*FIRST_RECIPES, "DCGAN, R1 gamma 0.1, rates falling", "conditional DCGAN, R1 gamma 0.1, falling",
                "conditional DCGAN, R1 gamma 0.1, D at 4e-4", "SNGAN, 5,000 steps"]
 

@@ -121,6 +121,7 @@ ZOO_ROWS = [
     ("`fmnist-biggan.yaml` (EMA 0.9995, standing statistics, 40 epochs", "biggan_7min_ema9995", "ema9995"),
     ("`fmnist-stylegan2.yaml` (cold compile cache)", "ttq_stylegan2_ema_ramp10", "ema_ramp10"),
     ("`fmnist-stylegan2.yaml` again (warm compile cache)", "ttq_stylegan2_ema_ramp10_warm_cache", "ema_ramp10"),
+    ("`fmnist-stylegan2.yaml` uncompiled (`compile: false`, CUDA graphs only)", "ab_sg2_eager_graphs", "eager_graphs"),
 ]
 
 
