@@ -88,7 +88,8 @@ def conditional_scores(generator: torch.nn.Module, nz: int, num_classes: int, sc
     cond = conditional_metrics(generator, {"num_classes": num_classes, "nz": nz}, scorer.net, test, train,
                                real_feats=scorer.test_feats, n_per_class=500, device=DEVICE, seed=0, batch_size=500,
                                recipe=Evaluator())
-    return {k: cond[k] for k in ("intra_fid", "intra_fid_per_class", "cas", "cas_real")}
+    return {k: cond[k] for k in ("intra_fid", "intra_fid_per_class", "cas", "cas_real", "cas_per_class",
+                                 "cas_real_per_class", "cas_confusion")}
 
 
 def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, scorer: Scorer, seconds: float,

@@ -71,4 +71,4 @@ def tiny_vae(tiny_data: TinyData) -> TinyRun:
 
 @pytest.fixture(scope="session")
 def tiny_conditional(tiny_data: TinyData) -> TinyRun:
-    return run_model(tiny_data, "conditional", {"train": {"conditional": True}}, report=False)
+    return run_model(tiny_data, "conditional", {"train": {"conditional": True}})

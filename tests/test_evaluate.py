@@ -11,6 +11,7 @@ import pytest
 import scipy.stats
 import torch
 
+from pipeline.data.tensors import load_split
 from pipeline.metrics import record
 from pipeline.metrics.compute import HEADLINE, memorisation, metric_set
 from pipeline.metrics.math import draw_interval, student_t_quantile
@@ -104,6 +105,17 @@ def test_conditional_metrics(tiny_conditional: TinyRun) -> None:
     # The same classifier recipe on 100 real images: well above chance (0.1) on real test digits.
     assert m["cas_real"] > 0.3
     assert m["cas"] < m["cas_real"]  # 40 steps of a conditional GAN are no substitute for real digits
+    # Per class: the two classifiers' accuracy on each class's real test images, and where the
+    # sample-trained one put them; together they give the CAS and its real baseline back.
+    labels = load_split(tiny_conditional.data.tensors, "test").labels
+    counts = [int((labels == c).sum()) for c in range(10)]
+    confusion = details["cas_confusion"]
+    assert [sum(row) for row in confusion] == counts
+    assert details["cas_per_class"] == [confusion[c][c] / counts[c] for c in range(10)]
+    assert sum(confusion[c][c] for c in range(10)) / sum(counts) == pytest.approx(m["cas"], abs=1e-12)
+    real = details["cas_real_per_class"]
+    assert all(0.0 <= v <= 1.0 for v in real)
+    assert sum(r * n for r, n in zip(real, counts, strict=True)) / sum(counts) == pytest.approx(m["cas_real"], abs=1e-9)
 
 
 def test_metric_set_single_draw_has_no_draw_intervals() -> None:

@@ -23,7 +23,8 @@ import pytest
 from PIL import Image
 
 from pipeline.report.figures import metric_rows, plot_curves
-from pipeline.report.html import render
+from pipeline.report.html import per_class_table, render
+from pipeline.stages.report import per_class_rows
 
 from helpers_eval import TinyData, TinyRun, in_dir, run_model
 
@@ -118,6 +119,7 @@ def test_report_renders_every_panel_as_embedded(tiny_gan: TinyRun, tmp_path: Pat
     for img in layout["images"]:
         by_section.setdefault(img["section"], []).append(img)
     # Real and generated grids side by side, at their own size, both the files the report wrote.
+    assert "per-class" not in layout["sections"]  # an unconditional generator has no classes
     real, gen = by_section["real-vs-generated"]
     assert abs(real["y"] - gen["y"]) < 1 and gen["x"] >= real["x"] + real["w"]
     for img, name in ((real, "real.png"), (gen, "samples.png")):
@@ -142,6 +144,39 @@ def test_report_renders_every_panel_as_embedded(tiny_gan: TinyRun, tmp_path: Pat
     assert "No previous commit holds reports/metrics.json" in html
     assert "d<sub>train</sub>" in html and "train #" in html
     assert "<th>accepted</th>" in html and "<th>extractor_sha256</th>" in html
+
+
+def test_a_conditional_report_shows_each_class(tiny_conditional: TinyRun, tmp_path: Path) -> None:
+    """Per class: intra-FID, the CAS classifier's and the real-trained classifier's accuracy on that
+    class's real test images, and the class the CAS classifier most often took them for, all as the
+    evaluate stage's details hold them, laid out on the page."""
+    layout, _ = _check_page(tiny_conditional.html, tmp_path, [*PANELS, "per-class"])
+    assert layout["sections"]["per-class"]["y"] < layout["sections"]["timeline"]["y"]
+    details = json.loads(tiny_conditional.details.read_text())
+    rows = per_class_rows(details, [f"digit {c}" for c in range(10)])
+    assert [r["name"] for r in rows] == [f"digit {c}" for c in range(10)]
+    confusion = details["cas_confusion"]
+    for c, r in enumerate(rows):
+        assert (r["intra_fid"], r["cas"], r["real"]) == (details["intra_fid_per_class"][c], details["cas_per_class"][c],
+                                                          details["cas_real_per_class"][c])
+        others = [n for j, n in enumerate(confusion[c]) if j != c]
+        if max(others) > 0:
+            name, share = r["taken_for"]
+            j = int(name.split()[1])
+            assert j != c and confusion[c][j] == max(others) and share == confusion[c][j] / sum(confusion[c])
+        else:
+            assert r["taken_for"] is None
+    html = tiny_conditional.html.read_text()
+    table = html[html.index("<table id='per-class-table'>"):]
+    table = table[: table.index("</table>")]
+    assert table.count("<tr>") == 11  # a header and one row per class (the tensors' names: "0" .. "9")
+    for c in range(10):
+        assert f"<tr><td>{c}</td><td class='num'>{details['intra_fid_per_class'][c]:.4g}</td>" in table
+    # A class taught 10 points or more worse by the samples than by real images is marked.
+    marked = per_class_table([{"name": "shirt", "intra_fid": 2.0, "cas": 0.41, "real": 0.62, "taken_for": ("T-shirt", 0.3)},
+                              {"name": "bag", "intra_fid": 1.0, "cas": 0.90, "real": 0.95, "taken_for": None}])
+    assert "<td class='num worse'>0.410</td>" in marked and "<td class='num'>0.900</td>" in marked
+    assert "T-shirt (30%)" in marked
 
 
 def test_vae_report_has_reconstructions(tiny_vae: TinyRun, tmp_path: Path) -> None:

@@ -196,6 +196,19 @@ def train_evaluator(images: np.ndarray, labels: np.ndarray, test_images: np.ndar
     return net, report
 
 
+def class_confusion(net: FeatureNet, images: np.ndarray, labels: np.ndarray, num_classes: int, *,
+                    device: str) -> np.ndarray:
+    """Counts [true class, predicted class] of a classifier ``net`` (eval mode) on uint8 NCHW
+    ``images`` with ``labels``: row c holds where the images of class c went."""
+    with torch.no_grad():
+        xt = torch.from_numpy(images)
+        pred = torch.cat([net(normalize(xt[i : i + TEST_CHUNK].to(device))).argmax(1).cpu()
+                          for i in range(0, len(xt), TEST_CHUNK)]).numpy()
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (np.asarray(labels, dtype=np.int64), pred), 1)
+    return counts
+
+
 def quality_warning(report: dict[str, Any]) -> str | None:
     """Why the evaluator's features cannot be trusted (it has not learned), or None.
 

@@ -80,6 +80,24 @@ def kv_table(items: list[tuple[str, Any]], *, table_id: str = "") -> str:
     return f"<table{tid}>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in items) + "</table>"
 
 
+def per_class_table(rows: list[dict[str, Any]]) -> str:
+    """A conditional generator's classes: intra-FID, the accuracy on each class's real test images of
+    a classifier trained on the generated images (CAS) and of one trained on as many real images,
+    and the class the first most often mistook them for. A class the samples teach far worse than
+    real images do (10 points or more) is marked."""
+    head = ("<tr><th>class</th><th>intra-FID</th><th>CAS: right on its real test images</th>"
+            "<th>the same classifier trained on real images</th><th>CAS classifier most often took them for</th></tr>")
+    body = []
+    for r in rows:
+        cas, real = r["cas"], r["real"]
+        bad = cas is not None and real is not None and real - cas >= 0.10
+        taken = "" if r["taken_for"] is None else f"{html.escape(r['taken_for'][0])} ({r['taken_for'][1]:.0%})"
+        body.append(f"<tr><td>{html.escape(r['name'])}</td><td class='num'>{'' if r['intra_fid'] is None else _fmt(r['intra_fid'])}</td>"
+                    f"<td class='num{' worse' if bad else ''}'>{'' if cas is None else f'{cas:.3f}'}</td>"
+                    f"<td class='num'>{'' if real is None else f'{real:.3f}'}</td><td>{taken}</td></tr>")
+    return f"<table id='per-class-table'>{head}{''.join(body)}</table>"
+
+
 def _section(sid: str, title: str, *body: str) -> str:
     return f"<section id='{sid}'><h2>{html.escape(title)}</h2>{''.join(b for b in body if b)}</section>"
 
@@ -87,7 +105,7 @@ def _section(sid: str, title: str, *body: str) -> str:
 def render(ctx: dict[str, Any]) -> str:
     """Build the page from a context dict assembled by the report stage.
 
-    Every panel is a <section> with a fixed id (metrics, real-vs-generated, timeline, curves,
+    Every panel is a <section> with a fixed id (metrics, real-vs-generated, per-class, timeline, curves,
     interpolation, reconstructions, latent-samplers, traversal, nearest, cleaning, protocol), so a
     reader -- or a test -- can find it; images are inlined, so the file is the whole report.
     """
@@ -109,6 +127,14 @@ def render(ctx: dict[str, Any]) -> str:
                           figure(figs.get("samples"), "Generated (best checkpoint, EMA, fixed latent seeds"
                                  f"{ctx.get('truncation_note', '')})"),
                           "</div>"))
+    if ctx.get("per_class"):
+        parts.append(_section("per-class", "Per class (conditional generator)",
+                              "<p class='sub'>Intra-FID compares each class's samples with that class's real "
+                              "test images. CAS trains the evaluator's classifier on the generated images, "
+                              "labelled as conditioned, and tests it on real ones: a class it gets wrong far "
+                              "more often than the real-trained classifier (marked) is one whose samples do "
+                              "not look like it, or look like the class in the last column.</p>",
+                              per_class_table(ctx["per_class"])))
     if ctx.get("timeline"):
         frames = "".join(figure(path, f"step {step}", width=200) for step, path in ctx["timeline"])
         parts.append(_section("timeline", "Fixed-seed samples over training", f"<div class='row'>{frames}</div>"))

@@ -65,19 +65,23 @@ def _vae_metrics(checkpoint: Path, test_images: Any, *, device: str, batch_size:
 def conditional_metrics(generator: Any, gen_info: dict[str, Any], net: Any, test: Any, train: Any, *,
                         real_feats: Any, n_per_class: int, device: str, seed: int, batch_size: int,
                         recipe: Any) -> dict[str, Any]:
-    """Intra-class FID (mean over classes), the classification accuracy score (CAS) and its real baseline.
+    """Intra-class FID (mean over classes), the classification accuracy score (CAS) and its real baseline,
+    with their values per class.
 
     CAS (Ravuri & Vinyals 2019): a classifier trained only on generated images (labels as
     conditioned), tested on the real test split. It uses the offline evaluator's recipe
     (``recipe``: params.evaluator) and the same number of optimizer steps the evaluator got on the
     real training split, so a small generated set is not also an under-trained classifier.
     ``cas_real`` is that recipe trained on as many real training images: CAS reads against what
-    real data of that size achieves.
+    real data of that size achieves. Per class: ``cas_per_class`` and ``cas_real_per_class`` are the
+    share of each class's real test images the two classifiers got right, and ``cas_confusion``
+    counts where the sample-trained one put them (rows: true class, columns: predicted), so a class
+    whose samples teach the wrong boundary shows, and which class it is taken for.
     """
     import torch  # noqa: PLC0415
 
     from ..metrics.compute import sample  # noqa: PLC0415
-    from ..metrics.evaluator import extract, train_evaluator  # noqa: PLC0415
+    from ..metrics.evaluator import class_confusion, extract, train_evaluator  # noqa: PLC0415
     from ..metrics.math import frechet_distance, gaussian_stats  # noqa: PLC0415
 
     k = gen_info["num_classes"]
@@ -85,20 +89,29 @@ def conditional_metrics(generator: Any, gen_info: dict[str, Any], net: Any, test
     imgs, y = sample(generator, len(labels), nz=gen_info["nz"], num_classes=k, seed=seed + 2, device=device,
                      labels=labels, batch_size=batch_size)
     fake_feats = extract(net, imgs, device=device, batch_size=batch_size)[0]
-    per_class = []
+    per_class: list[float | None] = []  # None: a class with fewer than 2 test images has no FID
     for c in range(k):
         rf, ff = real_feats[torch.from_numpy(test.labels == c)], fake_feats[y == c]
-        if len(rf) >= 2 and len(ff) >= 2:
-            per_class.append(frechet_distance(gaussian_stats(rf), gaussian_stats(ff)))
+        ok = len(rf) >= 2 and len(ff) >= 2
+        per_class.append(frechet_distance(gaussian_stats(rf), gaussian_stats(ff)) if ok else None)
+    scored = [v for v in per_class if v is not None]
     bs = min(recipe.batch_size, len(labels))
     steps = recipe.epochs * max(1, len(train.images) // recipe.batch_size)  # the evaluator's budget
     kw = {"epochs": max(1, -(-steps // max(1, len(labels) // bs))), "batch_size": bs, "lr": recipe.lr,
           "width": recipe.width, "feature_dim": recipe.feature_dim, "seed": seed, "device": device, "progress": False}
-    _, cas_report = train_evaluator(imgs.numpy(), y.numpy(), test.images, test.labels, **kw)
+    cas_net, cas_report = train_evaluator(imgs.numpy(), y.numpy(), test.images, test.labels, **kw)
     pick = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(seed))[: len(labels)].numpy()
-    _, real_report = train_evaluator(train.images[pick], train.labels[pick], test.images, test.labels, **kw)
-    return {"intra_fid": sum(per_class) / max(1, len(per_class)), "intra_fid_per_class": per_class,
-            "cas": cas_report["test_accuracy"], "cas_real": real_report["test_accuracy"]}
+    real_net, real_report = train_evaluator(train.images[pick], train.labels[pick], test.images, test.labels, **kw)
+    confusion, real_confusion = (class_confusion(net_, test.images, test.labels, k, device=device)
+                                 for net_ in (cas_net, real_net))
+
+    def recall(counts: Any) -> list[float | None]:  # None: a class without test images
+        return [float(counts[c, c] / counts[c].sum()) if counts[c].sum() else None for c in range(k)]
+
+    return {"intra_fid": sum(scored) / max(1, len(scored)), "intra_fid_per_class": per_class,
+            "cas": cas_report["test_accuracy"], "cas_real": real_report["test_accuracy"],
+            "cas_per_class": recall(confusion), "cas_real_per_class": recall(real_confusion),
+            "cas_confusion": confusion.tolist()}
 
 
 def _check_inputs(params: Params, test: Any, train: Any, tensors_dir: Path, net: Any, evaluator_path: Path,
@@ -192,7 +205,8 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, evaluator_path: Pat
                                    n_per_class=max(2, p.n_samples // gen_info["num_classes"]), device=device,
                                    seed=seed, batch_size=p.batch_size, recipe=params.evaluator)
         metrics.update(intra_fid=cond["intra_fid"], cas=cond["cas"], cas_real=cond["cas_real"])
-        details["intra_fid_per_class"] = cond["intra_fid_per_class"]
+        details.update({key: cond[key] for key in ("intra_fid_per_class", "cas_per_class", "cas_real_per_class",
+                                                   "cas_confusion")})
     if inception_weights is not None:
         metrics["inception"], details["draws"]["inception"] = _inception(params, inception_weights, test.images, fakes,
                                                                          device=device)

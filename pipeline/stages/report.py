@@ -46,6 +46,26 @@ def previous_metrics(metrics_path: Path) -> dict[str, Any] | None:
     return record.merge(numbers, _at_head(record.protocol_path(metrics_path)) or {})
 
 
+def per_class_rows(details: dict[str, Any], class_names: list[str]) -> list[dict[str, Any]]:
+    """The report's per-class rows of a conditional generator (none for an unconditional one):
+    name, intra-FID, CAS and real-trained accuracy on the class, and (class, share of its test
+    images) the CAS classifier most often put in another class, from the evaluate stage's details."""
+    if "cas_confusion" not in details:
+        return []
+    confusion = details["cas_confusion"]
+    k = len(confusion)
+    names = [str(n) for n in class_names] if len(class_names) == k else [str(c) for c in range(k)]
+    rows = []
+    for c in range(k):
+        total = sum(confusion[c])
+        others = [(n, j) for j, n in enumerate(confusion[c]) if j != c]
+        count, j = max(others) if others else (0, c)
+        rows.append({"name": names[c], "intra_fid": details["intra_fid_per_class"][c], "cas": details["cas_per_class"][c],
+                     "real": details["cas_real_per_class"][c],
+                     "taken_for": (names[j], count / total) if total and count else None})
+    return rows
+
+
 def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path, metrics_path: Path,
         details_path: Path, clean_report: Path, figures_dir: Path, html_path: Path) -> dict[str, Any]:
     import numpy as np  # noqa: PLC0415
@@ -125,6 +145,7 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
     mem = details["memorisation"]
     inception = metrics.get("inception", {})
     ctx = {
+        "per_class": per_class_rows(details, read_json(tensors_dir / "meta.json").get("class_names") or []),
         "title": f"{info['model'].upper()} on {read_json(tensors_dir / 'meta.json').get('source', '?')}",
         "subtitle": f"{len(train.images)} training / {len(test.images)} test images of {list(test.images.shape[1:])}; "
                     f"generator step {info['step']}",
