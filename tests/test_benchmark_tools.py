@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from helpers_project import ROOT
 
 CLAIM = ("import sys; sys.path.insert(0, {bench!r}); from pathlib import Path; import common, time; "
@@ -51,6 +54,14 @@ def test_two_stylegan2_runs_in_one_process_are_bitwise_equal_on_the_cpu() -> Non
                                                      "run 2 (E) vs run 0 (E): bitwise equal at every step",
                                                      "run 2 (E) vs run 1 (E): bitwise equal at every step"]
     assert all(ln.startswith("stylegan2 fp32 order EEE") for ln in lines)
+    # The comparison itself finds a difference, and the step after which it first appears.
+    sys.path.insert(0, str(FIRST_RUN.parent))
+    from first_run import first_difference  # noqa: PLC0415
+
+    same = {"g.w": torch.zeros(3), "d.w": torch.ones(2)}
+    moved = {"g.w": torch.tensor([0.0, 0.0, 1e-3]), "d.w": torch.ones(2)}
+    assert first_difference([same, same, same], [same, same, moved]) == (2, [("g.w", pytest.approx(1e-3))])
+    assert first_difference([same, same], [same, same]) is None
     bad = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", "--order", "EG"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "--order 'EG'" in bad.stderr and "CUDA only" in bad.stderr

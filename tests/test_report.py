@@ -177,6 +177,15 @@ def test_a_conditional_report_shows_each_class(tiny_conditional: TinyRun, tmp_pa
                               {"name": "bag", "intra_fid": 1.0, "cas": 0.90, "real": 0.95, "taken_for": None}])
     assert "<td class='num worse'>0.410</td>" in marked and "<td class='num'>0.900</td>" in marked
     assert "T-shirt (30%)" in marked
+    # An exact 10-point gap is marked; a tie between two other classes names the lower one; a class
+    # without test images (no scores) gets empty cells and no "taken for".
+    edge = per_class_rows({"cas_confusion": [[5, 2, 2], [0, 0, 0], [1, 1, 3]], "intra_fid_per_class": [1.0, None, 2.0],
+                           "cas_per_class": [5 / 9, None, 0.6], "cas_real_per_class": [0.9, None, 0.7]}, ["a", "b", "c"])
+    assert [r["taken_for"] for r in edge] == [("b", 2 / 9), None, ("a", 0.2)]
+    assert "<td class='num worse'>0.600</td><td class='num'>0.700</td>" in per_class_table(edge)
+    assert "<tr><td>b</td><td class='num'></td><td class='num'></td><td class='num'></td><td></td></tr>" in \
+        per_class_table(edge)
+    assert per_class_rows({"memorisation": {}}, []) == []  # details of an unconditional run: no table
 
 
 def test_vae_report_has_reconstructions(tiny_vae: TinyRun, tmp_path: Path) -> None:

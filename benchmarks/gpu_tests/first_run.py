@@ -1,8 +1,8 @@
 """Does the first training run of a process compute what a second, identical run computes?
 
 Trains the GPU tests' seeded StyleGAN2 run (or another family's) several times in one process, in
-the order given (E = eager, G = replayed from CUDA graphs), and compares every network tensor of
-every run with the first run's and the second run's after each step: it prints the first step
+the order given (E = eager, G = replayed from CUDA graphs), and compares every tensor of the
+networks (not the EMA copy) of every run with the first run's and the second run's after each step: it prints the first step
 after which they differ and the tensors that differ most.
 
 On an H100 (torch 2.11) StyleGAN2 in fp32 and bf16 ended apart in its first run of a process after

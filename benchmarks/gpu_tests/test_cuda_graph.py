@@ -11,6 +11,7 @@ the executors alone.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,3 +57,16 @@ def test_graph_replay_trains_as_eager_does(family: str, precision: str, tmp_path
     same_before = all(torch.equal(a, b) for a, b in zip(weights(before).values(), weights(eager).values(), strict=True))
     print(f"\n{family} {precision}: variants captured {graph.executor.captured}, bitwise equal {bitwise}, "
           f"largest parameter difference {worst:.3g}; the eager run before them bitwise equal {same_before}")
+
+
+@pytest.mark.xfail(strict=True, reason="open defect: a process's first StyleGAN2 run with lazy R1 and path length "
+                   "in one step ends apart from a second, identical run (measured on an H100: "
+                   "benchmarks/results/raw/gpu_tests_stylegan2_first_run_h100.txt); strict: passing means it is gone")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_first_run_of_a_process_matches_the_next(precision: str) -> None:
+    """Two identical eager StyleGAN2 runs in a fresh process (first_run.py --order EE) must be
+    bitwise equal after every step."""
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "first_run.py"), "--order", "EE",
+                          "--precision", precision], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("run 1 (E) vs run 0 (E): bitwise equal at every step"), out.stdout

@@ -90,7 +90,7 @@ def per_class_table(rows: list[dict[str, Any]]) -> str:
     body = []
     for r in rows:
         cas, real = r["cas"], r["real"]
-        bad = cas is not None and real is not None and real - cas >= 0.10
+        bad = cas is not None and real is not None and round(real - cas, 9) >= 0.10
         taken = "" if r["taken_for"] is None else f"{html.escape(r['taken_for'][0])} ({r['taken_for'][1]:.0%})"
         body.append(f"<tr><td>{html.escape(r['name'])}</td><td class='num'>{'' if r['intra_fid'] is None else _fmt(r['intra_fid'])}</td>"
                     f"<td class='num{' worse' if bad else ''}'>{'' if cas is None else f'{cas:.3f}'}</td>"
@@ -133,7 +133,8 @@ def render(ctx: dict[str, Any]) -> str:
                               "test images. CAS trains the evaluator's classifier on the generated images, "
                               "labelled as conditioned, and tests it on real ones: a class it gets wrong far "
                               "more often than the real-trained classifier (marked) is one whose samples do "
-                              "not look like it, or look like the class in the last column.</p>",
+                              "not look like it, look like the class in the last column, or are too alike "
+                              "(a collapse inside the class).</p>",
                               per_class_table(ctx["per_class"])))
     if ctx.get("timeline"):
         frames = "".join(figure(path, f"step {step}", width=200) for step, path in ctx["timeline"])

@@ -76,7 +76,9 @@ def conditional_metrics(generator: Any, gen_info: dict[str, Any], net: Any, test
     real data of that size achieves. Per class: ``cas_per_class`` and ``cas_real_per_class`` are the
     share of each class's real test images the two classifiers got right, and ``cas_confusion``
     counts where the sample-trained one put them (rows: true class, columns: predicted), so a class
-    whose samples teach the wrong boundary shows, and which class it is taken for.
+    whose samples teach the wrong boundary shows, and which class it is taken for. They come from a
+    second pass over the test split; with deterministic kernels (the CPU) its accuracy is exactly
+    ``cas``, on a GPU a near-tie may round the other way.
     """
     import torch  # noqa: PLC0415
 

@@ -58,8 +58,9 @@ def per_class_rows(details: dict[str, Any], class_names: list[str]) -> list[dict
     rows = []
     for c in range(k):
         total = sum(confusion[c])
-        others = [(n, j) for j, n in enumerate(confusion[c]) if j != c]
-        count, j = max(others) if others else (0, c)
+        others = [(n, -j) for j, n in enumerate(confusion[c]) if j != c]  # a tie: the lower class
+        count, j = max(others) if others else (0, -c)
+        j = -j
         rows.append({"name": names[c], "intra_fid": details["intra_fid_per_class"][c], "cas": details["cas_per_class"][c],
                      "real": details["cas_real_per_class"][c],
                      "taken_for": (names[j], count / total) if total and count else None})
