@@ -13,10 +13,12 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-from pipeline.training.config import resolve  # noqa: E402
+from common import make_trainer  # noqa: E402
+
 from pipeline.training.loop import Trainer  # noqa: E402
 
 SMALL = {"batch_size": 32, "nz": 32, "ngf": 16, "ndf": 16, "ema_decay": 0.99}
@@ -48,9 +50,8 @@ def run(train: dict[str, Any], graph: bool, precision: str, tmp: Path, *, device
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (512, 1, 32, 32), dtype=torch.uint8, generator=g).to(device)
     labels = (torch.arange(512) % 10).to(device)
-    cfg = resolve({**SMALL, **train, "steps": steps, "cuda_graph": graph, "precision": precision},
-                  seed=0, image_shape=(1, 32, 32), num_classes=10)
-    tr = Trainer(cfg, images, labels, device=device, workdir=tmp, progress=False)
+    tr = make_trainer({**SMALL, **train, "steps": steps, "cuda_graph": graph, "precision": precision}, images, tmp,
+                      device=device, labels=labels, seed=0)
     if after_step is not None:
         after_step(tr)
     for i in range(steps):

@@ -136,9 +136,10 @@ def check_memory(*, what: str, shape: tuple[int, int, int], net_width: int, batc
 
 def train_evaluator(images: np.ndarray, labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray, *,
                     epochs: int, batch_size: int, lr: float, width: int, feature_dim: int, seed: int, device: str,
-                    progress: bool = True) -> tuple[FeatureNet, dict[str, Any]]:
+                    progress: bool = True, confusion: bool = False) -> tuple[FeatureNet, dict[str, Any]]:
     """Train on uint8 NCHW images (an array, or a split's shard files); returns the network (eval mode) and its
-    test report."""
+    test report. ``confusion``: a classifier's report also holds its test predictions' counts
+    [true class, predicted class] (``confusion``, a list of lists): row c is where class c's images went."""
     torch.manual_seed(seed)
     labeled = bool((labels >= 0).all()) and len(np.unique(labels)) >= 2
     num_classes = int(labels.max()) + 1 if labeled else 0
@@ -184,7 +185,12 @@ def train_evaluator(images: np.ndarray, labels: np.ndarray, test_images: np.ndar
         xt = torch.from_numpy(test_images)
         outs = torch.cat([net(normalize(xt[i : i + TEST_CHUNK].to(device))).cpu() for i in range(0, len(xt), TEST_CHUNK)])
     if num_classes:
-        report["test_accuracy"] = float((outs.argmax(1).numpy() == test_labels).mean())
+        pred = outs.argmax(1).numpy()
+        report["test_accuracy"] = float((pred == test_labels).mean())
+        if confusion:
+            counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+            np.add.at(counts, (np.asarray(test_labels, dtype=np.int64), pred), 1)
+            report["confusion"] = counts.tolist()
     else:
         report["test_reconstruction_mse"] = float(F.mse_loss(outs, normalize(xt)).item())
         # What "reconstructing" every test image as the mean training image scores: the bar to beat.
@@ -194,19 +200,6 @@ def train_evaluator(images: np.ndarray, labels: np.ndarray, test_images: np.ndar
     if warning:
         report["warning"] = warning
     return net, report
-
-
-def class_confusion(net: FeatureNet, images: np.ndarray, labels: np.ndarray, num_classes: int, *,
-                    device: str) -> np.ndarray:
-    """Counts [true class, predicted class] of a classifier ``net`` (eval mode) on uint8 NCHW
-    ``images`` with ``labels``: row c holds where the images of class c went."""
-    with torch.no_grad():
-        xt = torch.from_numpy(images)
-        pred = torch.cat([net(normalize(xt[i : i + TEST_CHUNK].to(device))).argmax(1).cpu()
-                          for i in range(0, len(xt), TEST_CHUNK)]).numpy()
-    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(counts, (np.asarray(labels, dtype=np.int64), pred), 1)
-    return counts
 
 
 def quality_warning(report: dict[str, Any]) -> str | None:

@@ -76,14 +76,13 @@ def conditional_metrics(generator: Any, gen_info: dict[str, Any], net: Any, test
     real data of that size achieves. Per class: ``cas_per_class`` and ``cas_real_per_class`` are the
     share of each class's real test images the two classifiers got right, and ``cas_confusion``
     counts where the sample-trained one put them (rows: true class, columns: predicted), so a class
-    whose samples teach the wrong boundary shows, and which class it is taken for. They come from a
-    second pass over the test split; with deterministic kernels (the CPU) its accuracy is exactly
-    ``cas``, on a GPU a near-tie may round the other way.
+    whose samples teach the wrong boundary shows, and which class it is taken for (the same
+    predictions as ``cas``).
     """
     import torch  # noqa: PLC0415
 
     from ..metrics.compute import sample  # noqa: PLC0415
-    from ..metrics.evaluator import class_confusion, extract, train_evaluator  # noqa: PLC0415
+    from ..metrics.evaluator import extract, train_evaluator  # noqa: PLC0415
     from ..metrics.math import frechet_distance, gaussian_stats  # noqa: PLC0415
 
     k = gen_info["num_classes"]
@@ -100,20 +99,19 @@ def conditional_metrics(generator: Any, gen_info: dict[str, Any], net: Any, test
     bs = min(recipe.batch_size, len(labels))
     steps = recipe.epochs * max(1, len(train.images) // recipe.batch_size)  # the evaluator's budget
     kw = {"epochs": max(1, -(-steps // max(1, len(labels) // bs))), "batch_size": bs, "lr": recipe.lr,
-          "width": recipe.width, "feature_dim": recipe.feature_dim, "seed": seed, "device": device, "progress": False}
-    cas_net, cas_report = train_evaluator(imgs.numpy(), y.numpy(), test.images, test.labels, **kw)
+          "width": recipe.width, "feature_dim": recipe.feature_dim, "seed": seed, "device": device, "progress": False,
+          "confusion": True}
+    _, cas_report = train_evaluator(imgs.numpy(), y.numpy(), test.images, test.labels, **kw)
     pick = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(seed))[: len(labels)].numpy()
-    real_net, real_report = train_evaluator(train.images[pick], train.labels[pick], test.images, test.labels, **kw)
-    confusion, real_confusion = (class_confusion(net_, test.images, test.labels, k, device=device)
-                                 for net_ in (cas_net, real_net))
+    _, real_report = train_evaluator(train.images[pick], train.labels[pick], test.images, test.labels, **kw)
 
-    def recall(counts: Any) -> list[float | None]:  # None: a class without test images
-        return [float(counts[c, c] / counts[c].sum()) if counts[c].sum() else None for c in range(k)]
+    def recall(counts: list[list[int]]) -> list[float | None]:  # None: a class without test images
+        return [counts[c][c] / sum(counts[c]) if sum(counts[c]) else None for c in range(k)]
 
     return {"intra_fid": sum(scored) / max(1, len(scored)), "intra_fid_per_class": per_class,
             "cas": cas_report["test_accuracy"], "cas_real": real_report["test_accuracy"],
-            "cas_per_class": recall(confusion), "cas_real_per_class": recall(real_confusion),
-            "cas_confusion": confusion.tolist()}
+            "cas_per_class": recall(cas_report["confusion"]), "cas_real_per_class": recall(real_report["confusion"]),
+            "cas_confusion": cas_report["confusion"]}
 
 
 def _check_inputs(params: Params, test: Any, train: Any, tensors_dir: Path, net: Any, evaluator_path: Path,

@@ -58,9 +58,9 @@ def per_class_rows(details: dict[str, Any], class_names: list[str]) -> list[dict
     rows = []
     for c in range(k):
         total = sum(confusion[c])
-        others = [(n, -j) for j, n in enumerate(confusion[c]) if j != c]  # a tie: the lower class
-        count, j = max(others) if others else (0, -c)
-        j = -j
+        # The other class that got most of them (a tie: the lower class).
+        j = min((o for o in range(k) if o != c), key=lambda o: (-confusion[c][o], o), default=c)
+        count = confusion[c][j] if j != c else 0
         rows.append({"name": names[c], "intra_fid": details["intra_fid_per_class"][c], "cas": details["cas_per_class"][c],
                      "real": details["cas_real_per_class"][c],
                      "taken_for": (names[j], count / total) if total and count else None})
@@ -145,9 +145,10 @@ def run(params: Params, models_dir: Path, tensors_dir: Path, train_reports: Path
     prot = metrics["protocol"]
     mem = details["memorisation"]
     inception = metrics.get("inception", {})
+    meta = read_json(tensors_dir / "meta.json")
     ctx = {
-        "per_class": per_class_rows(details, read_json(tensors_dir / "meta.json").get("class_names") or []),
-        "title": f"{info['model'].upper()} on {read_json(tensors_dir / 'meta.json').get('source', '?')}",
+        "per_class": per_class_rows(details, meta.get("class_names") or []),
+        "title": f"{info['model'].upper()} on {meta.get('source', '?')}",
         "subtitle": f"{len(train.images)} training / {len(test.images)} test images of {list(test.images.shape[1:])}; "
                     f"generator step {info['step']}",
         "metric_rows": F.metric_rows(metrics, previous),
