@@ -246,6 +246,10 @@ def test_gpu_recipe_variant_table_matches_benchmarks_results() -> None:
             f"recipes ended within 10% of their best, and {now} of {n_now} runs of the recipes now. Over every "
             f"variant of these three with R1 at gamma 1, {r1} of {n_r1} did; with R1 at 0.1, {r01} of "
             f"{n_r01}") in _flat(README)
+    big, n_big = seed_runs.within_10pct(seed_runs.BIGGAN_R1)
+    assert f"BigGAN's runs with R1 at gamma 1 or more, under either loss: {big} of {n_big}" in _flat(README)
+    with pytest.raises(ValueError, match="no variant row starts with 'nope'"):
+        seed_runs.within_10pct(["nope"])
 
 
 def test_gpu_ddp_figures_match_benchmarks_results() -> None:

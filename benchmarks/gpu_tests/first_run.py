@@ -7,9 +7,11 @@ after which they differ and the tensors that differ most.
 
 On an H100 (torch 2.11) StyleGAN2 in fp32 and bf16 ended apart in its first run of a process after
 step 1 (the mapping network's weights and biases) and identical in every later run, eager or
-replayed: it took lazy R1 and path length in the same step (either one alone: bitwise equal), and
-warming cuBLAS, cuDNN or a double backward up before the runs did not change it
-(benchmarks/results/raw/gpu_tests_stylegan2_first_run_h100.txt). On the CPU every run is equal.
+replayed: it took lazy R1 and path length in the same step (either one alone: bitwise equal).
+Warming cuBLAS, cuDNN or a double backward up before the runs did not change it, nor did
+--cudnn-off, --no-tf32, --empty-cache or PYTORCH_NO_CUDA_MEMORY_CACHING=1; with cuDNN off only the
+mapping network's biases part (benchmarks/results/raw/gpu_tests_stylegan2_first_run_h100.txt). On
+the CPU every run is equal.
 
 Examples (on a CUDA machine; --device cpu runs the same steps on the CPU)::
 
