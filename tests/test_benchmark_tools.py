@@ -62,6 +62,14 @@ def test_two_stylegan2_runs_in_one_process_are_bitwise_equal_on_the_cpu() -> Non
     moved = {"g.w": torch.tensor([0.0, 0.0, 1e-3]), "d.w": torch.ones(2)}
     assert first_difference([same, same, same], [same, same, moved]) == (2, [("g.w", pytest.approx(1e-3))])
     assert first_difference([same, same], [same, same]) is None
+    # The warm-ups that look for what a training run before the first changes: another family's run
+    # (not compared) and the optimizer's and EMA's kernels, then the runs as before.
+    warm = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", "--order", "EE", "--steps", "2",
+                           "--warm", "adam", "--warm-run", "sngan", "--warm-steps", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert warm.returncode == 0, warm.stderr
+    assert warm.stdout.strip() == ("stylegan2 fp32 order EE set - warm adam after 1 step of sngan: "
+                                   "run 1 (E) vs run 0 (E): bitwise equal at every step")
     bad = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", "--order", "EG"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "--order 'EG'" in bad.stderr and "CUDA only" in bad.stderr

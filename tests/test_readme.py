@@ -122,8 +122,8 @@ ZOO_ROWS = [
     ("`fmnist-stylegan2.yaml` (cold compile cache)", "ttq_stylegan2_ema_ramp10", "ema_ramp10"),
     ("`fmnist-stylegan2.yaml` again (warm compile cache)", "ttq_stylegan2_ema_ramp10_warm_cache", "ema_ramp10"),
     ("`fmnist-stylegan2.yaml` uncompiled (`compile: false`, CUDA graphs only)", "ab_sg2_eager_graphs", "eager_graphs"),
-    ("`fmnist-biggan.yaml` now (R1 gamma 4, standing statistics, warm compile cache, 3 other runs on the host", "ag_biggan_g4_s0",
-     "g4"),
+    ("`fmnist-biggan.yaml` now (R1 gamma 4, standing statistics, warm compile cache, 3 other runs on the host",
+     "ag_biggan_g4_s0", "g4"),
 ]
 
 

@@ -17,6 +17,11 @@ Examples (on a CUDA machine; --device cpu runs the same steps on the CPU)::
 
     python benchmarks/gpu_tests/first_run.py --order EEGG
     python benchmarks/gpu_tests/first_run.py --order EE --set pl_weight=0 --cudnn-off
+    python benchmarks/gpu_tests/first_run.py --order EE --warm-run dcgan_r1 --warm-steps 1
+
+In the GPU tests' process StyleGAN2's first eager run came after the other families' runs and
+matched the later ones; ``--warm-run`` trains another family first, and ``--warm adam`` only the
+optimizer's and the EMA's kernels, to find which part of a training run makes the difference.
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import parse_overrides  # noqa: E402
 from runs import FAMILIES, STEPS, run, weights  # noqa: E402
 
-WARMUPS = ("none", "mm", "conv", "gconv", "dbl", "all")
+WARMUPS = ("none", "mm", "conv", "gconv", "dbl", "adam", "all")
 
 
 def warm_up(kind: str, device: str) -> None:
-    """Use a library before the runs: cuBLAS (mm), cuDNN (conv, grouped conv) or a double backward."""
+    """Use a library before the runs: cuBLAS (mm), cuDNN (conv, grouped conv), a double backward, or
+    two Adam steps and a weight average (the optimizers' and the EMA's multi-tensor kernels)."""
     if kind in ("mm", "all"):
         a = torch.randn(64, 64, device=device)
         torch.nn.functional.linear(a, a, a[0]).sum().item()
@@ -54,6 +60,15 @@ def warm_up(kind: str, device: str) -> None:
         y = torch.nn.functional.leaky_relu(torch.nn.functional.linear(x, w), 0.2)
         (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
         gx.square().sum().backward()
+    if kind in ("adam", "all"):
+        net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LeakyReLU(0.2), torch.nn.Linear(8, 1)).to(device)
+        avg = [p.detach().clone() for p in net.parameters()]
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.0, 0.99))
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            net(torch.randn(16, 8, device=device)).square().mean().backward()
+            opt.step()
+            torch._foreach_lerp_(avg, [p.detach() for p in net.parameters()], 0.01)
 
 
 def first_difference(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> tuple[int, list] | None:
@@ -73,6 +88,9 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--set", default="", metavar="KEY=VALUE,...", help="train keys over the family's, e.g. pl_weight=0")
     ap.add_argument("--warm", default="none", choices=WARMUPS, help="a library to use before the first run")
+    ap.add_argument("--warm-run", default=None, choices=sorted(FAMILIES), metavar="FAMILY",
+                    help="train this family's run eagerly (--warm-steps steps, not compared) before the runs")
+    ap.add_argument("--warm-steps", type=int, default=4, help="steps of the --warm-run (default 4)")
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--cudnn-off", action="store_true", help="torch.backends.cudnn.enabled = False")
     ap.add_argument("--no-tf32", action="store_true", help="fp32 convolutions and matrix products without TF32")
@@ -92,6 +110,9 @@ def main() -> None:
     warm_up(args.warm, args.device)
     history: list[list[dict[str, torch.Tensor]]] = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.warm_run:
+            run({**FAMILIES[args.warm_run]}, False, args.precision, Path(tmp) / "warm", device=args.device,
+                steps=args.warm_steps)
         for i, kind in enumerate(args.order):
             snaps: list[dict[str, torch.Tensor]] = []
             run(train, kind == "G", args.precision, Path(tmp) / f"run{i}", device=args.device, steps=args.steps,
@@ -101,6 +122,7 @@ def main() -> None:
                 gc.collect()
                 torch.cuda.empty_cache()
     head = f"{args.family} {args.precision} order {args.order} set {args.set or '-'} warm {args.warm}" + \
+        (f" after {args.warm_steps} step{'s' * (args.warm_steps != 1)} of {args.warm_run}" if args.warm_run else "") + \
         (" cudnn off" if args.cudnn_off else "") + (" no tf32" if args.no_tf32 else "") + (" empty cache" if args.empty_cache else "")
     for i in range(1, len(history)):
         for j in (0, 1) if i > 1 else (0,):
