@@ -148,8 +148,9 @@ def test_report_renders_every_panel_as_embedded(tiny_gan: TinyRun, tmp_path: Pat
 
 def test_a_conditional_report_shows_each_class(tiny_conditional: TinyRun, tmp_path: Path) -> None:
     """Per class: intra-FID, the CAS classifier's and the real-trained classifier's accuracy on that
-    class's real test images, and the class the CAS classifier most often took them for, all as the
-    evaluate stage's details hold them, laid out on the page."""
+    class's real test images, how often the CAS classifier called the class per real image of it,
+    and the class it most often took them for, all as the evaluate stage's details hold them, laid
+    out on the page."""
     layout, _ = _check_page(tiny_conditional.html, tmp_path, [*PANELS, "per-class"])
     assert layout["sections"]["per-class"]["y"] < layout["sections"]["timeline"]["y"]
     details = json.loads(tiny_conditional.details.read_text())
@@ -159,6 +160,7 @@ def test_a_conditional_report_shows_each_class(tiny_conditional: TinyRun, tmp_pa
     for c, r in enumerate(rows):
         assert (r["intra_fid"], r["cas"], r["real"]) == (details["intra_fid_per_class"][c], details["cas_per_class"][c],
                                                           details["cas_real_per_class"][c])
+        assert r["called"] == sum(row[c] for row in confusion) / sum(confusion[c])
         others = [n for j, n in enumerate(confusion[c]) if j != c]
         if max(others) > 0:
             name, share = r["taken_for"]
@@ -173,18 +175,22 @@ def test_a_conditional_report_shows_each_class(tiny_conditional: TinyRun, tmp_pa
     for c in range(10):
         assert f"<tr><td>{c}</td><td class='num'>{details['intra_fid_per_class'][c]:.4g}</td>" in table
     # A class taught 10 points or more worse by the samples than by real images is marked.
-    marked = per_class_table([{"name": "shirt", "intra_fid": 2.0, "cas": 0.41, "real": 0.62, "taken_for": ("T-shirt", 0.3)},
-                              {"name": "bag", "intra_fid": 1.0, "cas": 0.90, "real": 0.95, "taken_for": None}])
+    marked = per_class_table([{"name": "shirt", "intra_fid": 2.0, "cas": 0.41, "real": 0.62, "called": 0.853,
+                               "taken_for": ("T-shirt", 0.3)},
+                              {"name": "bag", "intra_fid": 1.0, "cas": 0.90, "real": 0.95, "called": 1.0, "taken_for": None}])
     assert "<td class='num worse'>0.410</td>" in marked and "<td class='num'>0.900</td>" in marked
-    assert "T-shirt (30%)" in marked
+    assert "<td class='num'>0.85</td><td>T-shirt (30%)</td>" in marked
     # An exact 10-point gap is marked; a tie between two other classes names the lower one; a class
     # without test images (no scores) gets empty cells and no "taken for".
     edge = per_class_rows({"cas_confusion": [[5, 2, 2], [0, 0, 0], [1, 1, 3]], "intra_fid_per_class": [1.0, None, 2.0],
                            "cas_per_class": [5 / 9, None, 0.6], "cas_real_per_class": [0.9, None, 0.7]}, ["a", "b", "c"])
     assert [r["taken_for"] for r in edge] == [("b", 2 / 9), None, ("a", 0.2)]
-    assert "<td class='num worse'>0.600</td><td class='num'>0.700</td>" in per_class_table(edge)
-    assert "<tr><td>b</td><td class='num'></td><td class='num'></td><td class='num'></td><td></td></tr>" in \
-        per_class_table(edge)
+    # Called per real one: column sums over row sums (a: 6 of 9; c: 5 of 5); b has no test images.
+    assert [r["called"] for r in edge] == [6 / 9, None, 1.0]
+    assert "<td class='num worse'>0.600</td><td class='num'>0.700</td><td class='num'>1.00</td>" in per_class_table(edge)
+    assert "<td class='num'>0.67</td><td>b (22%)</td>" in per_class_table(edge)
+    assert ("<tr><td>b</td><td class='num'></td><td class='num'></td><td class='num'></td><td class='num'></td>"
+            "<td></td></tr>") in per_class_table(edge)
     assert per_class_rows({"memorisation": {}}, []) == []  # details of an unconditional run: no table
 
 

@@ -83,18 +83,23 @@ def kv_table(items: list[tuple[str, Any]], *, table_id: str = "") -> str:
 def per_class_table(rows: list[dict[str, Any]]) -> str:
     """A conditional generator's classes: intra-FID, the accuracy on each class's real test images of
     a classifier trained on the generated images (CAS) and of one trained on as many real images,
-    and the class the first most often mistook them for. A class the samples teach far worse than
-    real images do (10 points or more) is marked."""
+    how many test images the first called the class per real one, and the class it most often
+    mistook them for. A class the samples teach far worse than real images do (10 points or more)
+    is marked."""
     head = ("<tr><th>class</th><th>intra-FID</th><th>CAS: right on its real test images</th>"
-            "<th>the same classifier trained on real images</th><th>CAS classifier most often took them for</th></tr>")
+            "<th>the same classifier trained on real images</th><th>CAS classifier called this class, per real one</th>"
+            "<th>CAS classifier most often took them for</th></tr>")
     body = []
     for r in rows:
         cas, real = r["cas"], r["real"]
         bad = cas is not None and real is not None and round(real - cas, 9) >= 0.10
         taken = "" if r["taken_for"] is None else f"{html.escape(r['taken_for'][0])} ({r['taken_for'][1]:.0%})"
+        called = "" if r["called"] is None else f"{r['called']:.2f}"
         body.append(f"<tr><td>{html.escape(r['name'])}</td><td class='num'>{'' if r['intra_fid'] is None else _fmt(r['intra_fid'])}</td>"
                     f"<td class='num{' worse' if bad else ''}'>{'' if cas is None else f'{cas:.3f}'}</td>"
-                    f"<td class='num'>{'' if real is None else f'{real:.3f}'}</td><td>{taken}</td></tr>")
+                    f"<td class='num'>{'' if real is None else f'{real:.3f}'}</td>"
+                    f"<td class='num'>{called}</td>"
+                    f"<td>{taken}</td></tr>")
     return f"<table id='per-class-table'>{head}{''.join(body)}</table>"
 
 
@@ -134,7 +139,9 @@ def render(ctx: dict[str, Any]) -> str:
                               "labelled as conditioned, and tests it on real ones: a class it gets wrong far "
                               "more often than the real-trained classifier (marked) is one whose samples do "
                               "not look like it, look like the class in the last column, or are too alike "
-                              "(a collapse inside the class).</p>",
+                              "(a collapse inside the class). A class called less often than it occurs "
+                              "(below 1) has samples narrower than its real images; above 1, broader: they "
+                              "take in images of other classes.</p>",
                               per_class_table(ctx["per_class"])))
     if ctx.get("timeline"):
         frames = "".join(figure(path, f"step {step}", width=200) for step, path in ctx["timeline"])

@@ -48,8 +48,10 @@ def previous_metrics(metrics_path: Path) -> dict[str, Any] | None:
 
 def per_class_rows(details: dict[str, Any], class_names: list[str]) -> list[dict[str, Any]]:
     """The report's per-class rows of a conditional generator (none for an unconditional one):
-    name, intra-FID, CAS and real-trained accuracy on the class, and (class, share of its test
-    images) the CAS classifier most often put in another class, from the evaluate stage's details."""
+    name, intra-FID, CAS and real-trained accuracy on the class, how many test images the CAS
+    classifier called the class per test image of it (``called``: below 1, the samples of the class
+    are narrower than its real images; above 1, broader), and (class, share of its test images) the
+    CAS classifier most often put in another class, from the evaluate stage's details."""
     if "cas_confusion" not in details:
         return []
     confusion = details["cas_confusion"]
@@ -61,8 +63,9 @@ def per_class_rows(details: dict[str, Any], class_names: list[str]) -> list[dict
         # The other class that got most of them (a tie: the lower class).
         j = min((o for o in range(k) if o != c), key=lambda o: (-confusion[c][o], o), default=c)
         count = confusion[c][j] if j != c else 0
+        called = sum(row[c] for row in confusion)
         rows.append({"name": names[c], "intra_fid": details["intra_fid_per_class"][c], "cas": details["cas_per_class"][c],
-                     "real": details["cas_real_per_class"][c],
+                     "real": details["cas_real_per_class"][c], "called": called / total if total else None,
                      "taken_for": (names[j], count / total) if total and count else None})
     return rows
 
