@@ -68,8 +68,11 @@ def test_two_stylegan2_runs_in_one_process_are_bitwise_equal_on_the_cpu() -> Non
                            "--warm", "adam", "--warm-run", "sngan", "--warm-steps", "1"],
                           capture_output=True, text=True, timeout=600)
     assert warm.returncode == 0, warm.stderr
-    assert warm.stdout.strip() == ("stylegan2 fp32 order EE set - warm adam after 1 step of sngan: "
+    assert warm.stdout.strip() == ("stylegan2 fp32 order EE set - warm adam, warm run sngan (1 step): "
                                    "run 1 (E) vs run 0 (E): bitwise equal at every step")
+    stray = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", "--warm-steps", "2"],
+                           capture_output=True, text=True, timeout=600)
+    assert stray.returncode != 0 and "--warm-steps 2" in stray.stderr and "--warm-run FAMILY" in stray.stderr
     bad = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", "--order", "EG"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "--order 'EG'" in bad.stderr and "CUDA only" in bad.stderr

@@ -172,6 +172,10 @@ def test_a_conditional_report_shows_each_class(tiny_conditional: TinyRun, tmp_pa
     table = html[html.index("<table id='per-class-table'>"):]
     table = table[: table.index("</table>")]
     assert table.count("<tr>") == 11  # a header and one row per class (the tensors' names: "0" .. "9")
+    assert "<th>test images the CAS classifier called this class, per real image of it</th>" in table
+    for c, r in enumerate(rows):  # the called-per-real cell sits just before the "taken for" cell
+        taken = "" if r["taken_for"] is None else f"{r['taken_for'][0].split()[1]} ({r['taken_for'][1]:.0%})"
+        assert f"<td class='num'>{r['called']:.2f}</td><td>{taken}</td></tr>" in table
     for c in range(10):
         assert f"<tr><td>{c}</td><td class='num'>{details['intra_fid_per_class'][c]:.4g}</td>" in table
     # A class taught 10 points or more worse by the samples than by real images is marked.
@@ -191,6 +195,11 @@ def test_a_conditional_report_shows_each_class(tiny_conditional: TinyRun, tmp_pa
     assert "<td class='num'>0.67</td><td>b (22%)</td>" in per_class_table(edge)
     assert ("<tr><td>b</td><td class='num'></td><td class='num'></td><td class='num'></td><td class='num'></td>"
             "<td></td></tr>") in per_class_table(edge)
+    # A class the CAS classifier never predicts is called 0 times per real one (a cell, not a blank).
+    never = per_class_rows({"cas_confusion": [[3, 0], [2, 0]], "intra_fid_per_class": [1.0, 1.0],
+                            "cas_per_class": [1.0, 0.0], "cas_real_per_class": [1.0, 1.0]}, ["x", "y"])
+    assert [r["called"] for r in never] == [5 / 3, 0.0]
+    assert "<td class='num'>0.00</td><td>x (100%)</td>" in per_class_table(never)
     assert per_class_rows({"memorisation": {}}, []) == []  # details of an unconditional run: no table
 
 

@@ -20,8 +20,9 @@ Examples (on a CUDA machine; --device cpu runs the same steps on the CPU)::
     python benchmarks/gpu_tests/first_run.py --order EE --warm-run dcgan_r1 --warm-steps 1
 
 In the GPU tests' process StyleGAN2's first eager run came after the other families' runs and
-matched the later ones; ``--warm-run`` trains another family first, and ``--warm adam`` only the
-optimizer's and the EMA's kernels, to find which part of a training run makes the difference.
+matched the later ones; ``--warm-run`` trains another family first, and ``--warm adam`` runs only
+the optimizer's and the EMA's kernels as training runs them, to find which part of a training run
+makes the difference.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ WARMUPS = ("none", "mm", "conv", "gconv", "dbl", "adam", "all")
 
 def warm_up(kind: str, device: str) -> None:
     """Use a library before the runs: cuBLAS (mm), cuDNN (conv, grouped conv), a double backward, or
-    two Adam steps and a weight average (the optimizers' and the EMA's multi-tensor kernels)."""
+    (adam) two steps of Adam built as training builds it (fused and capturable on CUDA) and two
+    updates of the pipeline's EMA from a device-tensor step, as training makes them."""
     if kind in ("mm", "all"):
         a = torch.randn(64, 64, device=device)
         torch.nn.functional.linear(a, a, a[0]).sum().item()
@@ -61,14 +63,18 @@ def warm_up(kind: str, device: str) -> None:
         (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
         gx.square().sum().backward()
     if kind in ("adam", "all"):
+        from pipeline.training.ema import EMA  # noqa: PLC0415
+
         net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LeakyReLU(0.2), torch.nn.Linear(8, 1)).to(device)
-        avg = [p.detach().clone() for p in net.parameters()]
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.0, 0.99))
-        for _ in range(2):
+        ema = EMA(net, decay=0.99)
+        fused = {"fused": True, "capturable": True} if device == "cuda" else {}
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.0, 0.99), **fused)
+        for i in range(2):
             opt.zero_grad(set_to_none=True)
             net(torch.randn(16, 8, device=device)).square().mean().backward()
             opt.step()
-            torch._foreach_lerp_(avg, [p.detach() for p in net.parameters()], 0.01)
+            with torch.no_grad():
+                ema.update_with(net, torch.tensor(i + 1, device=device))
 
 
 def first_difference(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> tuple[int, list] | None:
@@ -90,7 +96,7 @@ def main() -> None:
     ap.add_argument("--warm", default="none", choices=WARMUPS, help="a library to use before the first run")
     ap.add_argument("--warm-run", default=None, choices=sorted(FAMILIES), metavar="FAMILY",
                     help="train this family's run eagerly (--warm-steps steps, not compared) before the runs")
-    ap.add_argument("--warm-steps", type=int, default=4, help="steps of the --warm-run (default 4)")
+    ap.add_argument("--warm-steps", type=int, default=None, help="steps of the --warm-run (default 4)")
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--cudnn-off", action="store_true", help="torch.backends.cudnn.enabled = False")
     ap.add_argument("--no-tf32", action="store_true", help="fp32 convolutions and matrix products without TF32")
@@ -99,6 +105,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: run on a CUDA machine, or pass --device cpu")
+    if args.warm_steps is not None and (args.warm_run is None or args.warm_steps < 1):
+        ap.error(f"--warm-steps {args.warm_steps}: a positive number of steps, given with --warm-run FAMILY")
+    args.warm_steps = args.warm_steps or 4
     if len(args.order) < 2 or set(args.order) - {"E", "G"} or ("G" in args.order and args.device == "cpu"):
         raise SystemExit(f"--order {args.order!r}: two or more of E (eager) and G (CUDA graphs, CUDA only), e.g. EEGG")
     torch.backends.cudnn.benchmark = False
@@ -122,7 +131,7 @@ def main() -> None:
                 gc.collect()
                 torch.cuda.empty_cache()
     head = f"{args.family} {args.precision} order {args.order} set {args.set or '-'} warm {args.warm}" + \
-        (f" after {args.warm_steps} step{'s' * (args.warm_steps != 1)} of {args.warm_run}" if args.warm_run else "") + \
+        (f", warm run {args.warm_run} ({args.warm_steps} step{'s' * (args.warm_steps != 1)})" if args.warm_run else "") + \
         (" cudnn off" if args.cudnn_off else "") + (" no tf32" if args.no_tf32 else "") + (" empty cache" if args.empty_cache else "")
     for i in range(1, len(history)):
         for j in (0, 1) if i > 1 else (0,):

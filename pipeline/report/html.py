@@ -87,7 +87,8 @@ def per_class_table(rows: list[dict[str, Any]]) -> str:
     mistook them for. A class the samples teach far worse than real images do (10 points or more)
     is marked."""
     head = ("<tr><th>class</th><th>intra-FID</th><th>CAS: right on its real test images</th>"
-            "<th>the same classifier trained on real images</th><th>CAS classifier called this class, per real one</th>"
+            "<th>the same classifier trained on real images</th>"
+            "<th>test images the CAS classifier called this class, per real image of it</th>"
             "<th>CAS classifier most often took them for</th></tr>")
     body = []
     for r in rows:
@@ -139,9 +140,10 @@ def render(ctx: dict[str, Any]) -> str:
                               "labelled as conditioned, and tests it on real ones: a class it gets wrong far "
                               "more often than the real-trained classifier (marked) is one whose samples do "
                               "not look like it, look like the class in the last column, or are too alike "
-                              "(a collapse inside the class). A class called less often than it occurs "
-                              "(below 1) has samples narrower than its real images; above 1, broader: they "
-                              "take in images of other classes.</p>",
+                              "(a collapse inside the class). A class the CAS classifier calls less often "
+                              "than it occurs (below 1) suggests samples narrower than its real images; above "
+                              "1, that the classifier trained on them also calls real images of other classes "
+                              "by this class. 1 alone does not mean right: read it beside the CAS column.</p>",
                               per_class_table(ctx["per_class"])))
     if ctx.get("timeline"):
         frames = "".join(figure(path, f"step {step}", width=200) for step, path in ctx["timeline"])
