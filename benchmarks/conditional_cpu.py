@@ -132,9 +132,7 @@ def main() -> None:
                     train = SimpleNamespace(images=data["train_x"], labels=data["train_y"])
                     cond = conditional_metrics(g, info, net, test, train, real_feats=test_feats, n_per_class=100,
                                                device="cpu", seed=0, batch_size=250, recipe=Evaluator())
-                    run.update(intra_fid=cond["intra_fid"], intra_fid_per_class=cond["intra_fid_per_class"],
-                               cas=cond["cas"], cas_real=cond["cas_real"], cas_per_class=cond["cas_per_class"],
-                               cas_real_per_class=cond["cas_real_per_class"], cas_confusion=cond["cas_confusion"])
+                    run.update(cond)  # intra-FID and CAS, overall and per class
                     if args.grids:
                         grid, _ = sample(g, 100, nz=cfg.nz, num_classes=10, seed=3,
                                          labels=torch.arange(10).repeat_interleave(10))

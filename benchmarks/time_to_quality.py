@@ -85,11 +85,9 @@ def conditional_scores(generator: torch.nn.Module, nz: int, num_classes: int, sc
 
     test = SimpleNamespace(images=scorer.test64.cpu().numpy(), labels=scorer.data["test_y"])
     train = SimpleNamespace(images=scorer.train64.cpu().numpy(), labels=scorer.data["train_y"])
-    cond = conditional_metrics(generator, {"num_classes": num_classes, "nz": nz}, scorer.net, test, train,
+    return conditional_metrics(generator, {"num_classes": num_classes, "nz": nz}, scorer.net, test, train,
                                real_feats=scorer.test_feats, n_per_class=500, device=DEVICE, seed=0, batch_size=500,
                                recipe=Evaluator())
-    return {k: cond[k] for k in ("intra_fid", "intra_fid_per_class", "cas", "cas_real", "cas_per_class",
-                                 "cas_real_per_class", "cas_confusion")}
 
 
 def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, scorer: Scorer, seconds: float,

@@ -51,8 +51,8 @@ def per_class_rows(details: dict[str, Any], class_names: list[str]) -> list[dict
     name, intra-FID, CAS and real-trained accuracy on the class, how many test images the CAS
     classifier called the class per test image of it (``called``: below 1 suggests samples of the
     class narrower than its real images; above 1, that real images of other classes are called by
-    this class), and (class, share of its test images) the
-    CAS classifier most often put in another class, from the evaluate stage's details."""
+    this class), and (class, share of its test images) the CAS classifier most often put in another
+    class, from the evaluate stage's details."""
     if "cas_confusion" not in details:
         return []
     confusion = details["cas_confusion"]
