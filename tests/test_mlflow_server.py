@@ -7,7 +7,9 @@ stages run as subprocesses exactly as ``dvc repro`` runs them.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import socket
 import statistics
@@ -19,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from helpers_team import (MlflowServer, dvc, kill_group, pipeline, set_params, tool_env, wait_for)
+from helpers_team import (VENV_BIN, MlflowServer, dvc, kill_group, pipeline, set_params, tool_env, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -292,7 +294,14 @@ def test_parallel_queued_experiments_both_log_to_one_store(project: Path) -> Non
     dvc("exp", "run", "--queue", "-S", "report.grid_nrow=4", "-n", "exp-a", cwd=project, env=env)
     dvc("exp", "run", "--queue", "-S", "report.grid_nrow=2", "-n", "exp-b", cwd=project, env=env)
     try:
-        dvc("queue", "start", "-j", "2", cwd=project, env=env)
+        # Output to a file, not a pipe: the workers run on in the background holding what `queue start`
+        # was given as stdout, and a pipe would keep this call waiting for them (a worker whose
+        # shutdown stalls held it past any timeout); a user's terminal does not wait for them either.
+        log = project.parent / "queue-start.log"
+        with log.open("w") as out:
+            started = subprocess.run([str(VENV_BIN / "dvc"), "queue", "start", "-j", "2"], cwd=project, env=dict(env),
+                                     stdout=out, stderr=subprocess.STDOUT, timeout=120)
+        assert started.returncode == 0, log.read_text()
 
         def both_ended() -> bool:  # cheap file checks first: each `dvc queue status` costs a CPU second
             return sum(bool(journal_events(d)) and journal_events(d)[-1]["type"] == "end"
@@ -307,6 +316,11 @@ def test_parallel_queued_experiments_both_log_to_one_store(project: Path) -> Non
         status = wait_for(finished, 200, "both queued experiments", interval=3)
     finally:
         dvc("queue", "stop", "--kill", cwd=project, env=env, check=False)
+        for pid_file in (project / ".dvc" / "tmp" / "exps" / "celery").glob("*.pid"):  # a stalled worker too
+            with contextlib.suppress(ValueError, OSError):
+                group = os.getpgid(int(pid_file.read_text()))
+                if group != os.getpgrp():  # each worker's own group (dvc-task starts one), never this test's
+                    os.killpg(group, signal.SIGKILL)
     assert status.count("Success") == 2, status
 
     # Both experiments logged, from their temporary workspaces, into the project's one store.
