@@ -134,8 +134,10 @@ ZOO_ROWS = [
     ("`fmnist-stylegan2.yaml` (cold compile cache)", "ttq_stylegan2_ema_ramp10", "ema_ramp10"),
     ("`fmnist-stylegan2.yaml` again (warm compile cache)", "ttq_stylegan2_ema_ramp10_warm_cache", "ema_ramp10"),
     ("`fmnist-stylegan2.yaml` uncompiled (`compile: false`, CUDA graphs only)", "ab_sg2_eager_graphs", "eager_graphs"),
-    ("`fmnist-biggan.yaml` now (R1 gamma 4, standing statistics, warm compile cache, 3 other runs on the host",
+    ("`fmnist-biggan.yaml` at 3,500 steps (R1 gamma 4, standing statistics, warm compile cache, 3 other runs on the host",
      "ag_biggan_g4_s0", "g4"),
+    ("`fmnist-biggan.yaml` now (4,688 steps, warm compile cache, 3 other runs on the host, first scored at step 2,344",
+     "ak_biggan_g4long_s0", "g4long"),
 ]
 
 
