@@ -85,9 +85,12 @@ def claim_result_name(name: str, results: Path | None = None) -> None:
     _CLAIMS.append(handle)
 
 
-def write_result(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}_{device_tag()}.json"
+def write_result(name: str, payload: dict[str, Any], results: Path | None = None) -> Path:
+    """Write ``payload`` to ``<results>/<name>_<device>.json`` in one step (a reader never sees half a
+    file), and a copy into ``$OUT`` where the device tool collects files."""
+    results = RESULTS if results is None else results
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{name}_{device_tag()}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)

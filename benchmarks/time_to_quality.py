@@ -16,7 +16,10 @@ variant's ``recipe=FILE`` takes that file's train block as its own base.
 ``--score-npz`` scores samples made elsewhere (uint8 [N, 1, 64, 64] or [N, 64, 64] under the key
 ``images``, e.g. another implementation's) with the same evaluator, first ``--n-eval`` of them.
 Runs side by side (one per GPU) need a ``--name`` each: a second run started with a name that a
-running one holds stops at once, rather than overwrite its results and grids.
+running one holds stops at once, rather than overwrite its results and grids. The result file is
+rewritten after every score, so a run stopped by a time limit leaves its scores so far: its entry
+then carries ``partial``, naming what was still to come (more training, the grid, intra-FID and
+CAS). ``--results DIR`` writes the file and grids elsewhere than ``benchmarks/results``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import copy
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -90,8 +93,24 @@ def conditional_scores(generator: torch.nn.Module, nz: int, num_classes: int, sc
                                recipe=Evaluator())
 
 
+def summary(curve: list[dict[str, float]], batch_size: int) -> dict[str, Any]:
+    """A run's figures from its scores so far: best and final FID, when the best came, images/s."""
+    fids = [c["fid"] for c in curve]
+    best_i = int(np.argmin(fids))
+    return {"curve": curve, "best_fid": fids[best_i], "best_at_seconds": curve[best_i]["train_seconds"],
+            "best_at_epochs": curve[best_i]["epochs"], "final_fid": fids[-1],
+            "final_within_10pct_of_best": fids[-1] <= 1.1 * fids[best_i],
+            "images_per_s": curve[-1]["step"] * batch_size / curve[-1]["train_seconds"],
+            "steady_images_per_s": steady_rate(curve)}
+
+
 def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, scorer: Scorer, seconds: float,
-               eval_every_epochs: float, grid: Path | None = None, labels: torch.Tensor | None = None) -> dict[str, Any]:
+               eval_every_epochs: float, grid: Path | None = None, labels: torch.Tensor | None = None,
+               on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train one variant, scoring it every ``eval_every_epochs``; then its grid and, when conditional,
+    its intra-FID and CAS. ``on_progress`` receives the entry as it stands after every score and after
+    the final scores, marked ``partial`` (what is still to come), so a run stopped by a time limit
+    leaves its curve behind."""
     overrides = dict(overrides)
     base = Path(overrides.pop("recipe", RECIPE))  # a variant may name its own recipe file
     base = base if base.is_absolute() else ROOT / base
@@ -103,6 +122,13 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
         tr = make_trainer(train, images, Path(tmp), device=DEVICE, labels=labels if train.get("conditional") else None,
                           seed=SEED)
         cfg = tr.cfg
+        head = {"name": name, "recipe": str(base.relative_to(ROOT)) if base.is_relative_to(ROOT) else str(base),
+                "train": train}
+
+        def progress(partial: str, **extra: Any) -> None:
+            if on_progress is not None:
+                on_progress({**extra, **head, **summary(list(curve), cfg.batch_size), "partial": partial})
+
         chunk = max(1, round(eval_every_epochs * len(images) / cfg.batch_size))
         bn_paired = cfg.ema_standing_stats > 0 and has_running_stats(tr.ema.shadow)
         spent = 0.0
@@ -119,31 +145,28 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
             if bn_paired:  # the same EMA weights with the live G's BatchNorm statistics, as before they were recomputed
                 point["fid_copied_bn_stats"] = scorer.fid(tr.ema.shadow, cfg.nz, cfg.num_classes)
             curve.append({**point, "fid": scorer.fid(tr.ema_generator(), cfg.nz, cfg.num_classes)})
+            rest = "the grid" + (", intra-FID and CAS" if cfg.num_classes else "")
+            progress(f"more training, {rest}" if tr.step < cfg.steps and spent < seconds else rest)
             print(f"{name}: step {tr.step}, {spent:.1f} s, FID {curve[-1]['fid']:.2f}"
                   + (f" (live G's BN statistics: {point['fid_copied_bn_stats']:.2f})" if bn_paired else ""), flush=True)
-        extra_copied: dict[str, Any] = {}
-        if bn_paired and cfg.num_classes:  # the conditional scores with the live G's statistics too
-            copied = copy.deepcopy(tr.ema.shadow)
-            with torch.no_grad():
-                for b_s, b in zip(copied.buffers(), tr.objective.generator.buffers(), strict=True):
-                    b_s.copy_(b)
-            extra_copied = {f"{k}_copied_bn_stats": v for k, v in
-                            conditional_scores(copied.eval(), cfg.nz, cfg.num_classes, scorer).items()
-                            if k in ("intra_fid", "cas")}
+        # Cheapest and most wanted first, so a time limit takes the least: the grid, the scores of the
+        # EMA generator as it samples, then the same with the live G's BatchNorm statistics.
         if grid is not None:  # the final EMA generator's 64 samples (latent seed 1), to look at
             imgs, _ = sample(tr.ema_generator(), 64, nz=cfg.nz, num_classes=cfg.num_classes, seed=1, device=DEVICE,
                              batch_size=64, labels=torch.arange(64) % 8 if cfg.num_classes else None)
             grid.parent.mkdir(parents=True, exist_ok=True)
             save_grid(imgs.cpu().numpy(), grid, nrow=8)
         extra = conditional_scores(tr.ema_generator(), cfg.nz, cfg.num_classes, scorer) if cfg.num_classes else {}
-    fids = [c["fid"] for c in curve]
-    best_i = int(np.argmin(fids))
-    return {**extra, **extra_copied, "name": name, "recipe": str(base.relative_to(ROOT)) if base.is_relative_to(ROOT) else str(base),
-            "train": train, "curve": curve, "best_fid": fids[best_i],
-            "best_at_seconds": curve[best_i]["train_seconds"], "best_at_epochs": curve[best_i]["epochs"],
-            "final_fid": fids[-1], "final_within_10pct_of_best": fids[-1] <= 1.1 * fids[best_i],
-            "images_per_s": curve[-1]["step"] * cfg.batch_size / curve[-1]["train_seconds"],
-            "steady_images_per_s": steady_rate(curve)}
+        if bn_paired and cfg.num_classes:  # the conditional scores with the live G's statistics too
+            progress("intra-FID and CAS with the live G's BatchNorm statistics", **extra)
+            copied = copy.deepcopy(tr.ema.shadow)
+            with torch.no_grad():
+                for b_s, b in zip(copied.buffers(), tr.objective.generator.buffers(), strict=True):
+                    b_s.copy_(b)
+            extra.update({f"{k}_copied_bn_stats": v for k, v in
+                          conditional_scores(copied.eval(), cfg.nz, cfg.num_classes, scorer).items()
+                          if k in ("intra_fid", "cas")})
+    return {**extra, **head, **summary(curve, cfg.batch_size)}
 
 
 def steady_rate(curve: list[dict[str, float]]) -> float | None:
@@ -254,6 +277,8 @@ def main() -> None:
                     help="also train the recipe in fp32 to its last step (no time cap) and compare scores step by step")
     ap.add_argument("--skip-recipe", action="store_true", help="run only the --variants")
     ap.add_argument("--name", default="time_to_quality")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="folder for the result JSON (<name>_<device>.json) and grids/ (default benchmarks/results)")
     ap.add_argument("--recipe", default=str(RECIPE_DEFAULT.relative_to(ROOT)), help="recipe file whose train block the variants override")
     ap.add_argument("--n-eval", type=int, default=5000, help="generated images per score")
     ap.add_argument("--score-npz", action="append", default=[], metavar="NAME=FILE",
@@ -264,7 +289,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="base.seed of every engine run (weights, latents, batches)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script runs")
     args = ap.parse_args()
-    claim_result_name(args.name)
+    claim_result_name(args.name, args.results)
     global DEVICE, N_EVAL, RECIPE, SEED
     SEED = args.seed
     RECIPE, N_EVAL = (ROOT / args.recipe if not Path(args.recipe).is_absolute() else Path(args.recipe)), args.n_eval
@@ -284,17 +309,25 @@ def main() -> None:
     labels = torch.from_numpy(data["train_y"]).to(DEVICE)  # used by conditional variants
     for name, over in parse_variants(args.variants, recipe=not args.skip_recipe):
         try:
-            grid = RESULTS / "grids" / f"{args.name}_{name}_{device_tag()}.png" if args.grids else None
+            grid = args.results / "grids" / f"{args.name}_{name}_{device_tag()}.png" if args.grids else None
+
+            last: dict[str, Any] = {}
+
+            def on_progress(entry: dict[str, Any], last: dict[str, Any] = last) -> None:
+                last.clear()
+                last.update(entry)  # the result file as it stands, this run partial
+                write_result(args.name, {**result, "engine": [*result["engine"], entry]}, args.results)
+
             r = run_engine(name, over, train64, scorer, args.seconds, args.eval_every, grid,
-                           labels=labels)
+                           labels=labels, on_progress=on_progress)
             if grid is not None:
-                r["grid"] = str(grid.relative_to(ROOT))
+                r["grid"] = str(grid.relative_to(ROOT)) if grid.is_relative_to(ROOT) else str(grid)
             r["zoo_goals"] = zoo_goals(r)
-        except Exception as exc:  # noqa: BLE001 - keep the other variants
-            r = {"name": name, "overrides": over, "error": repr(exc)}
+        except Exception as exc:  # noqa: BLE001 - keep the other variants, and this one's scores so far
+            r = {**last, "name": name, "overrides": over, "error": repr(exc)}
         result["engine"].append(r)
         print({k: v for k, v in r.items() if k not in ("curve", "train")}, flush=True)
-        write_result(args.name, result)
+        write_result(args.name, result, args.results)
     for spec_ in args.score_npz:  # after the variants: the file may be written meanwhile by another process
         label, _, file = spec_.partition("=")
         deadline = time.monotonic() + args.wait_npz
@@ -310,14 +343,14 @@ def main() -> None:
             raise SystemExit(f"--score-npz {file}: expected uint8 [N, 1, 64, 64], got {imgs.dtype} {tuple(imgs.shape)}")
         result.setdefault("external", {})[label] = {"file": file, "n": min(len(imgs), N_EVAL), "fid": scorer.fid_of(imgs)}
         print(f"external {label}: FID {result['external'][label]['fid']:.3f} on {min(len(imgs), N_EVAL)} images", flush=True)
-        write_result(args.name, result)
+        write_result(args.name, result, args.results)
     rec = next((e for e in result["engine"] if e["name"] == "recipe" and "best_fid" in e), None)
     if args.compare_fp32 and rec:
         fp32 = run_engine("recipe_fp32", {"precision": "fp32"}, train64, scorer, float("inf"), args.eval_every)
         result["engine"].append(fp32)
         result["bf16_vs_fp32"] = compare_runs(rec, fp32)
         print({"bf16_vs_fp32": result["bf16_vs_fp32"]}, flush=True)
-        write_result(args.name, result)
+        write_result(args.name, result, args.results)
     if not args.skip_classic:
         result["classic"] = run_classic(data["train_x"], scorer, epochs=args.classic_epochs, seconds=args.classic_seconds)
         if rec:
@@ -328,7 +361,7 @@ def main() -> None:
         print({k: v for k, v in result["classic"].items() if k != "curve"}, flush=True)
     if rec:
         result["goals"] = goals(result)
-    print(f"wrote {write_result(args.name, result)}")
+    print(f"wrote {write_result(args.name, result, args.results)}")
 
 
 if __name__ == "__main__":

