@@ -86,17 +86,20 @@ def claim_result_name(name: str, results: Path | None = None) -> None:
 
 
 def write_result(name: str, payload: dict[str, Any], results: Path | None = None) -> Path:
-    """Write ``payload`` to ``<results>/<name>_<device>.json`` in one step (a reader never sees half a
-    file), and a copy into ``$OUT`` where the device tool collects files."""
+    """Write ``payload`` to ``<results>/<name>_<device>.json``, and a copy into ``$OUT`` where the
+    device tool collects files, each in one step (written aside, then renamed): a reader, or a copy
+    taken after a kill, never sees half a file."""
     results = RESULTS if results is None else results
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"{name}_{device_tag()}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
-    out = os.environ.get("OUT")  # the device tool copies $OUT back
+    out = os.environ.get("OUT")  # the device tool copies $OUT back: the same file, also in one step
     if out:
-        Path(out, path.name).write_text(path.read_text())
+        tmp_out = Path(out, f".{path.name}.tmp")
+        tmp_out.write_text(path.read_text())
+        os.replace(tmp_out, Path(out, path.name))
     return path
 
 

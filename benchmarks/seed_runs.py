@@ -55,7 +55,9 @@ def seed_run(stem: str, name: str) -> dict[str, Any]:
         runs = [e for e in json.loads(file.read_text())["engine"] if e["name"] == name]
         if not runs:
             raise ValueError(f"{file.name} has no variant {name!r}")
-        return runs[0]
+        if "error" in runs[0]:
+            raise ValueError(f"{file.name}: variant {name!r} failed ({runs[0]['error']}), so it has no result to show")
+        return runs[0]  # one a time limit stopped (marked partial) counts with the scores it reached
     curve = log_curve(RESULTS / f"{stem}_h100-80gb-hbm3.txt")
     fids = [c["fid"] for c in curve]
     best = min(range(len(fids)), key=fids.__getitem__)

@@ -17,9 +17,9 @@ variant's ``recipe=FILE`` takes that file's train block as its own base.
 ``images``, e.g. another implementation's) with the same evaluator, first ``--n-eval`` of them.
 Runs side by side (one per GPU) need a ``--name`` each: a second run started with a name that a
 running one holds stops at once, rather than overwrite its results and grids. The result file is
-rewritten after every score, so a run stopped by a time limit leaves its scores so far: its entry
-then carries ``partial``, naming what was still to come (more training, the grid, intra-FID and
-CAS). ``--results DIR`` writes the file and grids elsewhere than ``benchmarks/results``.
+rewritten after every score of an engine run (not the classic loop), so a run stopped by a time
+limit leaves what it reached: its entry then carries ``partial``, naming what was still to come
+(more training, the grid, intra-FID and CAS). ``--results DIR`` writes the file and grids elsewhere than ``benchmarks/results``.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
                on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train one variant, scoring it every ``eval_every_epochs``; then its grid and, when conditional,
     its intra-FID and CAS. ``on_progress`` receives the entry as it stands after every score and after
-    the final scores, marked ``partial`` (what is still to come), so a run stopped by a time limit
-    leaves its curve behind."""
+    each later part (the grid, the intra-FID and CAS), marked ``partial`` with what is still to come,
+    so a run stopped by a time limit leaves what it reached behind."""
     overrides = dict(overrides)
     base = Path(overrides.pop("recipe", RECIPE))  # a variant may name its own recipe file
     base = base if base.is_absolute() else ROOT / base
@@ -125,12 +125,17 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
         head = {"name": name, "recipe": str(base.relative_to(ROOT)) if base.is_relative_to(ROOT) else str(base),
                 "train": train}
 
-        def progress(partial: str, **extra: Any) -> None:
-            if on_progress is not None:
-                on_progress({**extra, **head, **summary(list(curve), cfg.batch_size), "partial": partial})
-
         chunk = max(1, round(eval_every_epochs * len(images) / cfg.batch_size))
         bn_paired = cfg.ema_standing_stats > 0 and has_running_stats(tr.ema.shadow)
+        still = ["the grid"] if grid is not None else []  # what comes after training, in order
+        still += ["intra-FID and CAS"] if cfg.num_classes else []
+        still += ["intra-FID and CAS with the live G's BatchNorm statistics"] if bn_paired and cfg.num_classes else []
+
+        def progress(to_come: list[str], **extra: Any) -> None:
+            if on_progress is not None and curve:
+                on_progress({**extra, **head, **summary(list(curve), cfg.batch_size),
+                             "partial": ", ".join(to_come) or "nothing (the result was being written)"})
+
         spent = 0.0
         while spent < seconds and tr.step < cfg.steps:
             _sync()
@@ -145,8 +150,7 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
             if bn_paired:  # the same EMA weights with the live G's BatchNorm statistics, as before they were recomputed
                 point["fid_copied_bn_stats"] = scorer.fid(tr.ema.shadow, cfg.nz, cfg.num_classes)
             curve.append({**point, "fid": scorer.fid(tr.ema_generator(), cfg.nz, cfg.num_classes)})
-            rest = "the grid" + (", intra-FID and CAS" if cfg.num_classes else "")
-            progress(f"more training, {rest}" if tr.step < cfg.steps and spent < seconds else rest)
+            progress((["more training"] if tr.step < cfg.steps and spent < seconds else []) + still)
             print(f"{name}: step {tr.step}, {spent:.1f} s, FID {curve[-1]['fid']:.2f}"
                   + (f" (live G's BN statistics: {point['fid_copied_bn_stats']:.2f})" if bn_paired else ""), flush=True)
         # Cheapest and most wanted first, so a time limit takes the least: the grid, the scores of the
@@ -156,9 +160,11 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
                              batch_size=64, labels=torch.arange(64) % 8 if cfg.num_classes else None)
             grid.parent.mkdir(parents=True, exist_ok=True)
             save_grid(imgs.cpu().numpy(), grid, nrow=8)
+            still.pop(0)
+            progress(still)
         extra = conditional_scores(tr.ema_generator(), cfg.nz, cfg.num_classes, scorer) if cfg.num_classes else {}
         if bn_paired and cfg.num_classes:  # the conditional scores with the live G's statistics too
-            progress("intra-FID and CAS with the live G's BatchNorm statistics", **extra)
+            progress(still[1:], **extra)
             copied = copy.deepcopy(tr.ema.shadow)
             with torch.no_grad():
                 for b_s, b in zip(copied.buffers(), tr.objective.generator.buffers(), strict=True):
@@ -277,7 +283,7 @@ def main() -> None:
                     help="also train the recipe in fp32 to its last step (no time cap) and compare scores step by step")
     ap.add_argument("--skip-recipe", action="store_true", help="run only the --variants")
     ap.add_argument("--name", default="time_to_quality")
-    ap.add_argument("--results", type=Path, default=RESULTS,
+    ap.add_argument("--results", type=lambda text: Path(text).resolve(), default=RESULTS,
                     help="folder for the result JSON (<name>_<device>.json) and grids/ (default benchmarks/results)")
     ap.add_argument("--recipe", default=str(RECIPE_DEFAULT.relative_to(ROOT)), help="recipe file whose train block the variants override")
     ap.add_argument("--n-eval", type=int, default=5000, help="generated images per score")
@@ -285,7 +291,7 @@ def main() -> None:
                     help="also score samples made elsewhere (uint8 under the key 'images'); repeatable")
     ap.add_argument("--wait-npz", type=float, default=0.0, help="seconds to wait for a --score-npz file to appear")
     ap.add_argument("--grids", action="store_true",
-                    help="write each variant's final 8x8 grid to benchmarks/results/grids/NAME_VARIANT_<device>.png")
+                    help="write each variant's final 8x8 grid to <--results>/grids/NAME_VARIANT_<device>.png")
     ap.add_argument("--seed", type=int, default=0, help="base.seed of every engine run (weights, latents, batches)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny sizes: checks the script runs")
     args = ap.parse_args()
@@ -298,7 +304,7 @@ def main() -> None:
     fast_cuda_kernels()
     data = load_fmnist(find_fmnist(args.data))
     if args.smoke:
-        data = {k: v[:1024] for k, v in data.items()}
+        data = {k: v[:256] for k, v in data.items()}
     train64 = resize_on_device(data["train_x"], 64, DEVICE)
     test64 = resize_on_device(data["test_x"], 64, DEVICE)
     scorer = Scorer(data, train64, test64)
@@ -307,17 +313,20 @@ def main() -> None:
     print(f"evaluator: {scorer.report}", flush=True)
     result["recipe"] = str(RECIPE.resolve().relative_to(ROOT)) if RECIPE.resolve().is_relative_to(ROOT) else str(RECIPE)
     labels = torch.from_numpy(data["train_y"]).to(DEVICE)  # used by conditional variants
+    last: dict[str, Any] = {}  # the entry of the run in progress, as far as it got
+
+    def on_progress(entry: dict[str, Any]) -> None:  # the result file as it stands, this run partial
+        last.clear()
+        last.update(entry)
+        try:
+            write_result(args.name, {**result, "engine": [*result["engine"], entry]}, args.results)
+        except OSError as exc:  # a full disk costs this snapshot, not the run
+            print(f"warning: could not save the scores so far ({exc}); training goes on", flush=True)
+
     for name, over in parse_variants(args.variants, recipe=not args.skip_recipe):
+        last.clear()
         try:
             grid = args.results / "grids" / f"{args.name}_{name}_{device_tag()}.png" if args.grids else None
-
-            last: dict[str, Any] = {}
-
-            def on_progress(entry: dict[str, Any], last: dict[str, Any] = last) -> None:
-                last.clear()
-                last.update(entry)  # the result file as it stands, this run partial
-                write_result(args.name, {**result, "engine": [*result["engine"], entry]}, args.results)
-
             r = run_engine(name, over, train64, scorer, args.seconds, args.eval_every, grid,
                            labels=labels, on_progress=on_progress)
             if grid is not None:
@@ -344,9 +353,11 @@ def main() -> None:
         result.setdefault("external", {})[label] = {"file": file, "n": min(len(imgs), N_EVAL), "fid": scorer.fid_of(imgs)}
         print(f"external {label}: FID {result['external'][label]['fid']:.3f} on {min(len(imgs), N_EVAL)} images", flush=True)
         write_result(args.name, result, args.results)
-    rec = next((e for e in result["engine"] if e["name"] == "recipe" and "best_fid" in e), None)
+    rec = next((e for e in result["engine"] if e["name"] == "recipe" and "best_fid" in e
+                and "error" not in e and "partial" not in e), None)
     if args.compare_fp32 and rec:
-        fp32 = run_engine("recipe_fp32", {"precision": "fp32"}, train64, scorer, float("inf"), args.eval_every)
+        fp32 = run_engine("recipe_fp32", {"precision": "fp32"}, train64, scorer, float("inf"), args.eval_every,
+                          on_progress=on_progress)
         result["engine"].append(fp32)
         result["bf16_vs_fp32"] = compare_runs(rec, fp32)
         print({"bf16_vs_fp32": result["bf16_vs_fp32"]}, flush=True)
