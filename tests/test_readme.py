@@ -249,6 +249,22 @@ def test_the_seed_curves_figure_draws_each_panels_runs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="has no variant 'nope'"):
         seed_runs.seed_run("x_dcgan_s0", "nope")
     assert (ROOT / "benchmarks/results/recipe_variants_h100-80gb-hbm3.png").is_file()
+
+
+def test_a_seed_run_stopped_by_a_time_limit_counts_with_its_scores_and_a_failed_one_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """time_to_quality.py leaves a stopped run's entry marked partial, and a failed one marked error,
+    both with the scores they reached: the tables take the first as it stands and refuse the second."""
+    curve = [{"train_seconds": 10.0, "fid": 3.0}, {"train_seconds": 20.0, "fid": 2.0}]
+    stopped = {"name": "v", "curve": curve, "best_fid": 2.0, "final_fid": 2.0, "best_at_seconds": 20.0,
+               "partial": "the grid, intra-FID and CAS"}
+    for stem, entry in (("stopped", stopped), ("failed", {**stopped, "error": "RuntimeError('boom')"})):
+        (tmp_path / f"{stem}_h100-80gb-hbm3.json").write_text(json.dumps({"engine": [entry]}))
+    monkeypatch.setattr(seed_runs, "RESULTS", tmp_path)
+    run = seed_runs.seed_run("stopped", "v")
+    assert run["final_fid"] == 2.0 and seed_runs.ends_near_best(run)
+    with pytest.raises(ValueError, match=r"failed_h100-80gb-hbm3.json: variant 'v' failed \(RuntimeError\('boom'\)\)"):
+        seed_runs.seed_run("failed", "v")
     assert "benchmarks/results/recipe_variants_h100-80gb-hbm3.png" in README
 
 
