@@ -19,7 +19,8 @@ Runs side by side (one per GPU) need a ``--name`` each: a second run started wit
 running one holds stops at once, rather than overwrite its results and grids. The result file is
 rewritten after every score of an engine run (not the classic loop), so a run stopped by a time
 limit leaves what it reached: its entry then carries ``partial``, naming what was still to come
-(more training, the grid, intra-FID and CAS). ``--results DIR`` writes the file and grids elsewhere than ``benchmarks/results``.
+(more training, the grid, intra-FID and CAS). ``--results DIR`` writes the file and grids elsewhere
+than ``benchmarks/results``.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def run_engine(name: str, overrides: dict[str, Any], images: torch.Tensor, score
             progress(still)
         extra = conditional_scores(tr.ema_generator(), cfg.nz, cfg.num_classes, scorer) if cfg.num_classes else {}
         if bn_paired and cfg.num_classes:  # the conditional scores with the live G's statistics too
-            progress(still[1:], **extra)
+            still.pop(0)
+            progress(still, **extra)
             copied = copy.deepcopy(tr.ema.shadow)
             with torch.no_grad():
                 for b_s, b in zip(copied.buffers(), tr.objective.generator.buffers(), strict=True):
@@ -353,8 +355,7 @@ def main() -> None:
         result.setdefault("external", {})[label] = {"file": file, "n": min(len(imgs), N_EVAL), "fid": scorer.fid_of(imgs)}
         print(f"external {label}: FID {result['external'][label]['fid']:.3f} on {min(len(imgs), N_EVAL)} images", flush=True)
         write_result(args.name, result, args.results)
-    rec = next((e for e in result["engine"] if e["name"] == "recipe" and "best_fid" in e
-                and "error" not in e and "partial" not in e), None)
+    rec = next((e for e in result["engine"] if e["name"] == "recipe" and "error" not in e), None)
     if args.compare_fp32 and rec:
         fp32 = run_engine("recipe_fp32", {"precision": "fp32"}, train64, scorer, float("inf"), args.eval_every,
                           on_progress=on_progress)
