@@ -73,9 +73,21 @@ def test_two_stylegan2_runs_in_one_process_are_bitwise_equal_on_the_cpu() -> Non
     assert warm.returncode == 0, warm.stderr
     assert warm.stdout.strip() == ("stylegan2 fp32 order EE set - warm adam, warm run sngan (1 step): "
                                    "run 1 (E) vs run 0 (E): bitwise equal at every step")
-    stray = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", "--warm-steps", "2"],
+    # A warm run's keys changed, no step trained (its trainer built and checked), backward on the calling thread.
+    bare = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", "--order", "EE", "--steps", "2",
+                           "--warm-run", "wgan_gp", "--warm-set", "d_norm=batch", "--warm-steps", "0", "--one-thread"],
+                          capture_output=True, text=True, timeout=600)
+    assert bare.returncode == 0, bare.stderr
+    assert bare.stdout.strip() == ("stylegan2 fp32 order EE set - warm none, warm run wgan_gp d_norm=batch (0 steps) "
+                                   "one thread: run 1 (E) vs run 0 (E): bitwise equal at every step")
+    for args, named in ((["--warm-set", "d_norm=batch"], "--warm-set"),
+                        (["--warm-run", "sngan", "--warm-set", "nope=1"], "nope")):
+        wrong = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", *args],
+                               capture_output=True, text=True, timeout=600)
+        assert wrong.returncode != 0 and named in wrong.stderr, wrong.stderr
+    stray = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", "--warm-steps", "-1"],
                            capture_output=True, text=True, timeout=600)
-    assert stray.returncode != 0 and "--warm-steps 2" in stray.stderr and "--warm-run FAMILY" in stray.stderr
+    assert stray.returncode != 0 and "--warm-steps -1" in stray.stderr and "--warm-run FAMILY" in stray.stderr
     bad = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", "--order", "EG"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "--order 'EG'" in bad.stderr and "CUDA only" in bad.stderr

@@ -43,9 +43,10 @@ STEPS = 24  # R1 every 4 steps: 3 warm-ups of each variant by step 12, then repl
 
 
 def run(train: dict[str, Any], graph: bool, precision: str, tmp: Path, *, device: str = "cuda", steps: int = STEPS,
-        after_step: Callable[[Trainer], None] | None = None) -> Trainer:
+        after_step: Callable[[Trainer], None] | None = None, stop_after: int | None = None) -> Trainer:
     """One seeded run of ``steps`` steps (gradient norms measured every 5th), eager or replayed from
-    CUDA graphs; ``after_step`` sees the trainer before the first step and after every step."""
+    CUDA graphs; ``after_step`` sees the trainer before the first step and after every step.
+    ``stop_after`` trains only that many of the ``steps`` (0: build the trainer and check it)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (512, 1, 32, 32), dtype=torch.uint8, generator=g).to(device)
@@ -54,7 +55,7 @@ def run(train: dict[str, Any], graph: bool, precision: str, tmp: Path, *, device
                       device=device, labels=labels, seed=0)
     if after_step is not None:
         after_step(tr)
-    for i in range(steps):
+    for i in range(steps if stop_after is None else stop_after):
         tr.train_step(want_norm=i % 5 == 4)
         if after_step is not None:
             after_step(tr)
