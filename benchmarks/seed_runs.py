@@ -124,9 +124,12 @@ VARIANT_ROWS = [
     ("BigGAN, R1 gamma 4, 3,500 steps, with the EMA at 0.999", [(4, "ah_biggan_g4ema999_s4", "g4ema999")]),
     ("BigGAN, R1 gamma 4, 3,500 steps, with one D step per G step", [(4, "ah_biggan_g4nc1_s4", "g4nc1")]),
     ("BigGAN, non-saturating loss, R1 gamma 4, falling rates, 4,688 steps (`fmnist-biggan.yaml` now)",
-     [(s, f"ak_biggan_g4long_s{s}", "g4long") for s in range(4)]),
+     [(s, f"ak_biggan_g4long_s{s}", "g4long") for s in range(4)]
+     + [(s, f"am_biggan_g4long_s{s}", "g4long") for s in range(4, 8)]),
     ("BigGAN, the recipe now, seeds 0-3 with a cold compile cache, stopped before intra-FID and CAS (logs only)",
      [(s, f"raw/aj_biggan_g4long_s{s}_log", "g4long") for s in range(4)]),
+    ("BigGAN, the recipe now, seeds 4-7 with a cold compile cache, stopped before intra-FID and CAS",
+     [(s, f"al_biggan_g4long_s{s}", "g4long") for s in range(4, 8)]),
 ]
 
 

@@ -232,6 +232,33 @@ def variant_rows() -> list[str]:
     return rows
 
 
+def test_biggan_against_the_conditional_dcgan_matches_benchmarks_results() -> None:
+    """The recipes now, as the README compares them: means, ranges and Welch's t-test on CAS."""
+    from scipy import stats
+
+    big, dc = ([_seed_run(stem, name) for _, stem, name in seed_runs.variant(start)[1]]
+               for start in ("BigGAN, non-saturating loss, R1 gamma 4, falling rates, 4,688 steps",
+                             "conditional DCGAN, R1 gamma 1, constant rates"))
+    reruns = [_seed_run(stem, name) for _, stem, name in seed_runs.variant("conditional DCGAN, the recipe now")[1]]
+    bi, di = ([r["intra_fid"] for r in g] for g in (big, dc))
+    bc, dcas = ([r["cas"] for r in g] for g in (big, dc))
+    text = _flat(README)
+    assert (f"BigGAN's eight seeds (`ak_biggan_g4long_s*`, `am_biggan_g4long_s*`) against the conditional DCGAN's "
+            f"six. Mean intra-FID {statistics.mean(bi):.2f} against {statistics.mean(di):.2f}: BigGAN's is lower in "
+            f"every run ({min(bi):.2f} to {max(bi):.2f} against {min(di):.2f} to {max(di):.2f}). Mean CAS "
+            f"{statistics.mean(bc):.3f} against {statistics.mean(dcas):.3f}: BigGAN's runs lie between {min(bc):.3f} "
+            f"and {max(bc):.3f}, the conditional DCGAN's between {min(dcas):.3f} and {max(dcas):.3f}") in text
+    assert max(bi) < min(di) and len(big) == 8 and len(dc) == 6
+    ranked = sorted(dcas)
+    assert min(bc) > ranked[3] and sum(c > ranked[4] for c in bc) == 6 and min(bc) < ranked[4]
+    welch = stats.ttest_ind(bc, dcas, equal_var=False).pvalue
+    mw = stats.mannwhitneyu(bc, dcas, alternative="two-sided").pvalue
+    pooled = stats.ttest_ind(bc, dcas + [r["cas"] for r in reruns], equal_var=False).pvalue
+    assert (f"Welch's t-test gives p = {welch:.3f} (Mann-Whitney {mw:.3f}); counting the conditional DCGAN's "
+            f"reruns of seeds 3 and 4 as well (CAS {reruns[0]['cas']:.3f} and {reruns[1]['cas']:.3f}), eight runs "
+            f"each, p = {pooled:.3f}") in text
+
+
 def test_the_seed_curves_figure_draws_each_panels_runs(tmp_path: Path) -> None:
     from PIL import Image
 
