@@ -145,7 +145,7 @@ class Train:
     model: Model = spec("dcgan", "recipe: dcgan, sngan (ResNet + spectral norm + hinge), wgan_gp, vae, stylegan2, "
                                  "biggan (hierarchical latents, self-attention, orthogonal regularisation)")
     conditional: bool = spec(False, "class-conditional G (conditional BN) and projection D; needs labels")
-    steps: int = spec(3000, "generator optimizer steps (a longer run resumes a shorter one, unless the learning "
+    steps: int = spec(2800, "generator optimizer steps (a longer run resumes a shorter one, unless the learning "
                             "rates decay)", ge=1, semantic=False)
     batch_size: int = spec(64, "images per step (per process under DDP)", ge=2)
     nz: int = spec(64, "latent dimension", ge=1)
@@ -159,7 +159,7 @@ class Train:
     n_critic: int | None = spec(None, "D steps per G step; null = the recipe's (wgan_gp: 5, biggan: 2, else 1)", ge=1)
     gp_weight: float | None = spec(None, "gradient penalty weight; null = the recipe's (wgan_gp: 10)", ge=0)
     r1_gamma: float | None = spec(None, "lazy R1 penalty weight on real images (0 = off); null = the recipe's "
-                                        "(stylegan2: 0.01, else 0)", ge=0)
+                                        "(dcgan: 1, stylegan2: 0.01, else 0)", ge=0)
     r1_every: int = spec(16, "apply R1 every N D steps (lazy regularisation)", ge=1)
     lr_g: float | None = spec(None, "generator (or VAE) learning rate; null = the recipe's (2e-4; vae: 1e-3; "
                                     "biggan: 1e-4; stylegan2: 0.0025)", gt=0)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from helpers_project import ROOT
 
 README = (ROOT / "README.md").read_text()
@@ -76,6 +77,45 @@ def metrics_check_block(report: dict[str, Any]) -> str:
     out = [f"    {'PASS' if checks[n]['passed'] else 'FAIL'}  {n:<17}  {text}".rstrip() for n, text in lines]
     out.append("    ALL CHECKS PASSED" if report["passed"] else "    SOME CHECKS FAILED")
     return "\n".join(out)
+
+
+CPU_DEFAULT_VARIANTS = [  # (dvc exp name, the README's label)
+    ("base", "no R1, 3,000 steps (the default before)"),
+    ("r1g1", "R1 gamma 1, 3,000 steps"),
+    ("r1g1s2800", "**R1 gamma 1, 2,800 steps (the default now)**"),
+    ("r1g1e32", "R1 gamma 1 every 32 D steps, 3,000 steps"),
+    ("r1g05", "R1 gamma 0.5, 3,000 steps"),
+    ("r1g2", "R1 gamma 2, 3,000 steps"),
+    ("r1decay", "R1 gamma 1, rates falling over the second half, 3,000 steps"),
+    ("decay", "no R1, rates falling over the second half, 3,000 steps"),
+    ("lrd4", "no R1, D at 4e-4 (twice G's rate), 3,000 steps"),
+    ("diffaugT", "no R1, `diffaug: [translation]`, 3,000 steps"),
+]
+
+
+def cpu_default_variant_rows() -> list[str]:
+    """The README's table of the experiments that chose the default, from the dvc exp show export."""
+    import csv  # noqa: PLC0415
+
+    path = ROOT / "benchmarks/results/raw/cpu_default_variants_dvc_exp_2core_amd_epyc.csv"
+    runs = {r["experiment"]: r for r in csv.DictReader(path.open())}
+    assert set(runs) == {name for name, _ in CPU_DEFAULT_VARIANTS}
+    rows = []
+    for name, label in CPU_DEFAULT_VARIANTS:
+        r = {k: (float(v) if k in ("train_seconds", "fid", "fid_ci_low", "fid_ci_high", "kid", "precision", "recall")
+                 else v) for k, v in runs[name].items()}
+        rows.append(f"| {label} | {r['train_seconds']:.0f} | {r['fid']:.2f} [{r['fid_ci_low']:.2f}, "
+                    f"{r['fid_ci_high']:.2f}] | {r['kid']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |")
+    return rows
+
+
+def test_the_experiments_that_chose_the_default_match_their_export() -> None:
+    _assert_rows_in_readme(cpu_default_variant_rows())
+    from pipeline.models import RECIPES  # noqa: PLC0415
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    assert RECIPES["dcgan"]["r1_gamma"] == 1.0 and params["steps"] == 2800 and params["r1_gamma"] is None
+    assert params["r1_every"] == 16
 
 
 def test_metrics_check_output_in_the_readme_is_that_of_reports_metrics_check_json() -> None:

@@ -27,11 +27,12 @@ FAMILIES = {
     "sngan": {"model": "sngan"},
     "wgan_gp": {"model": "wgan_gp", "n_critic": 2},
     "conditional_r1": {"model": "dcgan", "conditional": True, "r1_gamma": 1.0, "r1_every": 4},
-    "dcgan_diffaug_noise_clip": {"model": "dcgan", "diffaug": ["translation", "cutout", "color"],
+    # r1_gamma 0 where a family tests something else than R1 (the dcgan recipe's default is 1).
+    "dcgan_diffaug_noise_clip": {"model": "dcgan", "r1_gamma": 0.0, "diffaug": ["translation", "cutout", "color"],
                                  "instance_noise": 0.1, "grad_clip": 1.0},
     "vae": {"model": "vae", "kl_warmup_steps": 10},
     # p moves between replays (adjusted outside the graphs): the replayed gates must read the new p.
-    "dcgan_ada": {"model": "dcgan", "ada": True, "ada_kimg": 2.0, "ada_interval": 2,
+    "dcgan_ada": {"model": "dcgan", "r1_gamma": 0.0, "ada": True, "ada_kimg": 2.0, "ada_interval": 2,
                   "ada_ops": ["xflip", "rotate90", "translation", "geometric", "color", "cutout"]},
     # Lazy R1 and path length every 4 steps (with the pl_mean buffer), noise and style-mixing draws.
     "stylegan2": {"model": "stylegan2", "r1_every": 4, "pl_every": 4},
