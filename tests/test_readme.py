@@ -293,10 +293,13 @@ def test_biggan_against_the_conditional_dcgan_matches_benchmarks_results() -> No
     assert min(bc) > ranked[3] and sum(c > ranked[4] for c in bc) == 6 and min(bc) < ranked[4]
     welch = stats.ttest_ind(bc, dcas, equal_var=False).pvalue
     mw = stats.mannwhitneyu(bc, dcas, alternative="two-sided").pvalue
-    pooled = stats.ttest_ind(bc, dcas + [r["cas"] for r in reruns], equal_var=False).pvalue
-    assert (f"Welch's t-test gives p = {welch:.3f} (Mann-Whitney {mw:.3f}); counting the conditional DCGAN's "
-            f"reruns of seeds 3 and 4 as well (CAS {reruns[0]['cas']:.3f} and {reruns[1]['cas']:.3f}), eight runs "
-            f"each, p = {pooled:.3f}") in text
+    assert [seed for seed, _, _ in seed_runs.variant("conditional DCGAN, the recipe now")[1]] == [3, 4]
+    averaged = [*dcas[:3], (dcas[3] + reruns[0]["cas"]) / 2, (dcas[4] + reruns[1]["cas"]) / 2, dcas[5]]
+    by_seed = stats.ttest_ind(bc, averaged, equal_var=False).pvalue
+    assert (f"Welch's t-test gives p = {welch:.3f} (Mann-Whitney {mw:.3f}); with the conditional DCGAN's reruns "
+            f"of seeds 3 and 4 (CAS {reruns[0]['cas']:.3f} and {reruns[1]['cas']:.3f}) averaged into their seeds, "
+            f"p = {by_seed:.3f}. So BigGAN conditions better by intra-FID in every run, and by CAS at "
+            f"p = {welch:.3f}") in text
 
 
 def test_the_seed_curves_figure_draws_each_panels_runs(tmp_path: Path) -> None:

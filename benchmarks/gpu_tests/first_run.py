@@ -14,14 +14,14 @@ mapping network's biases part (benchmarks/results/raw/gpu_tests_stylegan2_first_
 the CPU every run is equal.
 
 What it depends on (one trial each): with --one-thread (the backward passes on the calling thread
-instead of autograd's CUDA worker thread) every run was bitwise equal, eager and replayed, fp32 and
-bf16, with no warm-up. One step of another family's run before the first (DCGAN, conditional DCGAN,
-SNGAN, BigGAN or the VAE) also made the first run equal to the second; building a trainer without a
-step did not, and neither did one or four WGAN-GP steps, unless the gradient penalty was off or the
-critic's GroupNorm was swapped for BatchNorm or none; a DCGAN step with R1 through a GroupNorm D did
-not either. So it looks like state that autograd's worker thread keeps from one backward to the
-next, which a first backward leaves one way and a double backward through GroupNorm another; what
-that state is is not found.
+instead of autograd's CUDA worker thread) every run was bitwise equal (fp32 eager and replayed, bf16
+eager), with no warm-up. One step of another family's run before the first (DCGAN, conditional DCGAN,
+SNGAN, BigGAN or the VAE) also made the first run equal to the second; building SNGAN's trainer
+without a step did not, and neither did one or four WGAN-GP steps, unless the gradient penalty
+was off or the critic's GroupNorm was swapped for BatchNorm or none; a DCGAN step with R1 through a
+GroupNorm D did not either. So it looks like state that autograd's worker thread keeps from one backward to the
+next, which the first backward of a training step leaves one way (the toy warm-ups above did not)
+and a double backward through GroupNorm another; what that state is is not found.
 
 Examples (on a CUDA machine; --device cpu runs the same steps on the CPU)::
 

@@ -36,9 +36,9 @@ RECIPE_DEFAULTS: dict[str, Any] = {"lr_d": 2e-4, "beta1": 0.5, "beta2": 0.999, "
 RECIPES: dict[str, dict[str, Any]] = {
     # Radford et al. 2016: BN in both nets, non-saturating loss, Adam(2e-4, 0.5); plus lazy R1 at
     # gamma 1 on real images (Mescheder et al. 2018), every r1_every D steps. On the embedded default
-    # (28 px, 2 CPU cores) R1 took the evaluate stage's FID from 20.33 to 15.58 at 2,800 steps, in
-    # less training time than 3,000 steps without it; at 64 px on an H100 it ended all five seeds of
-    # the Fashion-MNIST recipe near their best.
+    # (28 px, 2 CPU cores) R1 took the evaluate stage's FID from 20.33 to 15.58 at 2,800 steps, no
+    # more work than 3,000 steps without it; at 64 px on an H100 it ended all five seeds of the
+    # Fashion-MNIST recipe near their best.
     "dcgan": {"arch": "dcgan", "loss": "nonsaturating", "d_norm": "batch", "spectral_norm": False, "n_critic": 1,
               "gp_weight": 0.0, "lr_g": 2e-4, "r1_gamma": 1.0},
     # Miyato et al. 2018: ResNet, spectral norm in D, hinge loss.
