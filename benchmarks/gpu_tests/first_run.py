@@ -19,9 +19,9 @@ eager), with no warm-up. One step of another family's run before the first (DCGA
 SNGAN, BigGAN or the VAE) also made the first run equal to the second; building SNGAN's trainer
 without a step did not, and neither did one or four WGAN-GP steps, unless the gradient penalty
 was off or the critic's GroupNorm was swapped for BatchNorm or none; a DCGAN step with R1 through a
-GroupNorm D did not either. So it looks like state that autograd's worker thread keeps from one backward to the
-next, which the first backward of a training step leaves one way (the toy warm-ups above did not)
-and a double backward through GroupNorm another; what that state is is not found.
+GroupNorm D did not either. So it looks like state that autograd's worker thread keeps from one
+backward to the next, which the first backward of a training step leaves one way (the toy warm-ups
+above did not) and a double backward through GroupNorm another; what that state is is not found.
 
 Examples (on a CUDA machine; --device cpu runs the same steps on the CPU)::
 
@@ -52,6 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import parse_overrides  # noqa: E402
 from runs import FAMILIES, STEPS, run, weights  # noqa: E402
+
+from pipeline.errors import ParamsError  # noqa: E402
 
 WARMUPS = ("none", "mm", "conv", "gconv", "dbl", "adam", "all")
 
@@ -141,7 +143,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.warm_run:
             run({**FAMILIES[args.warm_run], **parse_overrides(args.warm_set)}, False, args.precision,
-                Path(tmp) / "warm", device=args.device, steps=max(args.warm_steps, 1), stop_after=args.warm_steps)
+                Path(tmp) / "warm", device=args.device, steps=args.warm_steps)
         for i, kind in enumerate(args.order):
             snaps: list[dict[str, torch.Tensor]] = []
             run(train, kind == "G", args.precision, Path(tmp) / f"run{i}", device=args.device, steps=args.steps,
@@ -153,7 +155,8 @@ def main() -> None:
     head = f"{args.family} {args.precision} order {args.order} set {args.set or '-'} warm {args.warm}" + \
         (f", warm run {args.warm_run}{' ' + args.warm_set if args.warm_set else ''} "
          f"({args.warm_steps} step{'s' * (args.warm_steps != 1)})" if args.warm_run else "") + \
-        (" one thread" if args.one_thread else "") + (" cudnn off" if args.cudnn_off else "") + (" no tf32" if args.no_tf32 else "") + (" empty cache" if args.empty_cache else "")
+        "".join(f" {name}" for name, on in (("one thread", args.one_thread), ("cudnn off", args.cudnn_off),
+                                            ("no tf32", args.no_tf32), ("empty cache", args.empty_cache)) if on)
     for i in range(1, len(history)):
         for j in (0, 1) if i > 1 else (0,):
             diff = first_difference(history[j], history[i])
@@ -164,8 +167,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.errors import ParamsError  # noqa: E402
-
     try:
         main()
     except ParamsError as exc:

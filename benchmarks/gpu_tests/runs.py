@@ -44,19 +44,19 @@ STEPS = 24  # R1 every 4 steps: 3 warm-ups of each variant by step 12, then repl
 
 
 def run(train: dict[str, Any], graph: bool, precision: str, tmp: Path, *, device: str = "cuda", steps: int = STEPS,
-        after_step: Callable[[Trainer], None] | None = None, stop_after: int | None = None) -> Trainer:
+        after_step: Callable[[Trainer], None] | None = None) -> Trainer:
     """One seeded run of ``steps`` steps (gradient norms measured every 5th), eager or replayed from
     CUDA graphs; ``after_step`` sees the trainer before the first step and after every step.
-    ``stop_after`` trains only that many of the ``steps`` (0: build the trainer and check it)."""
+    ``steps`` 0 builds the trainer and checks it."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (512, 1, 32, 32), dtype=torch.uint8, generator=g).to(device)
     labels = (torch.arange(512) % 10).to(device)
-    tr = make_trainer({**SMALL, **train, "steps": steps, "cuda_graph": graph, "precision": precision}, images, tmp,
-                      device=device, labels=labels, seed=0)
+    cfg = {**SMALL, **train, "steps": max(steps, 1), "cuda_graph": graph, "precision": precision}
+    tr = make_trainer(cfg, images, tmp, device=device, labels=labels, seed=0)
     if after_step is not None:
         after_step(tr)
-    for i in range(steps if stop_after is None else stop_after):
+    for i in range(steps):
         tr.train_step(want_norm=i % 5 == 4)
         if after_step is not None:
             after_step(tr)
