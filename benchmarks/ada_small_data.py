@@ -60,8 +60,8 @@ def main() -> None:
     real = gaussian_stats(extract(net, test, device=args.device)[0])
     recipe = yaml.safe_load(Path(args.recipe).read_text())["train"] if args.recipe else {}
     # r1_gamma 0: as measured before the dcgan recipe took lazy R1 (a --recipe or --train may set it).
-    base = {"model": "dcgan", "batch_size": 64, "r1_gamma": 0.0, **recipe, "log_every": 50, "grid_every": 10**9, "eval_every": 10**9,
-            "checkpoint_every": 10**9, **parse_overrides(args.train), "steps": args.steps}
+    base = {"model": "dcgan", "batch_size": 64, "r1_gamma": 0.0, **recipe, "log_every": 50, "grid_every": 10**9,
+            "eval_every": 10**9, "checkpoint_every": 10**9, **parse_overrides(args.train), "steps": args.steps}
     result: dict[str, Any] = {
         "machine": machine(), "device": args.device, "subset": args.subset, "size": args.size, "steps": args.steps,
         "n_eval": args.n_eval, "train": base, "evaluator": {"test_accuracy": ev["test_accuracy"],
