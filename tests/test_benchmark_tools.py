@@ -73,13 +73,14 @@ def test_two_stylegan2_runs_in_one_process_are_bitwise_equal_on_the_cpu() -> Non
     assert warm.returncode == 0, warm.stderr
     assert warm.stdout.strip() == ("stylegan2 fp32 order EE set - warm adam, warm run sngan (1 step): "
                                    "run 1 (E) vs run 0 (E): bitwise equal at every step")
-    # A warm run's keys changed, no step trained (its trainer built and checked), backward on the calling thread.
+    # A warm run's keys changed, no step trained (its trainer built and checked), backward passes on
+    # autograd's worker thread (PyTorch's default; on the CPU the calling thread runs them either way).
     bare = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", "--order", "EE", "--steps", "2",
-                           "--warm-run", "wgan_gp", "--warm-set", "d_norm=batch", "--warm-steps", "0", "--one-thread"],
-                          capture_output=True, text=True, timeout=600)
+                           "--warm-run", "wgan_gp", "--warm-set", "d_norm=batch", "--warm-steps", "0",
+                           "--worker-thread"], capture_output=True, text=True, timeout=600)
     assert bare.returncode == 0, bare.stderr
     assert bare.stdout.strip() == ("stylegan2 fp32 order EE set - warm none, warm run wgan_gp d_norm=batch (0 steps) "
-                                   "one thread: run 1 (E) vs run 0 (E): bitwise equal at every step")
+                                   "worker thread: run 1 (E) vs run 0 (E): bitwise equal at every step")
     for args, named in ((["--warm-set", "d_norm=batch"], "--warm-set"),
                         (["--warm-run", "sngan", "--warm-set", "nope=1"], "nope")):
         wrong = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", *args],
@@ -91,6 +92,32 @@ def test_two_stylegan2_runs_in_one_process_are_bitwise_equal_on_the_cpu() -> Non
     bad = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", "--order", "EG"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "--order 'EG'" in bad.stderr and "CUDA only" in bad.stderr
+
+
+BACKWARD_THREAD = ROOT / "benchmarks" / "backward_thread.py"
+
+
+def test_backward_thread_times_both_threads_in_alternating_rounds(tmp_path: Path) -> None:
+    """backward_thread.py on the CPU (tiny widths at 32 px): a row per recipe with the rounds of each
+    thread setting and their medians, the machine named; an unknown recipe and CUDA graphs without a
+    GPU are refused with the fix named."""
+    out = subprocess.run([sys.executable, str(BACKWARD_THREAD), "--device", "cpu", "--recipes", "fmnist-gpu,fmnist-stylegan2",
+                          "--size", "32", "--set", "ngf=8,ndf=8,batch_size=8,precision=fp32", "--steps", "2",
+                          "--rounds", "2", "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "backward_thread_cpu.json").read_text())
+    assert result["machine"]["cpu_count"] >= 1 and result["overrides"]["ngf"] == 8
+    assert set(result["results"]) == {"fmnist-gpu", "fmnist-stylegan2"}
+    for row in (r["eager"] for r in result["results"].values()):
+        assert row["executor"] == "eager" and row["steps_per_round"] == 2 and row["rounds_each"] == 2
+        assert len(row["worker_thread_step_ms"]) == len(row["calling_thread_step_ms"]) == 2
+        assert row["median_worker_thread_ms"] > 0 and row["median_calling_thread_ms"] > 0
+        assert row["calling_over_worker"] == pytest.approx(row["median_calling_thread_ms"] / row["median_worker_thread_ms"])
+    assert "fmnist-stylegan2 eager (eager, 32 px, batch 8)" in out.stdout
+    for args, named in ((["--recipes", "fmnist-nope"], "fmnist-nope"), (["--executors", "cuda_graph"], "CUDA only")):
+        wrong = subprocess.run([sys.executable, str(BACKWARD_THREAD), "--device", "cpu", *args, "--results", str(tmp_path)],
+                               capture_output=True, text=True, timeout=600)
+        assert wrong.returncode != 0 and named in wrong.stderr, wrong.stderr
 
 
 TTQ = ROOT / "benchmarks" / "time_to_quality.py"

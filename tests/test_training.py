@@ -215,6 +215,32 @@ def test_torch_compile_trains_as_eager_does(tiny_tensors: Path, tmp_path: Path) 
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
+def test_a_step_runs_its_backward_passes_on_the_calling_thread(tiny_tensors: Path, tmp_path: Path) -> None:
+    """Every backward pass of a step (D, R1's double backward, G) runs with autograd's multithreading
+    off, so on CUDA the calling thread runs it, not autograd's worker thread (whose state once made a
+    process's first StyleGAN2 run part from the next on an H100); the setting is the thread's own
+    and comes back after the step. ``backward_on_calling_thread = False`` restores PyTorch's default."""
+    tr = _trainer(tiny_tensors, tmp_path, model="stylegan2", steps=4, r1_every=2, pl_every=2)
+    seen: list[bool] = []
+    step = tr.objective.step
+
+    def observed(*args: Any) -> Any:
+        seen.append(torch._C._is_multithreading_enabled())
+        return step(*args)
+
+    tr.objective.step = observed  # type: ignore[method-assign]
+    assert torch._C._is_multithreading_enabled()
+    tr.train_step()
+    tr.train_step()
+    assert seen == [False, False] and torch._C._is_multithreading_enabled()
+    try:
+        Trainer.backward_on_calling_thread = False
+        tr.train_step()
+    finally:
+        Trainer.backward_on_calling_thread = True
+    assert seen == [False, False, True] and "r1" in tr.monitor.means() and "pl" in tr.monitor.means()
+
+
 def _bn_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in module.named_buffers() if "running_" in k or "num_batches" in k}
 

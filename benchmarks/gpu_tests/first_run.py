@@ -5,36 +5,35 @@ the order given (E = eager, G = replayed from CUDA graphs), and compares every t
 networks (not the EMA copy) of every run with the first run's and the second run's after each step: it prints the first step
 after which they differ and the tensors that differ most.
 
-On an H100 (torch 2.11) StyleGAN2 in fp32 and bf16 ended apart in its first run of a process after
-step 1 (the mapping network's weights and biases) and identical in every later run, eager or
-replayed: it took lazy R1 and path length in the same step (either one alone: bitwise equal).
-Warming cuBLAS, cuDNN or a double backward up before the runs did not change it, nor did
---cudnn-off, --no-tf32, --empty-cache or PYTORCH_NO_CUDA_MEMORY_CACHING=1; with cuDNN off only the
-mapping network's biases part (benchmarks/results/raw/gpu_tests_stylegan2_first_run_h100.txt). On
-the CPU every run is equal.
-
-What it depends on (one trial each): with --one-thread (the backward passes on the calling thread
-instead of autograd's CUDA worker thread) every run was bitwise equal (fp32 eager and replayed, bf16
-eager), with no warm-up. One step of another family's run before the first (DCGAN, conditional DCGAN,
-SNGAN, BigGAN or the VAE) also made the first run equal to the second; building SNGAN's trainer
-without a step did not, and neither did one or four WGAN-GP steps, unless the gradient penalty
-was off or the critic's GroupNorm was swapped for BatchNorm or none; a DCGAN step with R1 through a
-GroupNorm D did not either. So it looks like state that autograd's worker thread keeps from one
-backward to the next, which the first backward of a training step leaves one way (the toy warm-ups
-above did not) and a double backward through GroupNorm another; what that state is is not found.
+Training runs its backward passes on the calling thread (``Trainer.backward_on_calling_thread``);
+``--worker-thread`` puts them back on autograd's CUDA worker thread, PyTorch's default and the
+engine's way before. On an H100 (torch 2.11) with the worker thread, StyleGAN2 in fp32 and bf16
+ended apart in its first run of a process after step 1 (the mapping network's weights and biases)
+and identical in every later run, eager or replayed: it took lazy R1 and path length in the same
+step (either one alone: bitwise equal). Warming cuBLAS, cuDNN or a double backward up before the
+runs did not change it, nor did --cudnn-off, --no-tf32, --empty-cache or
+PYTORCH_NO_CUDA_MEMORY_CACHING=1; with cuDNN off only the mapping network's biases part
+(benchmarks/results/raw/gpu_tests_stylegan2_first_run_h100.txt). One step of another family's run
+before the first (DCGAN, conditional DCGAN, SNGAN, BigGAN or the VAE) also made the first run equal
+to the second; building SNGAN's trainer without a step did not, and neither did one or four WGAN-GP
+steps, unless the gradient penalty was off or the critic's GroupNorm was swapped for BatchNorm or
+none; a DCGAN step with R1 through a GroupNorm D did not either. So it looks like state that
+autograd's worker thread keeps from one backward to the next; what that state is is not found.
+On the calling thread every run was bitwise equal, fp32 and bf16, eager and replayed, with no
+warm-up (two trials: before and after training moved there). On the CPU every run is equal.
 
 Examples (on a CUDA machine; --device cpu runs the same steps on the CPU)::
 
     python benchmarks/gpu_tests/first_run.py --order EEGG
-    python benchmarks/gpu_tests/first_run.py --order EE --set pl_weight=0 --cudnn-off
-    python benchmarks/gpu_tests/first_run.py --order EE --warm-run dcgan_r1 --warm-steps 1
-    python benchmarks/gpu_tests/first_run.py --order EE --warm-run wgan_gp --warm-set gp_weight=0
-    python benchmarks/gpu_tests/first_run.py --order EEGG --one-thread
+    python benchmarks/gpu_tests/first_run.py --order EE --worker-thread
+    python benchmarks/gpu_tests/first_run.py --order EE --worker-thread --set pl_weight=0 --cudnn-off
+    python benchmarks/gpu_tests/first_run.py --order EE --worker-thread --warm-run dcgan_r1 --warm-steps 1
+    python benchmarks/gpu_tests/first_run.py --order EE --worker-thread --warm-run wgan_gp --warm-set gp_weight=0
 
-In the GPU tests' process StyleGAN2's first eager run came after the other families' runs and
-matched the later ones; ``--warm-run`` trains another family first, and ``--warm adam`` runs only
-the optimizer's and the EMA's kernels as training runs them, to find which part of a training run
-makes the difference.
+With the worker thread, in the GPU tests' process StyleGAN2's first eager run came after the other
+families' runs and matched the later ones; ``--warm-run`` trains another family first, and ``--warm
+adam`` runs only the optimizer's and the EMA's kernels as training runs them, to find which part of
+a training run makes the difference (the warm-ups' backward passes run on the thread the runs' do).
 """
 
 from __future__ import annotations
@@ -54,6 +53,7 @@ from common import parse_overrides  # noqa: E402
 from runs import FAMILIES, STEPS, run, weights  # noqa: E402
 
 from pipeline.errors import ParamsError  # noqa: E402
+from pipeline.training.loop import Trainer  # noqa: E402
 
 WARMUPS = ("none", "mm", "conv", "gconv", "dbl", "adam", "all")
 
@@ -117,8 +117,9 @@ def main() -> None:
     ap.add_argument("--cudnn-off", action="store_true", help="torch.backends.cudnn.enabled = False")
     ap.add_argument("--no-tf32", action="store_true", help="fp32 convolutions and matrix products without TF32")
     ap.add_argument("--empty-cache", action="store_true", help="free the CUDA caching allocator's memory between runs")
-    ap.add_argument("--one-thread", action="store_true",
-                    help="torch.autograd.set_multithreading_enabled(False): backward on the calling thread")
+    ap.add_argument("--worker-thread", action="store_true",
+                    help="backward passes on autograd's CUDA worker thread (PyTorch's default), as training ran "
+                         "them before it moved them to the calling thread")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -136,7 +137,8 @@ def main() -> None:
     torch.backends.cudnn.enabled = not args.cudnn_off
     if args.no_tf32:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    torch.autograd.set_multithreading_enabled(not args.one_thread)
+    Trainer.backward_on_calling_thread = not args.worker_thread
+    torch.autograd.set_multithreading_enabled(args.worker_thread)  # the warm-ups' backward passes too
     train = {**FAMILIES[args.family], **parse_overrides(args.set)}
     warm_up(args.warm, args.device)
     history: list[list[dict[str, torch.Tensor]]] = []
@@ -155,7 +157,7 @@ def main() -> None:
     head = f"{args.family} {args.precision} order {args.order} set {args.set or '-'} warm {args.warm}" + \
         (f", warm run {args.warm_run}{' ' + args.warm_set if args.warm_set else ''} "
          f"({args.warm_steps} step{'s' * (args.warm_steps != 1)})" if args.warm_run else "") + \
-        "".join(f" {name}" for name, on in (("one thread", args.one_thread), ("cudnn off", args.cudnn_off),
+        "".join(f" {name}" for name, on in (("worker thread", args.worker_thread), ("cudnn off", args.cudnn_off),
                                             ("no tf32", args.no_tf32), ("empty cache", args.empty_cache)) if on)
     for i in range(1, len(history)):
         for j in (0, 1) if i > 1 else (0,):

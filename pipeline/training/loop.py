@@ -52,6 +52,13 @@ class TrainResult:
 
 
 class Trainer:
+    # Every backward pass of a step runs on the calling thread, not on autograd's CUDA worker thread.
+    # On an H100 a process's first StyleGAN2 run with lazy R1 and path length in one step ended apart
+    # (by ~1e-8 in fp32) from an identical second run when the worker thread ran them, and bitwise
+    # equal when the calling thread did; nothing else in the step changes (CPU backward passes always
+    # run on the calling thread). False restores autograd's default, to look for that parting.
+    backward_on_calling_thread = True
+
     def __init__(self, cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor, *, device: str, workdir: Path,
                  info: DistInfo | None = None, log_fn: Callable[[dict[str, float], int], None] | None = None,
                  eval_fn: Callable[[nn.Module], float] | None = None, progress: bool = True,
@@ -104,7 +111,8 @@ class Trainer:
     def train_step(self, want_norm: bool = False) -> None:
         draws = self.objective.draw()
         self.lrs.apply(self.step)
-        self.executor.run(draws, self.objective.variant(self.step, want_norm))
+        with torch.autograd.set_multithreading_enabled(not self.backward_on_calling_thread):  # thread-local
+            self.executor.run(draws, self.objective.variant(self.step, want_norm))
         self.sampler.release()
         self.step += 1
         self._standing_at = None  # the EMA update copied the live G's statistics
