@@ -97,7 +97,8 @@ VARIANT_ROWS = [
     ("SNGAN, 5,000 steps, R1 gamma 0.1, falling rates", [(s, f"decay_sngan_s{s}", "decay") for s in range(3)]),
     ("SNGAN, 2 minutes, R1 gamma 1, constant rates (`fmnist-sngan.yaml` now)",
      [(0, "w_sngan_s0", "r1g1"), (1, "w_sngan_s1", "r1g1"), (2, "x_sngan_s2", "r1g1"), (3, "x_sngan_s3", "r1g1"),
-      (4, "y_sngan_s4", "r1g1")]),
+      (4, "y_sngan_s4", "r1g1")] + [(s, f"ap_sngan_s{s}", "recipe") for s in (5, 6, 7)]),
+    ("SNGAN, the recipe now, seed 4 run again", [(4, "ap_sngan_s4", "recipe")]),
     ("SNGAN, the recipe now, seed 2 with a cold compile cache while 3 other jobs compiled",
      [(2, "w_sngan_s2", "r1g1")]),
     ("SNGAN, R1 gamma 1, rates falling over the second half of 9,380 steps (about 2 minutes)",
@@ -139,7 +140,8 @@ FIRST_RECIPES = ["DCGAN, R1 gamma 0.1, constant rates", "conditional DCGAN, R1 g
 RECIPES_NOW = ["DCGAN, R1 gamma 1, constant rates", "conditional DCGAN, R1 gamma 1, constant rates",
                "SNGAN, 2 minutes, R1 gamma 1"]
 R1_GAMMA_1 = [*RECIPES_NOW, "conditional DCGAN, R1 gamma 1, falling rates",  # the cold-cache runs left out
-              "conditional DCGAN, the recipe now", "SNGAN, R1 gamma 1, rates falling"]
+              "conditional DCGAN, the recipe now", "SNGAN, the recipe now, seed 4 run again",
+              "SNGAN, R1 gamma 1, rates falling"]
 # BigGAN's runs with R1 (gamma 1 or more), under either loss (every row of each start).
 BIGGAN_R1 = ["BigGAN, hinge, R1 gamma 1", "BigGAN, non-saturating loss", "BigGAN, the same", "BigGAN, R1 gamma",
              "BigGAN, the recipe now"]

@@ -178,6 +178,8 @@ ZOO_ROWS = [
      "ag_biggan_g4_s0", "g4"),
     ("`fmnist-biggan.yaml` now (4,688 steps, warm compile cache, 3 other runs on the host, first scored at step 2,344",
      "ak_biggan_g4long_s0", "g4long"),
+    ("`fmnist-biggan.yaml` now, stopped after 2 minutes (warm compile cache, 3 other runs on the host, scored every 586 steps",
+     "aq_biggan_2min_s0", "recipe"),
 ]
 
 
