@@ -134,8 +134,8 @@ def main() -> None:
             print(f"{name} {ex} ({row['executor']}, {size} px, batch {train['batch_size']}): worker thread "
                   f"{row['median_worker_thread_ms']:.3f} ms/step, calling thread {row['median_calling_thread_ms']:.3f}"
                   f" ms/step ({row['calling_over_worker']:.3f}x)", flush=True)
-    path = write_result(args.name, {"machine": machine(), "device": device_tag(), "overrides": overrides,
-                                    "size": args.size, "results": results}, args.results)
+    path = write_result(args.name, {"machine": machine(), "device": device_tag(), "argv": sys.argv[1:],
+                                    "overrides": overrides, "size": args.size, "results": results}, args.results)
     print(f"wrote {path}")
 
 

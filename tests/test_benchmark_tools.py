@@ -47,8 +47,9 @@ FIRST_RUN = ROOT / "benchmarks" / "gpu_tests" / "first_run.py"
 
 def test_two_stylegan2_runs_in_one_process_are_bitwise_equal_on_the_cpu() -> None:
     """The GPU tests' seeded StyleGAN2 run, with lazy R1 and path length in the same step (the case
-    whose first run ends apart on an H100), trained three times in one CPU process: every run equals
-    the first after every step. The script also refuses CUDA-graph runs without a GPU, naming --order."""
+    whose first run ended apart on an H100 with autograd's worker thread), trained three times in
+    one CPU process: every run equals the first after every step. The script also refuses
+    CUDA-graph runs without a GPU, naming --order."""
     out = subprocess.run([sys.executable, str(FIRST_RUN), "--device", "cpu", "--order", "EEE", "--steps", "5"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
@@ -106,7 +107,7 @@ def test_backward_thread_times_both_threads_in_alternating_rounds(tmp_path: Path
                           "--rounds", "2", "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "backward_thread_cpu.json").read_text())
-    assert result["machine"]["cpu_count"] >= 1 and result["overrides"]["ngf"] == 8
+    assert result["machine"]["cpu_count"] >= 1 and result["overrides"]["ngf"] == 8 and "--rounds" in result["argv"]
     assert set(result["results"]) == {"fmnist-gpu", "fmnist-stylegan2"}
     for row in (r["eager"] for r in result["results"].values()):
         assert row["executor"] == "eager" and row["steps_per_round"] == 2 and row["rounds_each"] == 2

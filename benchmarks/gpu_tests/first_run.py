@@ -20,7 +20,8 @@ steps, unless the gradient penalty was off or the critic's GroupNorm was swapped
 none; a DCGAN step with R1 through a GroupNorm D did not either. So it looks like state that
 autograd's worker thread keeps from one backward to the next; what that state is is not found.
 On the calling thread every run was bitwise equal, fp32 and bf16, eager and replayed, with no
-warm-up (two trials: before and after training moved there). On the CPU every run is equal.
+warm-up (before training moved there: fp32 eager and replayed, bf16 eager; after: fp32 and bf16,
+eager and replayed). On the CPU every run is equal.
 
 Examples (on a CUDA machine; --device cpu runs the same steps on the CPU)::
 
