@@ -51,10 +51,10 @@ def recipe_train(name: str, size: int | None, overrides: dict[str, Any]) -> tupl
     return train, size or int(recipe.get("preprocess", {}).get("size", 64))
 
 
-def interval(train: dict[str, Any]) -> int:
-    """Steps after which every step variant has come round equally often (lazy R1, path length)."""
-    every = [int(train.get(k, 16)) for k, on in (("r1_every", "r1_gamma"), ("pl_every", "pl_weight"))
-             if float(train.get(on, 0) or 0) > 0]
+def interval(cfg: Any) -> int:
+    """Steps after which every step variant of the resolved config ``cfg`` has come round equally
+    often (lazy R1, path length)."""
+    every = [e for e, on in ((cfg.r1_every, cfg.r1_gamma), (cfg.pl_every, cfg.pl_weight)) if on > 0]
     return math.lcm(*every) if every else 1
 
 
@@ -66,10 +66,10 @@ def measure(train: dict[str, Any], size: int, device: str, rounds: int, steps: i
     images = torch.randint(0, 256, (4096, 1, size, size), dtype=torch.uint8, generator=g)
     labels = (torch.arange(len(images)) % 10) if train.get("conditional") else None
     cuda = device == "cuda"
-    every = interval(train)
-    per_round = steps or every * max(1, 64 // every)
     with tempfile.TemporaryDirectory() as tmp:
         tr = make_trainer(train, images, Path(tmp), device=device, labels=labels)
+        every = interval(tr.cfg)
+        per_round = steps or every * max(1, 64 // every)
 
         def steps_timed(n: int) -> float:
             if cuda:
